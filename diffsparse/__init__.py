@@ -1,0 +1,25 @@
+"""diffsparse: learned token sparsity for diffusion transformers, on stock diffusers models."""
+
+from .cache import (
+    SelectorConfig,
+    TokenCacheConfig,
+    apply_token_cache,
+    cacheable_units,
+    remove_token_cache,
+    reset_token_cache,
+)
+from .schedule import SPARSITY_LEVELS, Schedule, ScheduleError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SPARSITY_LEVELS",
+    "Schedule",
+    "ScheduleError",
+    "SelectorConfig",
+    "TokenCacheConfig",
+    "apply_token_cache",
+    "cacheable_units",
+    "remove_token_cache",
+    "reset_token_cache",
+]

@@ -1,0 +1,240 @@
+"""Speed benchmark: dense vs token-cached sampling, alternated in one process.
+
+    python -m diffsparse.bench                      # DiT-XL/2, 256 tokens, batch 2, 20 DDIM steps
+    python -m diffsparse.bench --size B/2 --steps 10 --rounds 5 --json bench.json
+
+Each round runs dense, then every schedule, in the same order (A B C A B C ...), after a warm-up round. The
+speed-up of a schedule in a round is that round's dense time over its own time; the table gives the median and
+the min-max over rounds. MACs are analytic (`Schedule.macs`); efficiency = speed-up / MAC reduction (1.0 is the
+compute-bound limit). Peak memory is measured in one extra, untimed run per row: the peak resident-set growth
+over the run (CPU) or `torch.cuda.max_memory_allocated` growth (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import baselines
+from .cache import apply_token_cache, cacheable_units, remove_token_cache
+from .models import SIZES, build_transformer, example_inputs
+from .schedule import Schedule
+
+
+def sample(model, inputs: dict, num_steps: int, guidance: float = 4.0) -> torch.Tensor:
+    """A plain DDIM loop over the transformer; the batch is CFG pairs (cond half, uncond half, same latents)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(num_steps)
+    x = inputs["hidden_states"]
+    half = x.shape[0] // 2
+    latents = x[:half]
+    extra = {k: v for k, v in inputs.items() if k not in ("hidden_states", "timestep")}
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            model_in = torch.cat([latents, latents])
+            out = model(model_in, timestep=t.expand(model_in.shape[0]), **extra).sample
+            eps = out[:, : latents.shape[1]]
+            cond, uncond = eps[:half], eps[half:]
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+    return latents
+
+
+class _PeakRSS:
+    """Samples this process's resident set size in a thread; `peak - start` is the growth during the block."""
+
+    def __enter__(self):
+        _trim()
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the OS so the next peak is measured from a clean base (glibc only)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass  # not glibc: the growth figure is then a lower bound
+
+
+def _peak_memory(fn) -> int:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - base
+    with _PeakRSS() as probe:
+        fn()
+    return probe.growth
+
+
+def default_schedules(units, num_steps: int) -> dict[str, Schedule]:
+    return {
+        "uniform-0.5": baselines.uniform(units, num_steps, 0.5),
+        "uniform-0.75": baselines.uniform(units, num_steps, 0.75),
+        "toca-like": baselines.toca_like(units, num_steps),
+    }
+
+
+def run(
+    model_name: str = "dit",
+    size: str = "XL/2",
+    tokens: int = 256,
+    steps: int = 20,
+    batch: int = 2,
+    rounds: int = 3,
+    selector: str = "toca",
+    threads: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Benchmark dense against the default schedules; returns one row per method (dense first)."""
+    if batch % 2:
+        raise ValueError("--batch must be even: the batch is classifier-free-guidance pairs.")
+    side = int(round(tokens**0.5))
+    if side * side != tokens:
+        raise ValueError(f"--tokens must be a square number, got {tokens}.")
+    if threads:
+        torch.set_num_threads(threads)
+    model = build_transformer(model_name, size, sample_size=2 * side)
+    inputs = example_inputs(model, batch=batch)
+    half = batch // 2
+    inputs["hidden_states"] = torch.cat([inputs["hidden_states"][:half]] * 2)
+    if "class_labels" in inputs:
+        inputs["class_labels"][half:] = model.config.num_embeds_ada_norm  # the null class
+    units = cacheable_units(model)
+    schedules = default_schedules(units, steps)
+    macs = {name: s.macs(model, **inputs) for name, s in schedules.items()}
+    dense_macs = next(iter(macs.values()))["dense"]
+
+    def timed(schedule: Schedule | None) -> float:
+        if schedule is not None:
+            apply_token_cache(model, schedule, selector=selector, cfg=True)
+        try:
+            start = time.perf_counter()
+            sample(model, inputs, steps)
+            return time.perf_counter() - start
+        finally:
+            if schedule is not None:
+                remove_token_cache(model)
+
+    names = ["dense", *schedules]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    total = (rounds + 1) * len(names)
+    with tqdm(total=total, desc="bench", disable=not progress) as bar:
+        for r in range(rounds + 1):  # round 0 is the warm-up
+            for n in names:
+                elapsed = timed(schedules.get(n))
+                if r > 0:
+                    times[n].append(elapsed)
+                bar.update(1)
+    memory = {n: _peak_memory(lambda n=n: timed(schedules.get(n))) for n in names}
+
+    rows = []
+    for n in names:
+        ratios = [d / c for d, c in zip(times["dense"], times[n], strict=True)]
+        cached = macs[n]["cached"] if n != "dense" else dense_macs
+        reduction = dense_macs / cached
+        speedup = statistics.median(ratios)
+        rows.append(
+            dict(
+                method=n,
+                model=f"{model_name}-{size}",
+                tokens=tokens,
+                batch=batch,
+                steps=steps,
+                selector=selector if n != "dense" else "-",
+                gmacs=cached / 1e9,
+                mac_reduction=reduction,
+                speedup=speedup,
+                speedup_min=min(ratios),
+                speedup_max=max(ratios),
+                efficiency=speedup / reduction,
+                seconds=statistics.median(times[n]),
+                peak_mem_mb=memory[n] / 2**20,
+                threads=torch.get_num_threads(),
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        "| method | GMACs / trajectory | MAC reduction | speed-up (median, min-max) | efficiency | "
+        "time (s) | peak mem (MB) |\n|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['gmacs']:.1f} | {r['mac_reduction']:.2f}x | {r['speedup']:.2f}x "
+            f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['efficiency']:.2f} | {r['seconds']:.2f} | "
+            f"{r['peak_mem_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffsparse.bench",
+        description="Dense vs token-cached sampling speed on a random-weight diffusion transformer "
+        "(speed does not depend on the weights). Dense and cached runs alternate in one process.",
+    )
+    parser.add_argument("--model", default="dit", choices=["dit", "pixart"], help="backbone (default: dit)")
+    parser.add_argument("--size", default="XL/2", choices=sorted(SIZES), help="architecture size (default: XL/2)")
+    parser.add_argument("--tokens", type=int, default=256, help="image tokens, a square number (default: 256)")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
+    parser.add_argument("--batch", type=int, default=2, help="transformer batch, CFG pairs (default: 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up (default: 3)")
+    parser.add_argument("--selector", default="toca", help="token selector (default: toca)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    rows = run(args.model, args.size, args.tokens, args.steps, args.batch, args.rounds, args.selector, args.threads)
+    cmd = "python -m diffsparse.bench " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    print(
+        f"\n{args.model}-{args.size}, {args.tokens} tokens, batch {args.batch}, {args.steps} DDIM steps, "
+        f"selector {args.selector}, {rows[0]['threads']} threads, {args.rounds} rounds  [{cmd.strip()}]"
+    )
+    print(format_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=args.json.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, args.json)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The token-cache runtime: hooks, selectors, the backbone registry and MAC accounting."""
+
+from .backbones import BACKBONES, BackboneSpec, cacheable_units, find_units, supported_models
+from .hooks import (
+    TokenCacheConfig,
+    apply_token_cache,
+    remove_token_cache,
+    reset_token_cache,
+    token_cache_controller,
+)
+from .selector import SELECTORS, SelectorConfig
+
+__all__ = [
+    "BACKBONES",
+    "BackboneSpec",
+    "SELECTORS",
+    "SelectorConfig",
+    "TokenCacheConfig",
+    "apply_token_cache",
+    "cacheable_units",
+    "find_units",
+    "remove_token_cache",
+    "reset_token_cache",
+    "supported_models",
+    "token_cache_controller",
+]

@@ -1,0 +1,108 @@
+"""Analytic MACs of the cached units, plus the rest of the model measured once with `FlopCounterMode`.
+
+A unit at a step computes `k` fresh tokens of `N` (see `fresh_tokens`):
+- MLP: k x (sum of its Linear layers' in x out).
+- self-attention: q and output projections on k tokens, k and v projections on all N tokens, and
+  2 x inner_dim x k x N for QK^T and AV.
+- cross-attention: q and output projections on k tokens, k and v on the M context tokens, 2 x inner x k x M.
+- reuse-all (k = 0): nothing.
+Everything outside the units (embeddings, norms, modulation, final layer) is the same at every step and is
+measured as `FlopCounterMode(dense forward) / 2 - dense unit MACs`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from ..schedule import Schedule, fresh_tokens
+from .backbones import CROSS_ATTN, MLP, UnitInfo, find_units
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """`FlopCounterMode` that also counts the CPU flash-attention kernel (torch's table leaves it out)."""
+    mapping = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa] = _cpu_sdpa_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def _linear_macs(linear: torch.nn.Module) -> int:
+    return int(linear.in_features) * int(linear.out_features)
+
+
+def unit_macs(unit: UnitInfo, num_tokens: int, num_fresh: int, num_context: int = 0) -> int:
+    """MACs of one call of `unit` for one sample with `num_fresh` of `num_tokens` tokens recomputed."""
+    m = unit.module
+    if num_fresh <= 0:
+        return 0
+    if unit.kind == MLP:
+        return num_fresh * sum(_linear_macs(x) for x in m.modules() if isinstance(x, torch.nn.Linear))
+    kv_tokens = num_context if unit.kind == CROSS_ATTN else num_tokens
+    inner = int(m.to_q.out_features)
+    projections = num_fresh * (_linear_macs(m.to_q) + _linear_macs(m.to_out[0]))
+    projections += kv_tokens * (_linear_macs(m.to_k) + _linear_macs(m.to_v))
+    return projections + 2 * inner * num_fresh * kv_tokens
+
+
+def _probe(model: torch.nn.Module, units: list[UnitInfo], forward_kwargs: dict) -> tuple[dict, int]:
+    """Run one dense forward: token counts per unit, and total MACs from FlopCounterMode."""
+    shapes: dict[int, tuple[int, int, int]] = {}
+    handles = []
+    for u in units:
+
+        def record(module, args, kwargs, u=u):
+            x = args[0] if args else kwargs["hidden_states"]
+            ctx = kwargs.get("encoder_hidden_states")
+            shapes[u.index] = (x.shape[0], x.shape[1], ctx.shape[1] if ctx is not None else 0)
+
+        handles.append(u.module.register_forward_pre_hook(record, with_kwargs=True))
+    from .hooks import token_cache_controller
+
+    controller = token_cache_controller(model)
+    if controller is not None:
+        controller.paused = True
+    try:
+        with torch.no_grad(), flop_counter() as counter:
+            model(**forward_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        if controller is not None:
+            controller.paused = False
+    return shapes, counter.get_total_flops() // 2
+
+
+def schedule_macs(schedule: Schedule, model: torch.nn.Module, **forward_kwargs) -> dict:
+    """Dense and cached MACs of one trajectory of `schedule` for the batch in `forward_kwargs`."""
+    units = find_units(model)
+    schedule.check_units([u.name for u in units])
+    shapes, total = _probe(model, units, forward_kwargs)
+    missing = [u.name for u in units if u.index not in shapes]
+    if missing:
+        raise RuntimeError(f"Units {missing[:3]} did not run in the example forward; check forward_kwargs.")
+
+    def step_macs(row) -> int:
+        macs = 0
+        for u in units:
+            b, n, m = shapes[u.index]
+            macs += b * unit_macs(u, n, fresh_tokens(row[u.index], n), m)
+        return macs
+
+    dense_units = step_macs([0.0] * len(units))
+    other = max(total - dense_units, 0)
+    per_step = [step_macs(row) + other for row in schedule.grid.tolist()]
+    dense = (dense_units + other) * schedule.num_steps
+    cached = sum(per_step)
+    return {
+        "dense": dense,
+        "cached": cached,
+        "reduction": dense / cached if cached else float("inf"),
+        "per_step_cached": per_step,
+        "other_per_step": other,
+    }

@@ -1,0 +1,174 @@
+"""Per-trajectory cache state, and the controller that tracks which denoising step the model is at."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..schedule import Schedule, ScheduleError, fresh_tokens
+from .backbones import CROSS_ATTN, SELF_ATTN, BackboneSpec, UnitInfo
+from .selector import ENTROPY, INFLUENCE, TokenSelector
+
+logger = logging.getLogger(__name__)
+
+_SIGNAL_OF_KIND = {SELF_ATTN: INFLUENCE, CROSS_ATTN: ENTROPY}
+
+
+@dataclass
+class TrajectoryState:
+    """Everything one sampling trajectory caches. A new trajectory starts from a fresh one."""
+
+    step: int = -1
+    last_timestep: float | None = None
+    finished: bool = False  # the schedule's last step ran; the cache is already freed
+    grid: tuple[int, ...] | None = None
+    cfg: bool = False
+    cache: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> its last output (B, N, D)
+    last_fresh: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> step each token was last computed
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> input when each token was computed
+    signals: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (block, signal) -> (B, N)
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def store_full(self, unit: int, out: torch.Tensor, x: torch.Tensor, keep_inputs: bool) -> None:
+        self.cache[unit] = out
+        self.last_fresh[unit] = torch.full(out.shape[:2], self.step, dtype=torch.int32, device=out.device)
+        if keep_inputs:
+            self.inputs[unit] = x
+
+    def store_partial(self, unit: int, cache: torch.Tensor, idx: torch.Tensor, x_fresh, keep_inputs: bool) -> None:
+        self.cache[unit] = cache
+        self.last_fresh[unit] = self.last_fresh[unit].scatter(1, idx, self.step)
+        if keep_inputs:
+            expanded = idx.unsqueeze(-1).expand(-1, -1, x_fresh.shape[-1])
+            self.inputs[unit] = self.inputs[unit].scatter(1, expanded, x_fresh)
+
+
+class TokenCacheController:
+    """Shared by the hooks of one model: the plan (sparsity per step and unit), the selector, and the states.
+
+    States are kept per pipeline cache context (`"cond"` / `"uncond"` for pipelines that run the two CFG branches
+    as separate calls), or under `"default"`.
+    """
+
+    def __init__(self, spec: BackboneSpec, units: list[UnitInfo], schedule: Schedule, selector: TokenSelector, cfg):
+        schedule.check_units([u.name for u in units])
+        missing = [s for s in selector.signals if s not in {_SIGNAL_OF_KIND.get(u.kind) for u in units}]
+        if missing:
+            raise ValueError(
+                f"Selector {selector.name!r} weights signal(s) {missing} but {spec.name} has no unit that produces "
+                "them (influence comes from self-attention, entropy from cross-attention): set their weight to 0."
+            )
+        self.spec = spec
+        self.units = units
+        self.schedule = schedule
+        self.selector = selector
+        self.cfg_mode = cfg
+        self.plan: list[list[float]] = schedule.grid.tolist()
+        self.signal_plan = self._plan_signals()
+        self.states: dict[str, TrajectoryState] = {}
+        self.current: TrajectoryState | None = None
+        self.paused = False
+
+    def _plan_signals(self) -> list[list[str | None]]:
+        """Which attention signal each (step, unit) must compute: only on full computes with partial steps after."""
+        grid = self.schedule.grid
+        partial = (grid > 0) & (grid < 1)
+        plan = []
+        for t in range(grid.shape[0]):
+            row = []
+            for u in self.units:
+                signal = _SIGNAL_OF_KIND.get(u.kind)
+                later = partial[t + 1 :, [v.index for v in self.units if v.block == u.block]].any()
+                row.append(signal if signal in self.selector.signals and grid[t, u.index] == 0 and later else None)
+            plan.append(row)
+        return plan
+
+    def sparsity(self, step: int, unit: int) -> float:
+        return self.plan[step][unit]
+
+    def fresh(self, step: int, unit: int, num_tokens: int) -> int:
+        return fresh_tokens(self.plan[step][unit], num_tokens)
+
+    # --- step tracking ------------------------------------------------------------------------------------------
+    def begin_forward(self, model, hidden_states: torch.Tensor, timestep, context) -> None:
+        """Called before every transformer forward: work out the step and whether a new trajectory starts."""
+        name = context.name if context is not None else "default"
+        state = self.states.setdefault(name, TrajectoryState())
+        self.current = state
+        t_value = None
+        if timestep is not None:
+            t_value = float(torch.as_tensor(timestep).flatten()[0])
+        step_index = getattr(context, "step_index", None) if context is not None else None
+        if state.finished:
+            overran = (
+                step_index > 0
+                if step_index is not None
+                else (t_value is not None and state.last_timestep is not None and t_value < state.last_timestep)
+            )
+            state.reset()
+            if overran:
+                raise self._too_many_steps()
+        if step_index is not None:
+            new = step_index == 0 or step_index <= state.step
+            step = step_index
+        else:
+            new = state.step < 0 or t_value is None or state.last_timestep is None or t_value >= state.last_timestep
+            step = 0 if new else state.step + 1
+        if new and state.step >= 0:
+            self._end_trajectory(name, state)
+            state.reset()
+        if step >= self.schedule.num_steps:
+            state.reset()
+            raise self._too_many_steps()
+        state.step = step
+        state.last_timestep = t_value
+        if step == 0:
+            self.selector.reset()
+            state.grid = self.spec.token_grid(model, hidden_states)
+            state.cfg = self._is_cfg_batch(hidden_states)
+
+    def _too_many_steps(self) -> ScheduleError:
+        return ScheduleError(
+            f"Schedule has {self.schedule.num_steps} steps but the sampling loop runs more: re-export it with "
+            "num_steps equal to the pipeline's num_inference_steps, or use Schedule.resample(n)."
+        )
+
+    def end_forward(self) -> None:
+        """Called after every transformer forward: after the schedule's last step, free the cache."""
+        state = self.current
+        if state is not None and state.step == self.schedule.num_steps - 1:
+            last = state.last_timestep
+            state.reset()
+            state.last_timestep, state.finished = last, True
+
+    def _is_cfg_batch(self, hidden_states: torch.Tensor) -> bool:
+        if self.cfg_mode != "auto":
+            return bool(self.cfg_mode) and hidden_states.shape[0] % 2 == 0
+        b = hidden_states.shape[0]
+        return b % 2 == 0 and b > 0 and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
+
+    def _end_trajectory(self, name: str, state: TrajectoryState) -> None:
+        ran = state.step + 1
+        if 0 < ran < self.schedule.num_steps:
+            logger.warning(
+                "diffsparse: a trajectory (%s) ran %d steps but the schedule has %d; the last %d rows were unused. "
+                "Make the schedule with num_steps=%d or use Schedule.resample(%d).",
+                name,
+                ran,
+                self.schedule.num_steps,
+                self.schedule.num_steps - ran,
+                ran,
+                ran,
+            )
+
+    def reset(self) -> None:
+        """Drop every cached tensor (end of a pipeline call, or `reset_token_cache`)."""
+        for name, state in self.states.items():
+            self._end_trajectory(name, state)
+        self.states.clear()
+        self.current = None
+        self.selector.reset()

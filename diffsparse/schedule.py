@@ -1,0 +1,267 @@
+"""`Schedule`: a steps x units grid of token sparsities, the contract between every allocator and the runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+SPARSITY_LEVELS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""The candidate set S: fraction of a unit's tokens reused from the cache (0 = compute all, 1 = reuse all)."""
+
+_FORMAT = "diffsparse.schedule"
+_VERSION = 1
+
+
+def fresh_tokens(sparsity: float, num_tokens: int) -> int:
+    """How many of `num_tokens` a unit recomputes at `sparsity` (at least 1 and at most N-1 on a partial step)."""
+    if sparsity <= 0.0:
+        return num_tokens
+    if sparsity >= 1.0:
+        return 0
+    return min(max(num_tokens - int(round(sparsity * num_tokens)), 1), num_tokens - 1) if num_tokens > 1 else 1
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot be used as it is; the message says how to fix it."""
+
+
+class Schedule:
+    """A `T x U` grid of sparsities for `T` denoising steps and `U` cacheable units.
+
+    Row 0 must be all zeros: the first step computes every token and fills the cache. Values come from
+    `SPARSITY_LEVELS`. A schedule stores fractions, not token counts, so it applies at any resolution.
+
+    Args:
+        grid: array-like of shape `(num_steps, num_units)` with values in `SPARSITY_LEVELS`.
+        units: the unit names (module paths) the columns belong to, as `cacheable_units(model)` returns them.
+        meta: free-form JSON-serialisable description (method, budget, ...), saved with the schedule.
+
+    Example:
+        >>> sched = Schedule.uniform(units=["transformer_blocks.0.attn1", "transformer_blocks.0.ff"], num_steps=4,
+        ...                          sparsity=0.5)
+        >>> sched.grid[0].tolist(), sched.grid[1].tolist()
+        ([0.0, 0.0], [0.5, 0.5])
+    """
+
+    def __init__(self, grid, units: Sequence[str], meta: dict | None = None):
+        grid = np.asarray(grid, dtype=np.float64)
+        units = tuple(str(u) for u in units)
+        if grid.ndim != 2:
+            raise ScheduleError(f"Schedule grid must be 2-D (steps x units), got shape {grid.shape}.")
+        if grid.shape[1] != len(units):
+            raise ScheduleError(
+                f"Schedule grid has {grid.shape[1]} columns but {len(units)} unit names were given: "
+                "pass one name per column (see `cacheable_units(model)`)."
+            )
+        if grid.shape[0] < 1:
+            raise ScheduleError("Schedule needs at least one step.")
+        if len(set(units)) != len(units):
+            raise ScheduleError("Schedule unit names must be unique.")
+        levels = np.asarray(SPARSITY_LEVELS)
+        nearest = levels[np.abs(grid[..., None] - levels).argmin(-1)]
+        bad = ~np.isfinite(grid) | (np.abs(grid - nearest) > 1e-6)
+        if bad.any():
+            t, u = np.argwhere(bad)[0]
+            raise ScheduleError(
+                f"Sparsity {grid[t, u]!r} at step {t}, unit {units[u]!r} is not in S = {SPARSITY_LEVELS}: "
+                "round it to one of these levels."
+            )
+        if np.any(nearest[0] != 0):
+            raise ScheduleError(
+                "Row 0 of a schedule must be all zeros: the first step computes every token and fills the cache."
+            )
+        self._grid = nearest
+        self._grid.setflags(write=False)
+        self.units = units
+        self.meta = dict(meta or {})
+
+    # --- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, units: Sequence[str], num_steps: int, sparsity: float, meta: dict | None = None) -> Schedule:
+        """The same sparsity for every unit at every step after the first (row 0 is forced to 0)."""
+        if num_steps < 1:
+            raise ScheduleError(f"num_steps must be >= 1, got {num_steps}.")
+        grid = np.full((num_steps, len(units)), float(sparsity))
+        grid[0] = 0.0
+        return cls(grid, units, {"method": "uniform", "sparsity": float(sparsity), **(meta or {})})
+
+    @classmethod
+    def from_array(cls, grid, units: Sequence[str], meta: dict | None = None, force_first_step: bool = False):
+        """A schedule from any array-like grid; `force_first_step=True` zeroes row 0 instead of rejecting it."""
+        grid = np.array(grid, dtype=np.float64)
+        if force_first_step and grid.ndim == 2 and len(grid):
+            grid[0] = 0.0
+        return cls(grid, units, meta)
+
+    # --- views --------------------------------------------------------------------------------------------------
+    @property
+    def grid(self) -> np.ndarray:
+        """The read-only `(num_steps, num_units)` sparsity grid."""
+        return self._grid
+
+    @property
+    def num_steps(self) -> int:
+        return self._grid.shape[0]
+
+    @property
+    def num_units(self) -> int:
+        return self._grid.shape[1]
+
+    @property
+    def full_steps(self) -> list[int]:
+        """Steps whose row is all zeros (every unit computes every token)."""
+        return [int(t) for t in np.flatnonzero((self._grid == 0).all(axis=1))]
+
+    def mean_sparsity(self) -> float:
+        """The paper's plain budget: the average sparsity over all steps and units."""
+        return float(self._grid.mean())
+
+    def level_indices(self) -> np.ndarray:
+        """The grid as indices into `SPARSITY_LEVELS` (int64)."""
+        return np.rint(self._grid * (len(SPARSITY_LEVELS) - 1)).astype(np.int64)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return self.units == other.units and np.array_equal(self._grid, other._grid)
+
+    def __repr__(self) -> str:
+        return (
+            f"Schedule(num_steps={self.num_steps}, num_units={self.num_units}, "
+            f"mean_sparsity={self.mean_sparsity():.3f}, full_steps={self.full_steps})"
+        )
+
+    # --- checks against a runtime -------------------------------------------------------------------------------
+    def check_units(self, units: Sequence[str]) -> None:
+        """Raise if this schedule was made for other units than `units`."""
+        units = tuple(units)
+        if units == self.units:
+            return
+        missing = [u for u in units if u not in self.units][:3]
+        extra = [u for u in self.units if u not in units][:3]
+        raise ScheduleError(
+            f"Schedule was made for {self.num_units} units but the model has {len(units)} "
+            f"(model units missing from the schedule: {missing}; schedule units not in the model: {extra}). "
+            "Make the schedule with `units=cacheable_units(model)` for this model."
+        )
+
+    # --- transforms ---------------------------------------------------------------------------------------------
+    def resample(self, num_steps: int) -> Schedule:
+        """The same schedule over `num_steps` steps: each new step takes the row nearest in relative time.
+
+        Row 0 maps to row 0, so the first step stays full. Going down in steps may drop full steps.
+        """
+        if num_steps < 1:
+            raise ScheduleError(f"num_steps must be >= 1, got {num_steps}.")
+        if num_steps == 1:
+            src = np.zeros(1, dtype=np.int64)
+        else:
+            src = np.rint(np.arange(num_steps) * (self.num_steps - 1) / (num_steps - 1)).astype(np.int64)
+        meta = {**self.meta, "resampled_from": self.num_steps}
+        return Schedule(self._grid[src], self.units, meta)
+
+    # --- persistence --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "levels": list(SPARSITY_LEVELS),
+            "units": list(self.units),
+            "sparsity": self._grid.tolist(),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "schedule") -> Schedule:
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise ScheduleError(f"{source} is not a diffsparse schedule (no 'format': '{_FORMAT}' field).")
+        if data.get("version") != _VERSION:
+            raise ScheduleError(f"{source} has schedule version {data.get('version')!r}; this diffsparse reads 1.")
+        for key in ("units", "sparsity"):
+            if key not in data:
+                raise ScheduleError(f"{source} has no '{key}' field: the file is incomplete, export it again.")
+        rows = data["sparsity"]
+        if not isinstance(rows, list) or any(not isinstance(r, list) or len(r) != len(data["units"]) for r in rows):
+            raise ScheduleError(
+                f"{source}: every row of 'sparsity' must list one value per unit ({len(data['units'])}); "
+                "the file is truncated or was edited by hand."
+            )
+        return cls(rows, data["units"], data.get("meta"))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the schedule as JSON, atomically (a crash never leaves a half-written file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=1)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Schedule:
+        """Read a schedule written by `save`; a missing, corrupt or truncated file raises `ScheduleError`."""
+        path = Path(path)
+        if not path.is_file():
+            raise ScheduleError(f"No schedule file at {path}.")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ScheduleError(f"{path} is not valid JSON ({e}): the file is corrupt or truncated.") from e
+        return cls.from_dict(data, source=str(path))
+
+    # --- accounting and pictures --------------------------------------------------------------------------------
+    def macs(self, transformer, **forward_kwargs) -> dict:
+        """Dense and cached multiply-accumulates of one trajectory with this schedule.
+
+        Runs one dense forward of `transformer` with `forward_kwargs` (an example input of the batch you will
+        sample) to learn token counts, then counts each unit analytically. See `diffsparse.cache.macs`.
+
+        Returns:
+            dict with `dense`, `cached` (MACs per trajectory for that batch), `reduction` (dense / cached),
+            `per_step_cached` (list) and `other_per_step` (MACs outside the units, per step).
+        """
+        from .cache.macs import schedule_macs
+
+        return schedule_macs(self, transformer, **forward_kwargs)
+
+    def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """Save a heatmap (units x steps, colour = sparsity) as PNG, like the paper's Figure 3."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        height = min(2 + 0.12 * self.num_units, 14)
+        width = min(3 + 0.25 * self.num_steps, 16)
+        fig, ax = plt.subplots(figsize=(width, height))
+        im = ax.imshow(self._grid.T, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xlabel("denoising step")
+        ax.set_ylabel("unit")
+        step = max(1, self.num_units // 40)
+        ax.set_yticks(range(0, self.num_units, step))
+        ax.set_yticklabels([self.units[i] for i in range(0, self.num_units, step)], fontsize=6)
+        fig.colorbar(im, ax=ax, label="sparsity (fraction of tokens reused)")
+        ax.set_title(title or f"{self.meta.get('method', 'schedule')}: mean sparsity {self.mean_sparsity():.3f}")
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, dpi=120)
+            os.replace(tmp, path)
+        finally:
+            plt.close(fig)
+            Path(tmp).unlink(missing_ok=True)
+        return path

@@ -1,0 +1,71 @@
+"""One factory of tiny random backbones and pipelines for every test (offline, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffsparse.models import build_transformer, example_inputs, tiny_pipeline
+
+BACKBONES = ["dit", "pixart"]
+TIMESTEPS = [900, 700, 500, 300, 100]
+
+
+@pytest.fixture(params=BACKBONES)
+def backbone(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(backbone):
+    return build_transformer(backbone, "tiny")
+
+
+@pytest.fixture
+def inputs(model):
+    return example_inputs(model, batch=2)
+
+
+def run_loop(model, inputs: dict, timesteps=TIMESTEPS) -> list[torch.Tensor]:
+    """Call the transformer once per timestep (decreasing), as a sampling loop does; returns each output."""
+    outs = []
+    with torch.no_grad():
+        for t in timesteps:
+            kwargs = dict(inputs, timestep=torch.full((inputs["hidden_states"].shape[0],), t))
+            outs.append(model(**kwargs).sample.clone())
+    return outs
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture
+def pipeline(backbone):
+    return tiny_pipeline(backbone)
+
+
+def call_pipeline(pipe, steps: int = 4, seed: int = 0) -> torch.Tensor:
+    """One call of a tiny stock pipeline (CFG on), returning the images as a tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    if type(pipe).__name__ == "DiTPipeline":
+        out = pipe(class_labels=[1, 3], num_inference_steps=steps, generator=generator, output_type="pt")
+        return out.images
+    channels = pipe.transformer.config.caption_channels
+    g = torch.Generator().manual_seed(123)
+    embeds = torch.randn(1, 6, channels, generator=g)
+    negative = torch.randn(1, 6, channels, generator=g)
+    mask = torch.ones(1, 6)
+    out = pipe(
+        prompt=None,
+        negative_prompt=None,
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        negative_prompt_embeds=negative,
+        negative_prompt_attention_mask=mask,
+        num_inference_steps=steps,
+        generator=generator,
+        output_type="pt",
+        use_resolution_binning=False,
+    )
+    return out.images
