@@ -11,7 +11,7 @@ import math
 import torch
 
 _STANDARD_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
-_CHUNK_ELEMENTS = 1 << 24  # bound the (B, heads, queries, keys) probability block to 64 MiB in fp32
+_CHUNK_ELEMENTS = 1 << 21  # bound the (B, heads, queries, keys) probability block to 8 MiB in fp32
 
 
 def check_standard_attention(attn: torch.nn.Module, name: str) -> None:
@@ -72,16 +72,20 @@ def attention_with_signals(
     chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h * m))
     outs, signal_parts = [], []
     influence = torch.zeros(b, m, dtype=torch.float32, device=q.device) if want == "influence" else None
+    k_t = k.transpose(-1, -2)
     for start in range(0, n, chunk):
-        logits = q[:, :, start : start + chunk] @ k.transpose(-1, -2) * attn.scale
+        # One buffer per chunk, softmax in place: fewer and smaller temporaries than `softmax(q k^T) v`.
+        probs = q[:, :, start : start + chunk] @ k_t
+        probs.mul_(attn.scale)
         if bias is not None:
-            logits = logits + bias
-        probs = logits.softmax(dim=-1)
+            probs.add_(bias)
+        probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
+        probs.div_(probs.sum(dim=-1, keepdim=True))
         outs.append(probs @ v)
         if want == "influence":
-            influence += probs.float().sum(dim=2).mean(dim=1)
+            influence += probs.sum(dim=2).mean(dim=1).float()
         else:
-            ent = -(probs.float() * probs.float().clamp_min(1e-12).log()).sum(-1).mean(1)
+            ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(1).float()
             signal_parts.append(ent / max(math.log(m), 1e-6))
     out = torch.cat(outs, dim=2).transpose(1, 2).reshape(b, n, h * d).to(q.dtype)
     out = attn.to_out[1](attn.to_out[0](out))

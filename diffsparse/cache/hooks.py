@@ -123,9 +123,19 @@ class TokenCacheUnitHook(ModelHook):
             # Queries from the fresh tokens, keys and values from all current tokens.
             kwargs = {**kwargs, "encoder_hidden_states": hidden_states}
         out_fresh = original(x_fresh, *args, **kwargs)
-        cache = cache.scatter(1, idx.unsqueeze(-1).expand(-1, -1, out_fresh.shape[-1]), out_fresh)
+        index = idx.unsqueeze(-1).expand(-1, -1, out_fresh.shape[-1])
+        if _can_update_in_place(cache):
+            # The block consumed last step's output already; writing k rows beats copying all N.
+            cache.scatter_(1, index, out_fresh)
+        else:
+            cache = cache.scatter(1, index, out_fresh)
         state.store_partial(u.index, cache, idx, x_fresh, keep_inputs)
         return cache
+
+
+def _can_update_in_place(t: torch.Tensor) -> bool:
+    """No autograd to break, and no inference tensor touched outside inference mode."""
+    return not torch.is_grad_enabled() and (torch.is_inference_mode_enabled() or not t.is_inference())
 
 
 def _controller(model: torch.nn.Module) -> TokenCacheController | None:

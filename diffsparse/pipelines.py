@@ -1,0 +1,56 @@
+"""Loading stock diffusers pipelines, and calling them the same way for every backbone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+PIPELINE_CLASSES = {"dit": "DiTPipeline", "pixart": "PixArtAlphaPipeline"}
+
+
+def load_pipeline(pretrained: str, backbone: str = "dit", dtype: str = "float32", device: str = "cpu"):
+    """`from_pretrained` of the stock pipeline for `backbone`, from a local folder or a hub id.
+
+    A hub id needs network access (or the hub cache); where it is missing the error says what to do.
+    """
+    import diffusers
+
+    if backbone not in PIPELINE_CLASSES:
+        raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(PIPELINE_CLASSES)}.")
+    cls = getattr(diffusers, PIPELINE_CLASSES[backbone])
+    local = Path(os.path.expanduser(pretrained))
+    if (pretrained.startswith((".", "/", "~")) or local.exists()) and not (local / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"No diffusers pipeline at {local} (no model_index.json). Save one with `pipe.save_pretrained(path)` "
+            "or download it with `huggingface-cli download <id> --local-dir <path>` on a machine with network."
+        )
+    try:
+        pipe = cls.from_pretrained(pretrained, dtype=getattr(torch, dtype))
+    except OSError as e:
+        raise OSError(
+            f"Could not load {pretrained!r} with {cls.__name__}.from_pretrained: {e}\n"
+            "Without network access, download the weights elsewhere (`huggingface-cli download "
+            f"{pretrained} --local-dir DIR`), copy DIR here and pass model.pretrained=DIR."
+        ) from e
+    return pipe.to(device)
+
+
+def generate(pipe, conditions, num_steps: int, seed: int = 0, guidance_scale: float = 4.0) -> torch.Tensor:
+    """Sample images `(B, 3, H, W)` in [0, 1] with `pipe` from fixed noise.
+
+    Args:
+        conditions: class ids for class-conditional pipelines (DiT); prompts, or a dict of prompt-embedding
+            keyword arguments (`prompt_embeds`, ...), for text-conditional ones (PixArt).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(num_inference_steps=num_steps, generator=generator, output_type="pt", guidance_scale=guidance_scale)
+    name = type(pipe).__name__
+    if name == "DiTPipeline":
+        return pipe(class_labels=list(conditions), **common).images
+    if isinstance(conditions, dict):
+        return pipe(prompt=None, negative_prompt=None, use_resolution_binning=False, **conditions, **common).images
+    if getattr(pipe, "text_encoder", None) is None:
+        raise ValueError(f"{name} has no text encoder: pass prompt embeddings (a dict) instead of prompts.")
+    return pipe(prompt=list(conditions), **common).images

@@ -1,0 +1,69 @@
+"""The Hydra entry points and every config group, composed the way `train.py` / `infer.py` compose them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from diffsparse import Schedule, ScheduleError
+from diffsparse.models import tiny_pipeline
+from diffsparse.pipelines import load_pipeline
+from diffsparse.tasks import infer, make_schedule
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_cfg(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.mark.parametrize("allocator", sorted(p.stem for p in (Path(CONF) / "allocator").glob("*.yaml")))
+def test_train_exports_a_schedule_for_every_allocator(tmp_path, allocator):
+    cfg = compose_cfg("train", [f"allocator={allocator}", "num_steps=6", f"output_dir={tmp_path}"])
+    metrics = make_schedule(cfg)
+    schedule = Schedule.load(tmp_path / "schedule.json")
+    assert schedule.num_steps == 6 and schedule.grid[1:].any()
+    assert (tmp_path / "schedule.png").stat().st_size > 0
+    assert metrics["mac_reduction"] > 1.0
+
+
+def test_infer_runs_a_schedule_and_reports(tmp_path):
+    train_cfg = compose_cfg("train", ["num_steps=5", f"output_dir={tmp_path / 'train'}"])
+    make_schedule(train_cfg)
+    path = tmp_path / "train" / "schedule.json"
+    cfg = compose_cfg("infer", [f"schedule={path}", "rounds=1", f"output_dir={tmp_path / 'infer'}"])
+    metrics = infer(cfg)
+    assert metrics["num_steps"] == 5
+    assert metrics["mac_reduction"] > 1.2
+    assert 0 < metrics["speedup_min"] <= metrics["speedup"] <= metrics["speedup_max"]
+    assert 5 < metrics["psnr_vs_dense"] < float("inf")
+    assert Path(metrics["grid"]).is_file()
+    cfg = compose_cfg("infer", [f"schedule={path}", "num_steps=7", f"output_dir={tmp_path / 'x'}"])
+    with pytest.raises(ScheduleError, match="has 5 steps but num_steps=7"):
+        infer(cfg)
+
+
+def test_infer_with_sparsity_zero_reproduces_dense(tmp_path):
+    cfg = compose_cfg("infer", ["sparsity=0.0", "num_steps=4", "rounds=1", f"output_dir={tmp_path}"])
+    assert infer(cfg)["psnr_vs_dense"] == float("inf")
+
+
+def test_model_configs_load_from_a_saved_pipeline(tmp_path):
+    for backbone in ("dit", "pixart"):
+        pipe = tiny_pipeline(backbone)
+        pipe.save_pretrained(tmp_path / backbone)
+        name = {"dit": "dit_xl_256", "pixart": "pixart_alpha_512"}[backbone]
+        cfg = compose_cfg("infer", [f"model={name}", f"model.pretrained={tmp_path / backbone}"])
+        loaded = instantiate(cfg.model)
+        for a, b in zip(pipe.transformer.parameters(), loaded.transformer.parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_missing_weights_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        load_pipeline(str(tmp_path / "nothing-here"))
+    with pytest.raises(OSError, match="download the weights elsewhere"):
+        load_pipeline("facebook/DiT-XL-2-256")
