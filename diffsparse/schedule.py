@@ -241,19 +241,24 @@ class Schedule:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.colors import BoundaryNorm
+        from matplotlib.ticker import MaxNLocator
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         height = min(2 + 0.12 * self.num_units, 14)
         width = min(3 + 0.25 * self.num_steps, 16)
         fig, ax = plt.subplots(figsize=(width, height))
-        im = ax.imshow(self._grid.T, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        edges = np.linspace(-0.125, 1.125, len(SPARSITY_LEVELS) + 1)  # one colour per level of S
+        norm = BoundaryNorm(edges, ncolors=256)
+        im = ax.imshow(self._grid.T, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("denoising step")
         ax.set_ylabel("unit")
         step = max(1, self.num_units // 40)
         ax.set_yticks(range(0, self.num_units, step))
         ax.set_yticklabels([self.units[i] for i in range(0, self.num_units, step)], fontsize=6)
-        fig.colorbar(im, ax=ax, label="sparsity (fraction of tokens reused)")
+        fig.colorbar(im, ax=ax, ticks=SPARSITY_LEVELS, label="sparsity (fraction of tokens reused)")
         ax.set_title(title or f"{self.meta.get('method', 'schedule')}: mean sparsity {self.mean_sparsity():.3f}")
         fig.tight_layout()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)

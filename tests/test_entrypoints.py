@@ -67,3 +67,20 @@ def test_missing_weights_say_what_to_do(tmp_path):
         load_pipeline(str(tmp_path / "nothing-here"))
     with pytest.raises(OSError, match="download the weights elsewhere"):
         load_pipeline("facebook/DiT-XL-2-256")
+
+
+def test_the_readme_main_job_runs_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "infer.py", "num_steps=4", "rounds=1", f"hydra.run.dir={tmp_path}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "measured speed-up" in run.stdout and "MACs: dense" in run.stdout
+    assert (tmp_path / "samples.png").is_file()

@@ -118,24 +118,37 @@ class TokenCacheUnitHook(ModelHook):
             return cache
         k = ctl.fresh(state.step, u.index, hidden_states.shape[1])
         idx = ctl.selector.select(hidden_states, k, state, u)
-        x_fresh = hidden_states.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+        rows = flat_rows(idx, hidden_states.shape[1])
+        x_fresh = take_rows(hidden_states, rows, k)
         if u.kind == SELF_ATTN:
             # Queries from the fresh tokens, keys and values from all current tokens.
             kwargs = {**kwargs, "encoder_hidden_states": hidden_states}
         out_fresh = original(x_fresh, *args, **kwargs)
-        index = idx.unsqueeze(-1).expand(-1, -1, out_fresh.shape[-1])
-        if _can_update_in_place(cache):
-            # The block consumed last step's output already; writing k rows beats copying all N.
-            cache.scatter_(1, index, out_fresh)
-        else:
-            cache = cache.scatter(1, index, out_fresh)
-        state.store_partial(u.index, cache, idx, x_fresh, keep_inputs)
+        cache = put_rows(cache, rows, out_fresh)
+        state.store_partial(u.index, cache, idx, rows, x_fresh, keep_inputs)
         return cache
 
 
-def _can_update_in_place(t: torch.Tensor) -> bool:
-    """No autograd to break, and no inference tensor touched outside inference mode."""
-    return not torch.is_grad_enabled() and (torch.is_inference_mode_enabled() or not t.is_inference())
+def flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Token indices `(B, k)` as row numbers of the `(B * N, D)` view: whole-row copies beat `gather`."""
+    offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * num_tokens
+    return (idx + offsets).flatten()
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """The fresh tokens `(B, k, D)` of `x` `(B, N, D)`."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows).view(x.shape[0], k, x.shape[-1])
+
+
+def put_rows(cache: torch.Tensor, rows: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """`cache` with the fresh tokens written in; in place when neither autograd nor inference mode forbids it
+    (the block consumed last step's output already, so writing k rows beats copying all N)."""
+    flat = fresh.reshape(-1, fresh.shape[-1])
+    in_place = not torch.is_grad_enabled() and (torch.is_inference_mode_enabled() or not cache.is_inference())
+    if in_place and cache.is_contiguous():
+        cache.view(-1, cache.shape[-1]).index_copy_(0, rows, flat)
+        return cache
+    return cache.reshape(-1, cache.shape[-1]).index_copy(0, rows, flat).view(cache.shape)
 
 
 def _controller(model: torch.nn.Module) -> TokenCacheController | None:

@@ -39,12 +39,13 @@ class TrajectoryState:
         if keep_inputs:
             self.inputs[unit] = x
 
-    def store_partial(self, unit: int, cache: torch.Tensor, idx: torch.Tensor, x_fresh, keep_inputs: bool) -> None:
+    def store_partial(self, unit: int, cache, idx: torch.Tensor, rows: torch.Tensor, x_fresh, keep_inputs: bool):
         self.cache[unit] = cache
         self.last_fresh[unit] = self.last_fresh[unit].scatter(1, idx, self.step)
         if keep_inputs:
-            expanded = idx.unsqueeze(-1).expand(-1, -1, x_fresh.shape[-1])
-            self.inputs[unit] = self.inputs[unit].scatter(1, expanded, x_fresh)
+            inputs = self.inputs[unit]
+            flat = inputs.reshape(-1, inputs.shape[-1]).index_copy(0, rows, x_fresh.reshape(-1, inputs.shape[-1]))
+            self.inputs[unit] = flat.view(inputs.shape)
 
 
 class TokenCacheController:

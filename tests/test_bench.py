@@ -1,0 +1,17 @@
+import json
+
+from diffsparse import bench
+
+
+def test_bench_runs_on_a_tiny_model_and_writes_rows(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    rows = bench.main(["--size", "tiny", "--tokens", "16", "--steps", "4", "--rounds", "1", "--json", str(out)])
+    assert [r["method"] for r in rows] == ["dense", "uniform-0.5", "uniform-0.75", "toca-like"]
+    assert json.loads(out.read_text()) == rows
+    dense, half, three_quarters, _ = rows
+    assert dense["mac_reduction"] == 1.0
+    assert 1.0 < half["mac_reduction"] < three_quarters["mac_reduction"]
+    for r in rows:
+        assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+        assert r["efficiency"] == r["speedup"] / r["mac_reduction"]
+    assert "| uniform-0.75 |" in capsys.readouterr().out
