@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import ctypes.util
 import json
 import os
 import statistics
@@ -82,11 +83,14 @@ def _rss() -> int:
 
 
 def _trim() -> None:
-    """Give freed heap memory back to the OS so the next peak is measured from a clean base (glibc only)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass  # not glibc: the growth figure is then a lower bound
+    """Give freed heap memory back to the OS so the next peak is measured from a clean base.
+
+    glibc only; elsewhere the growth figure is a lower bound.
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _peak_memory(fn) -> int:
