@@ -104,12 +104,20 @@ def _peak_memory(fn) -> int:
     return probe.growth
 
 
-def default_schedules(units, num_steps: int) -> dict[str, Schedule]:
-    return {
-        "uniform-0.5": baselines.uniform(units, num_steps, 0.5),
-        "uniform-0.75": baselines.uniform(units, num_steps, 0.75),
-        "toca-like": baselines.toca_like(units, num_steps),
-    }
+DEFAULT_SCHEDULES = ("uniform-0.5", "uniform-0.75", "toca-like")
+
+
+def make_schedules(names, units, num_steps: int) -> dict[str, Schedule]:
+    """Schedules by name: `uniform-<sparsity>` (first step full) or `toca-like`."""
+    schedules = {}
+    for name in names:
+        if name == "toca-like":
+            schedules[name] = baselines.toca_like(units, num_steps)
+        elif name.startswith("uniform-"):
+            schedules[name] = baselines.uniform(units, num_steps, float(name.removeprefix("uniform-")))
+        else:
+            raise ValueError(f"Unknown schedule {name!r}: use uniform-<sparsity> (e.g. uniform-0.5) or toca-like.")
+    return schedules
 
 
 def run(
@@ -122,6 +130,7 @@ def run(
     selector: str = "toca",
     threads: int | None = None,
     progress: bool = True,
+    schedule_names=DEFAULT_SCHEDULES,
 ) -> list[dict]:
     """Benchmark dense against the default schedules; returns one row per method (dense first)."""
     if batch % 2:
@@ -138,7 +147,7 @@ def run(
     if "class_labels" in inputs:
         inputs["class_labels"][half:] = model.config.num_embeds_ada_norm  # the null class
     units = cacheable_units(model)
-    schedules = default_schedules(units, steps)
+    schedules = make_schedules(schedule_names, units, steps)
     macs = {name: s.macs(model, **inputs) for name, s in schedules.items()}
     dense_macs = next(iter(macs.values()))["dense"]
 
@@ -222,9 +231,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up (default: 3)")
     parser.add_argument("--selector", default="toca", help="token selector (default: toca)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--schedules",
+        default=",".join(DEFAULT_SCHEDULES),
+        help="comma-separated: uniform-<sparsity> and/or toca-like (default: %(default)s)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = run(args.model, args.size, args.tokens, args.steps, args.batch, args.rounds, args.selector, args.threads)
+    names = [n.strip() for n in args.schedules.split(",") if n.strip()]
+    rows = run(
+        args.model,
+        args.size,
+        args.tokens,
+        args.steps,
+        args.batch,
+        args.rounds,
+        args.selector,
+        args.threads,
+        schedule_names=names,
+    )
     cmd = "python -m diffsparse.bench " + " ".join(argv if argv is not None else os.sys.argv[1:])
     print(
         f"\n{args.model}-{args.size}, {args.tokens} tokens, batch {args.batch}, {args.steps} DDIM steps, "

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from diffsparse import bench
 
 
@@ -15,3 +17,16 @@ def test_bench_runs_on_a_tiny_model_and_writes_rows(tmp_path, capsys):
         assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
         assert r["efficiency"] == r["speedup"] / r["mac_reduction"]
     assert "| uniform-0.75 |" in capsys.readouterr().out
+
+
+def test_bench_schedules_are_chosen_by_name():
+    rows = bench.main(
+        ["--size", "tiny", "--tokens", "16", "--steps", "3", "--rounds", "1", "--schedules", "uniform-1.0"]
+    )
+    assert [r["method"] for r in rows] == ["dense", "uniform-1.0"]
+    assert rows[1]["mac_reduction"] > 2.0  # two of three steps reuse every unit (the rest still runs)
+
+
+def test_bench_rejects_unknown_schedules():
+    with pytest.raises(ValueError, match="Unknown schedule 'fora'"):
+        bench.make_schedules(["fora"], ["transformer_blocks.0.ff"], 4)
