@@ -34,20 +34,20 @@ def test_infer_runs_a_schedule_and_reports(tmp_path):
     train_cfg = compose_cfg("train", ["num_steps=5", f"output_dir={tmp_path / 'train'}"])
     make_schedule(train_cfg)
     path = tmp_path / "train" / "schedule.json"
-    cfg = compose_cfg("infer", [f"schedule={path}", "rounds=1", f"output_dir={tmp_path / 'infer'}"])
+    cfg = compose_cfg("infer", [f"schedule={path}", "rounds=1", "model=dit_tiny", f"output_dir={tmp_path / 'infer'}"])
     metrics = infer(cfg)
     assert metrics["num_steps"] == 5
     assert metrics["mac_reduction"] > 1.2
     assert 0 < metrics["speedup_min"] <= metrics["speedup"] <= metrics["speedup_max"]
     assert 5 < metrics["psnr_vs_dense"] < float("inf")
     assert Path(metrics["grid"]).is_file()
-    cfg = compose_cfg("infer", [f"schedule={path}", "num_steps=7", f"output_dir={tmp_path / 'x'}"])
+    cfg = compose_cfg("infer", [f"schedule={path}", "num_steps=7", "model=dit_tiny", f"output_dir={tmp_path / 'x'}"])
     with pytest.raises(ScheduleError, match="has 5 steps but num_steps=7"):
         infer(cfg)
 
 
 def test_infer_with_sparsity_zero_reproduces_dense(tmp_path):
-    cfg = compose_cfg("infer", ["sparsity=0.0", "num_steps=4", "rounds=1", f"output_dir={tmp_path}"])
+    cfg = compose_cfg("infer", ["sparsity=0.0", "num_steps=4", "rounds=1", "model=dit_tiny", f"output_dir={tmp_path}"])
     assert infer(cfg)["psnr_vs_dense"] == float("inf")
 
 
@@ -75,7 +75,7 @@ def test_the_readme_main_job_runs_from_the_command_line(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
-        [sys.executable, "infer.py", "num_steps=4", "rounds=1", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "infer.py", "model=dit_tiny", "num_steps=4", "rounds=1", f"hydra.run.dir={tmp_path}"],
         cwd=root,
         capture_output=True,
         text=True,
