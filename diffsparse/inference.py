@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from pathlib import Path
@@ -12,8 +11,6 @@ import torch
 from .cache import apply_token_cache, cacheable_units, remove_token_cache
 from .pipelines import generate
 from .schedule import Schedule, ScheduleError
-
-log = logging.getLogger(__name__)
 
 
 def _capture_forward_kwargs(transformer, fn) -> dict:

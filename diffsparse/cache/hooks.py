@@ -18,6 +18,7 @@ from diffusers.hooks.hooks import StateManager
 from ..schedule import Schedule
 from .attention import attention_with_signals, check_standard_attention
 from .backbones import SELF_ATTN, UnitInfo, backbone_for, find_units
+from .rows import flat_rows, put_rows, take_rows
 from .selector import SelectorConfig, make_selector
 from .state import TokenCacheController, TrajectoryState
 
@@ -127,28 +128,6 @@ class TokenCacheUnitHook(ModelHook):
         cache = put_rows(cache, rows, out_fresh)
         state.store_partial(u.index, cache, idx, rows, x_fresh, keep_inputs)
         return cache
-
-
-def flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Token indices `(B, k)` as row numbers of the `(B * N, D)` view: whole-row copies beat `gather`."""
-    offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * num_tokens
-    return (idx + offsets).flatten()
-
-
-def take_rows(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
-    """The fresh tokens `(B, k, D)` of `x` `(B, N, D)`."""
-    return x.reshape(-1, x.shape[-1]).index_select(0, rows).view(x.shape[0], k, x.shape[-1])
-
-
-def put_rows(cache: torch.Tensor, rows: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-    """`cache` with the fresh tokens written in; in place when neither autograd nor inference mode forbids it
-    (the block consumed last step's output already, so writing k rows beats copying all N)."""
-    flat = fresh.reshape(-1, fresh.shape[-1])
-    in_place = not torch.is_grad_enabled() and (torch.is_inference_mode_enabled() or not cache.is_inference())
-    if in_place and cache.is_contiguous():
-        cache.view(-1, cache.shape[-1]).index_copy_(0, rows, flat)
-        return cache
-    return cache.reshape(-1, cache.shape[-1]).index_copy(0, rows, flat).view(cache.shape)
 
 
 def _controller(model: torch.nn.Module) -> TokenCacheController | None:

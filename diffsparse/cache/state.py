@@ -9,6 +9,7 @@ import torch
 
 from ..schedule import Schedule, ScheduleError, fresh_tokens
 from .backbones import CROSS_ATTN, SELF_ATTN, BackboneSpec, UnitInfo
+from .rows import put_rows
 from .selector import ENTROPY, INFLUENCE, TokenSelector
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,7 @@ class TrajectoryState:
         self.cache[unit] = cache
         self.last_fresh[unit] = self.last_fresh[unit].scatter(1, idx, self.step)
         if keep_inputs:
-            inputs = self.inputs[unit]
-            flat = inputs.reshape(-1, inputs.shape[-1]).index_copy(0, rows, x_fresh.reshape(-1, inputs.shape[-1]))
-            self.inputs[unit] = flat.view(inputs.shape)
+            self.inputs[unit] = put_rows(self.inputs[unit], rows, x_fresh)
 
 
 class TokenCacheController:
