@@ -121,7 +121,7 @@ def spatial_bonus(score: torch.Tensor, grid: tuple[int, int], k: int, bonus: flo
     if h % k == 0 and w % k == 0:  # the usual case: tiles by reshaping, no copies
         tiles = score.view(b, h // k, k, w // k, k)
         winners = tiles == tiles.amax(dim=(2, 4), keepdim=True)
-        return score.addcmul(winners.view(b, n).to(score.dtype), score.new_tensor(bonus))
+        return score.add(winners.view(b, n).to(score.dtype), alpha=bonus)
     s = score.view(b, 1, h, w)
     tile_max = F.max_pool2d(s, k, stride=k, ceil_mode=True)
     tile_max = tile_max.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)[..., :h, :w]
