@@ -1,0 +1,107 @@
+"""Digits data, the feature network, the reference DiT (training, saving, loading) and the sampling loop."""
+
+import pytest
+import torch
+
+from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
+from diffsparse.digits import load_digits, split, to_unit_range
+from diffsparse.featurenet import load_feature_net, train_feature_net
+from diffsparse.models import build_transformer
+from diffsparse.reference import DEFAULT_GUIDANCE, NOISE_SCHEDULE, load_reference, train_reference
+from diffsparse.sampling import initial_noise, make_scheduler, sample
+
+
+def test_digits_are_16px_in_range_and_split_stratified():
+    images, labels = load_digits()
+    assert images.shape == (1797, 1, 16, 16)
+    assert images.min() == -1 and images.max() == 1
+    train, test = split(labels, 0.2, seed=0)
+    assert len(set(train.tolist()) & set(test.tolist())) == 0 and len(train) + len(test) == 1797
+    for c in range(10):
+        share = (labels[test] == c).sum() / (labels == c).sum()
+        assert abs(float(share) - 0.2) < 0.02
+    assert torch.equal(split(labels, 0.2, seed=0)[1], test)
+    assert to_unit_range(images).min() == 0
+
+
+def test_feature_net_trains_saves_and_loads(tmp_path):
+    config = train_feature_net(tmp_path, epochs=2)
+    assert config["held_out_accuracy"] > 0.5  # two epochs: far above chance (0.1)
+    net = load_feature_net(tmp_path)
+    images, _ = load_digits()
+    assert net.features(images[:5]).shape == (5, 64)
+
+
+def test_missing_weights_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.py --config-name feature_net"):
+        load_feature_net(tmp_path)
+    with pytest.raises(FileNotFoundError, match="train.py --config-name reference"):
+        load_reference(tmp_path)
+
+
+def test_reference_training_round_trips_through_from_pretrained(tmp_path):
+    recipe = train_reference(tmp_path, steps=3, batch_size=8, warmup=1, log_every=1)
+    assert recipe["steps"] == 3 and (tmp_path / "loss.csv").read_text().count("\n") == 4
+    ref = load_reference(tmp_path)
+    assert ref.sample_shape == (1, 16, 16)
+    assert not any(p.requires_grad for p in ref.transformer.parameters())
+    assert ref.noise_schedule == NOISE_SCHEDULE
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_transformer("dit", "tiny", sample_size=16, in_channels=1, num_classes=10)
+
+
+def _sample(model, steps=4, sampler="ddim", guidance=2.0):
+    noise = initial_noise(3, (1, 16, 16), seed=5)
+    with torch.no_grad():
+        return sample(model, make_scheduler(sampler, NOISE_SCHEDULE), torch.tensor([1, 2, 3]), noise, steps, guidance)
+
+
+def test_initial_noise_of_a_sample_does_not_depend_on_the_batch():
+    assert torch.equal(initial_noise(5, (1, 4, 4), seed=3)[2:], initial_noise(3, (1, 4, 4), seed=5))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_sampling_is_repeatable_and_sparsity_zero_is_exact(tiny, sampler):
+    dense = _sample(tiny, sampler=sampler)
+    assert torch.equal(dense, _sample(tiny, sampler=sampler))
+    apply_token_cache(tiny, Schedule.uniform(cacheable_units(tiny), 4, 0.0))
+    try:
+        assert torch.equal(_sample(tiny, sampler=sampler), dense)
+    finally:
+        remove_token_cache(tiny)
+
+
+def test_second_call_does_not_see_the_first_calls_cache(tiny):
+    apply_token_cache(tiny, Schedule.uniform(cacheable_units(tiny), 4, 0.75))
+    try:
+        first = _sample(tiny)
+        assert torch.equal(_sample(tiny), first)
+    finally:
+        remove_token_cache(tiny)
+    assert not torch.equal(first, _sample(tiny))  # the cache changed the result, and removing it undid that
+
+
+def test_guidance_scale_one_runs_a_single_batch(tiny):
+    calls = []
+    handle = tiny.register_forward_pre_hook(lambda m, a, k: calls.append(a[0].shape[0]), with_kwargs=True)
+    try:
+        _sample(tiny, steps=2, guidance=1.0)
+        _sample(tiny, steps=2, guidance=3.0)
+    finally:
+        handle.remove()
+    assert calls == [3, 3, 6, 6]
+
+
+def test_shipped_reference_model_loads_offline_and_draws_the_asked_digits():
+    """The shipped weights and feature network: dense 50-step DDIM samples of 30 conditions, classified."""
+    ref = load_reference()
+    net = load_feature_net()
+    labels = torch.arange(30) % 10
+    noise = initial_noise(30, ref.sample_shape, seed=1000)
+    with torch.no_grad():
+        x = sample(ref.transformer, ref.scheduler("ddim"), labels, noise, 50, guidance_scale=DEFAULT_GUIDANCE)
+        accuracy = (net(x.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.9
