@@ -112,7 +112,8 @@ def make_schedules(names, units, num_steps: int) -> dict[str, Schedule]:
     schedules = {}
     for name in names:
         if name == "toca-like":
-            schedules[name] = baselines.toca_like(units, num_steps)
+            # ToCa without a ramp: self-attention reuses 0.5, MLPs 0.75, full step every 3
+            schedules[name] = baselines.toca(units, num_steps, fresh_ratio=0.25, interval=3, ramp=0.0)
         elif name.startswith("uniform-"):
             schedules[name] = baselines.uniform(units, num_steps, float(name.removeprefix("uniform-")))
         else:

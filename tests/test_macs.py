@@ -3,7 +3,7 @@ import torch
 from conftest import run_loop
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units
-from diffsparse.baselines import toca_like
+from diffsparse.baselines import toca
 from diffsparse.cache.backbones import find_units
 from diffsparse.cache.macs import flop_counter, unit_macs
 from diffsparse.models import build_transformer, example_inputs
@@ -35,13 +35,13 @@ def test_unit_formula_matches_flop_counter(model, inputs, num_fresh):
         assert counted_macs(call) == batch * unit_macs(u, n, num_fresh, context), u.name
 
 
-@pytest.mark.parametrize("make", ["uniform-0.5", "uniform-0.75", "toca_like", "dense"])
+@pytest.mark.parametrize("make", ["uniform-0.5", "uniform-0.75", "toca", "dense"])
 def test_trajectory_macs_match_flop_counter_within_5_percent(model, inputs, make):
     units = cacheable_units(model)
     sched = {
         "uniform-0.5": lambda: Schedule.uniform(units, 5, 0.5),
         "uniform-0.75": lambda: Schedule.uniform(units, 5, 0.75),
-        "toca_like": lambda: toca_like(units, 5, interval=2),
+        "toca": lambda: toca(units, 5, interval=2),
         "dense": lambda: Schedule.uniform(units, 5, 0.0),
     }[make]()
     predicted = sched.macs(model, **inputs)

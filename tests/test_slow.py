@@ -5,7 +5,7 @@ import torch
 from conftest import max_diff, run_loop
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
-from diffsparse.baselines import toca_like
+from diffsparse.baselines import toca
 from diffsparse.cache.macs import flop_counter
 from diffsparse.models import build_transformer, example_inputs
 
@@ -33,7 +33,7 @@ def test_b2_sparsity_zero_is_exact_over_a_long_trajectory(dit_b2):
 
 def test_b2_trajectory_macs_match_the_flop_counter(dit_b2):
     model, inputs = dit_b2
-    sched = toca_like(cacheable_units(model), len(TIMESTEPS))
+    sched = toca(cacheable_units(model), len(TIMESTEPS), ramp=0.0)
     predicted = sched.macs(model, **inputs)
     apply_token_cache(model, sched)
     try:

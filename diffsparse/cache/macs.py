@@ -12,10 +12,13 @@ measured as `FlopCounterMode(dense forward) / 2 - dense unit MACs`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..schedule import Schedule, fresh_tokens
+from ..schedule import SPARSITY_LEVELS, Schedule, fresh_tokens
 from .backbones import CROSS_ATTN, MLP, UnitInfo, find_units
 
 
@@ -78,31 +81,59 @@ def _probe(model: torch.nn.Module, units: list[UnitInfo], forward_kwargs: dict) 
     return shapes, counter.get_total_flops() // 2
 
 
-def schedule_macs(schedule: Schedule, model: torch.nn.Module, **forward_kwargs) -> dict:
-    """Dense and cached MACs of one trajectory of `schedule` for the batch in `forward_kwargs`."""
+@dataclass(frozen=True)
+class MacTable:
+    """MACs of one denoising step for the batch of the probe, per unit and sparsity level.
+
+    `level_macs[u, j]` is unit u at `SPARSITY_LEVELS[j]`; `other` is everything outside the units. Budgets and
+    hand-made schedules use it without running the model again.
+    """
+
+    units: tuple[str, ...]
+    level_macs: np.ndarray
+    other: int
+
+    @property
+    def dense_step(self) -> int:
+        return int(self.level_macs[:, 0].sum()) + self.other
+
+    def step_macs(self, level_indices: np.ndarray) -> np.ndarray:
+        """MACs of each step for a (T, U) array of level indices."""
+        picked = np.take_along_axis(self.level_macs[None], np.asarray(level_indices)[..., None], axis=2)[..., 0]
+        return picked.sum(axis=1) + self.other
+
+    def saved_fraction(self, schedule: Schedule) -> float:
+        """Fraction of the dense trajectory's MACs that `schedule` skips."""
+        schedule.check_units(self.units)
+        return 1.0 - self.step_macs(schedule.level_indices()).sum() / (self.dense_step * schedule.num_steps)
+
+
+def mac_table(model: torch.nn.Module, **forward_kwargs) -> MacTable:
+    """Probe one dense forward of `model` on `forward_kwargs` and tabulate the MACs of every unit at every level."""
     units = find_units(model)
-    schedule.check_units([u.name for u in units])
     shapes, total = _probe(model, units, forward_kwargs)
     missing = [u.name for u in units if u.index not in shapes]
     if missing:
         raise RuntimeError(f"Units {missing[:3]} did not run in the example forward; check forward_kwargs.")
+    table = np.zeros((len(units), len(SPARSITY_LEVELS)), dtype=np.int64)
+    for u in units:
+        b, n, m = shapes[u.index]
+        table[u.index] = [b * unit_macs(u, n, fresh_tokens(s, n), m) for s in SPARSITY_LEVELS]
+    other = max(total - int(table[:, 0].sum()), 0)
+    return MacTable(tuple(u.name for u in units), table, other)
 
-    def step_macs(row) -> int:
-        macs = 0
-        for u in units:
-            b, n, m = shapes[u.index]
-            macs += b * unit_macs(u, n, fresh_tokens(row[u.index], n), m)
-        return macs
 
-    dense_units = step_macs([0.0] * len(units))
-    other = max(total - dense_units, 0)
-    per_step = [step_macs(row) + other for row in schedule.grid.tolist()]
-    dense = (dense_units + other) * schedule.num_steps
-    cached = sum(per_step)
+def schedule_macs(schedule: Schedule, model: torch.nn.Module, **forward_kwargs) -> dict:
+    """Dense and cached MACs of one trajectory of `schedule` for the batch in `forward_kwargs`."""
+    table = mac_table(model, **forward_kwargs)
+    schedule.check_units(table.units)
+    per_step = table.step_macs(schedule.level_indices())
+    dense = table.dense_step * schedule.num_steps
+    cached = int(per_step.sum())
     return {
         "dense": dense,
         "cached": cached,
         "reduction": dense / cached if cached else float("inf"),
-        "per_step_cached": per_step,
-        "other_per_step": other,
+        "per_step_cached": per_step.tolist(),
+        "other_per_step": table.other,
     }
