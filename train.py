@@ -1,4 +1,5 @@
-"""Make a schedule: `python train.py [allocator=uniform|toca_like] [model=...] [num_steps=20]` (conf/train.yaml)."""
+"""Training entry point (Hydra): `python train.py` makes a schedule (conf/train.yaml);
+`python train.py --config-name reference` trains the reference DiT on the digits (conf/reference.yaml)."""
 
 import hydra
 from omegaconf import DictConfig
@@ -6,9 +7,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
-    from diffsparse.tasks import make_schedule
+    from diffsparse.tasks import TRAIN_TASKS
 
-    return make_schedule(cfg)
+    return TRAIN_TASKS[cfg.get("task", "schedule")](cfg)
 
 
 if __name__ == "__main__":

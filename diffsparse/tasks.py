@@ -59,3 +59,77 @@ def infer(cfg: DictConfig) -> dict:
         f"{metrics.get('grid')}"
     )
     return metrics
+
+
+def train_reference_model(cfg: DictConfig) -> dict:
+    """Train the feature network and the reference DiT into `output_dir`, then write the model card."""
+    from .featurenet import train_feature_net
+    from .modelcard import write_card
+    from .reference import train_reference
+
+    out = Path(cfg.output_dir)
+    feature_net = train_feature_net(out / "digits_classifier", epochs=cfg.feature_net_epochs, seed=cfg.seed)
+    recipe = train_reference(
+        out / "digits_dit",
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        warmup=cfg.warmup,
+        ema_decay=cfg.ema_decay,
+        label_dropout=cfg.label_dropout,
+        seed=cfg.seed,
+    )
+    card = write_card(
+        out / "digits_dit",
+        out / "digits_classifier",
+        cfg.card.sweep_samples,
+        steps=cfg.card.steps,
+        samples=cfg.card.samples,
+    )
+    return {"feature_net": feature_net, "reference": recipe, "model_card": str(card)}
+
+
+def train_feature_network(cfg: DictConfig) -> dict:
+    """Train the digit classifier used for FD and class accuracy into `output_dir`."""
+    from .featurenet import train_feature_net
+
+    return train_feature_net(cfg.output_dir, epochs=cfg.epochs, held_out=cfg.held_out, seed=cfg.seed)
+
+
+def learn_schedule(cfg: DictConfig) -> dict:
+    """Learn a schedule with `ScheduleLearner` under Lightning; export it (JSON, costs, heatmap) from rank 0."""
+    import resource
+    import shutil
+    import time
+
+    import lightning as L
+
+    from .data import ConditionDataModule
+    from .module import ScheduleLearner
+
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.output_dir)
+    learner = ScheduleLearner(**OmegaConf.to_container(cfg.learn, resolve=True))
+    data = ConditionDataModule(num_classes=learner._ref.num_classes, **cfg.data)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger, default_root_dir=out)
+    start = time.perf_counter()
+    trainer.fit(learner, data, ckpt_path=cfg.ckpt_path)
+    minutes = (time.perf_counter() - start) / 60
+    if not trainer.is_global_zero:
+        return {}
+    checkpoint = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+    if checkpoint:
+        shutil.copy(checkpoint, out / f"stage{cfg.learn.stage}.ckpt")
+    metrics = learner.export(out)
+    metrics.update(minutes=round(minutes, 2), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    log.info("learned schedule: %s", json.dumps(metrics, default=str))
+    return metrics
+
+
+TRAIN_TASKS = {
+    "schedule": make_schedule,
+    "reference": train_reference_model,
+    "feature_net": train_feature_network,
+    "learn": learn_schedule,
+}

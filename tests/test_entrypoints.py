@@ -84,3 +84,25 @@ def test_the_readme_main_job_runs_from_the_command_line(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "measured speed-up" in run.stdout and "MACs: dense" in run.stdout
     assert (tmp_path / "samples.png").is_file()
+
+
+def test_reference_config_trains_both_networks_and_writes_the_card(tmp_path):
+    from diffsparse.tasks import train_reference_model
+
+    overrides = [
+        f"output_dir={tmp_path}", "steps=2", "batch_size=4", "warmup=1", "feature_net_epochs=1",
+        "card.steps=2", "card.samples=20", "card.sweep_samples=0",
+    ]  # fmt: skip
+    result = train_reference_model(compose_cfg("reference", overrides))
+    assert result["reference"]["steps"] == 2
+    card = (tmp_path / "digits_dit" / "README.md").read_text()
+    assert "class accuracy" in card and "python train.py --config-name reference" in card
+    assert (tmp_path / "digits_dit" / "samples.png").is_file()
+    assert (tmp_path / "digits_classifier" / "model.safetensors").is_file()
+
+
+def test_feature_net_config(tmp_path):
+    from diffsparse.tasks import TRAIN_TASKS
+
+    result = TRAIN_TASKS["feature_net"](compose_cfg("feature_net", [f"output_dir={tmp_path}", "epochs=1"]))
+    assert 0.1 < result["held_out_accuracy"] <= 1.0

@@ -6,7 +6,9 @@ from .hooks import (
     apply_token_cache,
     remove_token_cache,
     reset_token_cache,
+    set_soft_choice,
     token_cache_controller,
+    token_cache_paused,
 )
 from .selector import SELECTORS, SelectorConfig
 
@@ -21,6 +23,8 @@ __all__ = [
     "find_units",
     "remove_token_cache",
     "reset_token_cache",
+    "set_soft_choice",
     "supported_models",
     "token_cache_controller",
+    "token_cache_paused",
 ]

@@ -9,6 +9,7 @@ through the stateful trajectory hook, so a second call starts clean.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -18,6 +19,7 @@ from diffusers.hooks.hooks import StateManager
 from ..schedule import Schedule
 from .attention import attention_with_signals, check_standard_attention
 from .backbones import SELF_ATTN, UnitInfo, backbone_for, find_units
+from .blend import blend_forward
 from .rows import flat_rows, put_rows, take_rows
 from .selector import SelectorConfig, make_selector
 from .state import TokenCacheController, TrajectoryState
@@ -94,6 +96,8 @@ class TokenCacheUnitHook(ModelHook):
         original = self.fn_ref.original_forward
         if state is None or ctl.paused:
             return original(hidden_states, *args, **kwargs)
+        if ctl.choice is not None:
+            return blend_forward(self, module, hidden_states, *args, **kwargs)
         keep_inputs = ctl.selector.needs_inputs
         s = ctl.sparsity(state.step, u.index)
         if s == 0.0:
@@ -218,6 +222,30 @@ def reset_token_cache(model: torch.nn.Module) -> None:
     if controller is None:
         raise RuntimeError("No token cache is applied to this model.")
     controller.reset()
+
+
+def set_soft_choice(model: torch.nn.Module, schedule: Schedule, choice: torch.Tensor | None) -> None:
+    """Give the applied token cache a new schedule; with `choice` (T, U, |S|), the straight-through one-hot of its
+    levels, units run in training mode: all tokens computed, blended with the cache so the loss reaches `choice`.
+    `choice=None` goes back to the inference path."""
+    controller = _controller(model)
+    if controller is None:
+        raise RuntimeError("No token cache is applied to this model.")
+    controller.set_schedule(schedule, choice)
+
+
+@contextmanager
+def token_cache_paused(model: torch.nn.Module):
+    """Inside the block the model runs dense (its original forward), e.g. for a teacher rollout; the cache
+    is left as it was."""
+    controller = _controller(model)
+    if controller is None:
+        raise RuntimeError("No token cache is applied to this model.")
+    controller.paused = True
+    try:
+        yield model
+    finally:
+        controller.paused = False
 
 
 def token_cache_controller(model: torch.nn.Module) -> TokenCacheController | None:

@@ -72,6 +72,18 @@ class TokenCacheController:
         self.states: dict[str, TrajectoryState] = {}
         self.current: TrajectoryState | None = None
         self.paused = False
+        self.choice: torch.Tensor | None = None  # (T, U, |S|) soft choice: training mode (see blend.py)
+
+    def set_schedule(self, schedule: Schedule, choice: torch.Tensor | None = None) -> None:
+        """Switch to `schedule` between trajectories; with `choice` (its straight-through one-hot), training mode."""
+        schedule.check_units([u.name for u in self.units])
+        if choice is not None and tuple(choice.shape[:2]) != schedule.grid.shape:
+            raise ValueError(f"choice {tuple(choice.shape)} does not match the schedule {schedule.grid.shape}")
+        self.reset()
+        self.schedule = schedule
+        self.plan = schedule.grid.tolist()
+        self.signal_plan = self._plan_signals()
+        self.choice = choice
 
     def _plan_signals(self) -> list[list[str | None]]:
         """Which attention signal each (step, unit) must compute: only on full computes with partial steps after."""

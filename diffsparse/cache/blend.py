@@ -1,0 +1,72 @@
+"""Training mode of a unit: compute every token, then blend with the cache through the nested candidate masks.
+
+At step t > 0 a unit with soft choice `h` (|S|,) (one-hot in value, differentiable through the straight-through
+estimator) returns `m * f + (1 - m) * cache`, where f is the unit on all tokens and the per-token weight is
+
+    m_i = sum_s h_s [rank_i < fresh(s)],
+
+rank_i being token i's place in the selector's ranking. With a one-hot h this is exactly the inference result
+(the top fresh(s) tokens recomputed, the rest reused; self-attention over all current tokens), and the loss is
+differentiable in h. It costs a dense forward per step: this mode is for learning schedules, not for speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..schedule import SPARSITY_LEVELS, fresh_tokens
+from .attention import attention_with_signals
+from .backbones import SELF_ATTN
+
+
+def token_ranks(score: torch.Tensor, cfg: bool) -> torch.Tensor:
+    """Rank (0 = recomputed first) of every token `(B, N)`; CFG halves share the ranking of their summed scores."""
+    if cfg:
+        half = score.shape[0] // 2
+        score = (score[:half] + score[half:]).repeat(2, 1)
+    return score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+
+
+def _scores(ctl, state, unit, x: torch.Tensor) -> torch.Tensor:
+    """The selector's scores, called exactly where the inference path calls it (partial levels), so a random
+    selector draws the same stream. At levels 0 and 1 the ranking only shapes the gradient: use the selector where
+    that has no side effects and its signals exist, else the steps since each token was last computed."""
+    selector = ctl.selector
+    s = ctl.sparsity(state.step, unit.index)
+    has_signals = all((unit.block, sig) in state.signals for sig in selector.signals)
+    if 0.0 < s < 1.0 or (selector.name != "random" and has_signals):
+        return selector.score(x, state, unit)
+    return (state.step - state.last_fresh[unit.index]).float()
+
+
+def blend_forward(hook, module, hidden_states, *args, **kwargs):
+    """The unit's output in training mode (see the module docstring); updates the trajectory's cache."""
+    ctl, u = hook.controller, hook.unit
+    state = ctl.current
+    original = hook.fn_ref.original_forward
+    signal = ctl.signal_plan[state.step][u.index]
+    if signal is not None:  # the selector reads this attention map at later partial steps
+        context = hidden_states if u.kind == SELF_ATTN else kwargs["encoder_hidden_states"]
+        with torch.no_grad():
+            _, state.signals[(u.block, signal)] = attention_with_signals(
+                module, hidden_states, context, kwargs.get("attention_mask"), signal
+            )
+    out = original(hidden_states, *args, **kwargs)
+    if state.step == 0:
+        state.store_full(u.index, out, hidden_states.detach(), ctl.selector.needs_inputs)
+        return out
+    n = hidden_states.shape[1]
+    with torch.no_grad():
+        ranks = token_ranks(_scores(ctl, state, u, hidden_states.detach()), state.cfg)
+        counts = torch.tensor([fresh_tokens(s, n) for s in SPARSITY_LEVELS], device=ranks.device)
+        candidates = (ranks[..., None] < counts).to(out.dtype)  # (B, N, |S|) nested masks
+    h = ctl.choice[state.step, u.index].to(out.dtype)
+    m = (candidates * h).sum(-1, keepdim=True)  # (B, N, 1)
+    cache = state.cache[u.index]
+    blended = m * out + (1 - m) * cache
+    fresh = ranks < fresh_tokens(ctl.sparsity(state.step, u.index), n)
+    state.cache[u.index] = blended
+    state.last_fresh[u.index] = torch.where(fresh, state.step, state.last_fresh[u.index])
+    if ctl.selector.needs_inputs:
+        state.inputs[u.index] = torch.where(fresh[..., None], hidden_states.detach(), state.inputs[u.index])
+    return blended

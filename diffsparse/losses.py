@@ -1,0 +1,67 @@
+"""Distillation losses between the student's and the teacher's final samples: LPIPS (the paper's), L2, SSIM.
+
+Inputs are images in [-1, 1], (B, C, H, W). `make_loss(name)` returns a callable giving one scalar.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("lpips", "l2", "ssim")
+_LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+
+
+class LpipsWeightsMissing(FileNotFoundError):
+    pass
+
+
+def l2_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(student, teacher)
+
+
+def ssim_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM (torchmetrics, 7 x 7 Gaussian window), on images mapped to [0, 1]."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    a, b = (student.clamp(-1, 1) + 1) / 2, (teacher.clamp(-1, 1) + 1) / 2
+    return 1 - structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=7)
+
+
+def lpips_loss(net: str = "alex", min_size: int = 64):
+    """LPIPS with torchvision's ImageNet backbone; small or single-channel images are resized and repeated.
+
+    The backbone weights are read from torch's hub cache; offline, a missing file stops here with what to do.
+    """
+    path = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_BACKBONE_FILES[net]
+    if not path.is_file():
+        raise LpipsWeightsMissing(
+            f"LPIPS needs torchvision's pretrained {net} backbone at {path}, and it is not there (no network here). "
+            f"Copy {path.name} into {path.parent} from a machine with network access (torchvision downloads it "
+            "there), or train with `loss=l2` (or `loss=ssim`)."
+        )
+    import lpips
+
+    model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
+
+    def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        def prep(x):
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            return F.interpolate(x, size=min_size, mode="bilinear") if x.shape[-1] < min_size else x
+
+        model.to(student.device)
+        return model(prep(student), prep(teacher)).mean()
+
+    return loss
+
+
+def make_loss(name: str):
+    if name == "l2":
+        return l2_loss
+    if name == "ssim":
+        return ssim_loss
+    if name == "lpips":
+        return lpips_loss()
+    raise ValueError(f"Unknown loss {name!r}; choose one of {LOSSES}.")

@@ -1,0 +1,218 @@
+"""Learning a schedule (DiffSparse Algorithm 1) as a `LightningModule` whose only parameters are costs.
+
+Each training step: costs -> DP choice under the budget -> straight-through one-hot -> a student rollout in
+training mode (every unit blends fresh and cached tokens through the chosen nested masks) -> loss against the
+dense teacher's samples from the same noise -> gradients into the costs. The model stays frozen.
+
+Stage 1 also learns step costs (T x 2) and picks `num_full` full steps with its own DP; the layer DP then fills
+the other steps. Stage 2 starts from a stage-1 checkpoint: the layer costs' "compute all" entries at the chosen
+full steps are lowered by `delta` (eq. 9) and the unified layer costs are fine-tuned alone.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+from . import baselines
+from .cache import apply_token_cache, cacheable_units, remove_token_cache, set_soft_choice, token_cache_paused
+from .cache.macs import mac_table
+from .losses import make_loss
+from .predictor import CostPredictor, choose, schedule_from_levels, straight_through, tie_broken
+from .reference import DEFAULT_GUIDANCE, load_model
+from .sampling import initial_noise, sample
+from .schedule import Schedule
+from .solver import pick_full_steps
+
+
+class ScheduleLearner(L.LightningModule):
+    """Learns a (T x U) schedule for one model, sampler, step count and MAC budget.
+
+    Args:
+        model: `reference`, `tiny` or a model folder (see `reference.load_model`).
+        budget: fraction of the dense trajectory's MACs to save.
+        stage: 1 (step and layer costs, `num_full` full steps) or 2 (unified layer costs, from `stage1_checkpoint`).
+        num_full: full steps in stage 1 (the first step included); default: as many as the ToCa schedule that
+            initialises the layer costs.
+        loss: `lpips`, `l2` or `ssim`.
+        lr, step_lr: AdamW learning rates of the layer and the step costs.
+        temperature: of the soft assignment that carries the straight-through gradient.
+        dtype: of the rollouts and the costs. float32 gradients differ in their last bits with how a batch is
+            split (over processes, say), which Adam can turn into different choices; float64 runs give the same
+            schedule for any split, at about twice the time on a CPU.
+    """
+
+    def __init__(
+        self,
+        model: str = "reference",
+        sampler: str = "ddim",
+        num_steps: int = 50,
+        budget: float = 0.5,
+        stage: int = 1,
+        num_full: int | None = None,
+        loss: str = "l2",
+        lr: float = 0.05,
+        step_lr: float = 0.05,
+        temperature: float = 0.1,
+        guidance: float = DEFAULT_GUIDANCE,
+        selector: str = "toca",
+        delta: float = 10.0,
+        stage1_checkpoint: str | None = None,
+        dtype: str = "float32",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        self._ref = load_model(model)  # not a submodule: frozen, and kept out of checkpoints
+        self._dtype = getattr(torch, dtype)
+        transformer = self._ref.transformer.to(self._dtype)
+        self.units = cacheable_units(transformer)
+        scheduler = self._ref.scheduler(sampler)
+        scheduler.set_timesteps(num_steps)
+        self.timesteps = scheduler.timesteps.tolist()
+        c, s = self._ref.sample_shape[0], self._ref.sample_shape[1]
+        probe = dict(
+            hidden_states=torch.zeros(2, c, s, s, dtype=self._dtype),
+            timestep=torch.full((2,), 500),
+            class_labels=torch.tensor([0, self._ref.num_classes]),
+        )
+        self.table = mac_table(transformer, **probe)
+        init = baselines.budget_schedules(self.table, self.timesteps, budget)["toca"]
+        self.layer_costs = CostPredictor(num_steps, len(self.units), init=init).to(self._dtype)
+        self.num_full = num_full or len(init.full_steps)
+        self.step_logits = None
+        if stage == 1:
+            logits = torch.zeros(num_steps, 2, dtype=self._dtype)
+            logits[init.full_steps, 0] = -2.0  # ToCa's full steps start out cheap to keep full
+            self.step_logits = nn.Parameter(logits)
+        elif stage1_checkpoint is not None:
+            self._warm_start(stage1_checkpoint)
+        self.loss_fn = make_loss(loss)
+        self._teacher: dict[int, torch.Tensor] = {}
+
+    # --- costs -> schedule ----------------------------------------------------------------------------------------
+    def _warm_start(self, checkpoint: str) -> None:
+        """Stage 2 from stage 1: its layer costs, minus `delta` on "compute all" at its full steps (eq. 9)."""
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = ckpt["state_dict"]
+        num_full = ckpt.get("hyper_parameters", {}).get("num_full") or self.num_full
+        logits = state["layer_costs.logits"].clone().to(self._dtype)
+        full = pick_full_steps(state["step_logits"].softmax(-1).double().numpy(), num_full)
+        logits[full, :, 0] -= self.hparams.delta
+        with torch.no_grad():
+            self.layer_costs.logits.copy_(logits)
+        self.stage1_full_steps = full
+
+    def full_steps(self) -> list[int] | None:
+        if self.step_logits is None:
+            return None
+        return pick_full_steps(tie_broken(self.step_logits.softmax(-1)), self.num_full)
+
+    def choice(self) -> tuple[Schedule, torch.Tensor]:
+        """The DP's schedule for the current costs, and its straight-through one-hot (T, U, |S|)."""
+        costs = self.layer_costs()
+        full = self.full_steps()
+        dp_costs = costs.detach().clone()
+        if full is not None:
+            dp_costs[full, :, 0] = -1e3  # full steps compute everything; the layer DP fills the rest
+        levels = choose(dp_costs, self.hparams.budget, self.table)
+        h = straight_through(costs, levels, self.hparams.temperature)
+        if full is not None:
+            step_costs = self.step_logits.softmax(-1)
+            is_full = torch.ones(len(costs), dtype=torch.long, device=costs.device)
+            is_full[full] = 0
+            hs = straight_through(step_costs, is_full, self.hparams.temperature)
+            compute_all = torch.nn.functional.one_hot(torch.zeros_like(levels), costs.shape[-1]).to(h.dtype)
+            h = hs[:, 0, None, None] * compute_all + hs[:, 1, None, None] * h
+        meta = {"method": "learned", "stage": self.hparams.stage, "budget": self.hparams.budget}
+        return schedule_from_levels(levels, self.units, meta), h
+
+    # --- rollouts -------------------------------------------------------------------------------------------------
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self._ref.transformer
+
+    def setup(self, stage: str) -> None:
+        self._ref.transformer.to(self.device)
+        apply_token_cache(self.transformer, self.choice()[0], selector=self.hparams.selector)
+
+    def teardown(self, stage: str) -> None:
+        remove_token_cache(self.transformer)
+
+    def _rollout(self, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        scheduler = self._ref.scheduler(self.hparams.sampler)
+        return sample(self.transformer, scheduler, labels, noise, self.hparams.num_steps, self.hparams.guidance)
+
+    def _noise(self, seeds: torch.Tensor) -> torch.Tensor:
+        noise = torch.cat([initial_noise(1, self._ref.sample_shape, int(s)) for s in seeds])
+        return noise.to(self.device, self._dtype)
+
+    def teacher(self, labels: torch.Tensor, seeds: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Dense samples for these conditions, computed once per condition and kept."""
+        missing = [i for i, s in enumerate(seeds.tolist()) if s not in self._teacher]
+        if missing:
+            idx = torch.tensor(missing)
+            with torch.no_grad(), token_cache_paused(self.transformer):
+                x = self._rollout(labels[idx], noise[idx])
+            for i, xi in zip(missing, x, strict=True):
+                self._teacher[int(seeds[i])] = xi
+        return torch.stack([self._teacher[int(s)] for s in seeds])
+
+    def training_step(self, batch, batch_idx):
+        labels, seeds = batch
+        noise = self._noise(seeds)
+        target = self.teacher(labels, seeds, noise)
+        schedule, h = self.choice()
+        set_soft_choice(self.transformer, schedule, h)
+        try:
+            student = self._rollout(labels, noise)
+        finally:
+            set_soft_choice(self.transformer, schedule, None)
+        loss = self.loss_fn(student, target)
+        self.log_dict(
+            {"train/loss": loss, "train/saved_macs": float(self.table.saved_fraction(schedule))},
+            prog_bar=True, batch_size=len(labels),
+        )  # fmt: skip
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        """The hard schedule through the inference path, on conditions and noise not used in training."""
+        labels, seeds = batch
+        noise = self._noise(seeds)
+        target = self.teacher(labels, seeds, noise)
+        schedule, _ = self.choice()
+        set_soft_choice(self.transformer, schedule, None)
+        with torch.no_grad():
+            student = self._rollout(labels, noise)
+        l2 = torch.nn.functional.mse_loss(student, target)
+        self.log("val/l2", l2, prog_bar=True, batch_size=len(labels), sync_dist=True)
+        self.log("val/loss", self.loss_fn(student, target), batch_size=len(labels), sync_dist=True)
+
+    def configure_optimizers(self):
+        groups = [{"params": self.layer_costs.parameters(), "lr": self.hparams.lr}]
+        if self.step_logits is not None:
+            groups.append({"params": [self.step_logits], "lr": self.hparams.step_lr})
+        # eps 1e-6, not 1e-8: costs whose true gradient is 0 get float-noise gradients, which Adam would blow up
+        # into full steps, different ones per process count (data-parallel runs must give the same schedule)
+        return torch.optim.AdamW(groups, weight_decay=0.0, eps=1e-6)
+
+    def export(self, out_dir) -> dict:
+        """Write the learned schedule (JSON), the costs (safetensors) and the heatmap (PNG) to `out_dir`."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        schedule, _ = self.choice()
+        saved = self.table.saved_fraction(schedule)
+        schedule = Schedule(schedule.grid, schedule.units, {**schedule.meta, "saved_macs": saved})
+        schedule.save(out / "schedule.json")
+        tensors = {"layer_costs": self.layer_costs().detach().contiguous()}
+        if self.step_logits is not None:
+            tensors["step_costs"] = self.step_logits.detach().softmax(-1).contiguous()
+        save_file(tensors, out / "costs.safetensors")
+        schedule.plot(out / "schedule.png", title=f"learned, stage {self.hparams.stage}: saves {saved:.1%} of MACs")
+        return {"schedule": str(out / "schedule.json"), "saved_macs": saved, "full_steps": schedule.full_steps}

@@ -1,0 +1,57 @@
+"""Learning a schedule end to end on a tiny model: both stages, resume, data-parallel equals one process."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffsparse import Schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(out: Path, *overrides: str) -> Path:
+    """`python train.py experiment=tiny_stage* ...` into `out`, with the l2 loss and the CSV logger."""
+    args = ["learn.loss=l2", "logger=csv", f"output_dir={out}", f"hydra.run.dir={out}"]
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("s1"), "experiment=tiny_stage1", "trainer.max_epochs=2")
+
+
+def test_both_stages_export_a_schedule_within_budget(stage1, tmp_path):
+    s1 = Schedule.load(stage1 / "schedule.json")
+    assert s1.meta["saved_macs"] >= 0.5 and s1.meta["stage"] == 1
+    assert (stage1 / "costs.safetensors").is_file() and (stage1 / "schedule.png").is_file()
+    s2_dir = train(tmp_path, "experiment=tiny_stage2", f"learn.stage1_checkpoint={stage1}/stage1.ckpt")
+    s2 = Schedule.load(s2_dir / "schedule.json")
+    assert s2.meta["stage"] == 2 and s2.meta["saved_macs"] >= 0.5
+    assert set(s1.full_steps) <= set(s2.full_steps)  # eq. 9: the warm start keeps stage 1's full steps full
+
+
+def test_resume_from_a_checkpoint_continues_the_run(stage1, tmp_path):
+    out = train(tmp_path, "experiment=tiny_stage1", "trainer.max_epochs=3", f"ckpt_path={stage1}/stage1.ckpt")
+    resumed = torch.load(out / "stage1.ckpt", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 6  # 2 epochs from the checkpoint, one more here
+
+
+def test_two_process_ddp_gives_the_same_schedule_as_one_process(tmp_path):
+    common = ["experiment=tiny_stage1", "trainer.max_epochs=3", "learn.dtype=float64"]
+    one = train(tmp_path / "one", *common, "data.batch_size=4")
+    two = train(tmp_path / "two", *common, "data.batch_size=2", "trainer=ddp")  # 2 processes x 2 = one batch of 4
+    assert Schedule.load(one / "schedule.json") == Schedule.load(two / "schedule.json")
+
+
+def test_missing_lpips_weights_stop_with_what_to_do(tmp_path, monkeypatch):
+    from diffsparse.losses import LpipsWeightsMissing, make_loss
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(LpipsWeightsMissing, match="loss=l2"):
+        make_loss("lpips")
