@@ -31,7 +31,7 @@ from .cache.macs import flop_counter, mac_table
 from .digits import NUM_CLASSES, load_digits, to_unit_range
 from .featurenet import load_feature_net
 from .methods import Method, applied, first_block_cache, fit_threshold, pyramid_attention_broadcast, taylorseer
-from .metrics import Estimate, fd_estimate, lpips_metric, mean_estimate, psnr, ssim
+from .metrics import Estimate, fd_estimate, l2, lpips_metric, mean_estimate, psnr, ssim
 from .reference import DEFAULT_GUIDANCE, Reference, load_model
 from .sampling import initial_noise, sample, sample_batched
 from .schedule import Schedule
@@ -193,6 +193,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> list[dict]:
         row["accuracy"] = mean_estimate(correct, cfg.bootstrap_rounds)
         if method.name != "dense":
             dense_images = images["dense"]
+            row["l2"] = mean_estimate(l2(images[method.name], dense_images), cfg.bootstrap_rounds)
             row["psnr"] = mean_estimate(psnr(images[method.name], dense_images), cfg.bootstrap_rounds)
             row["ssim"] = mean_estimate(ssim(images[method.name], dense_images), cfg.bootstrap_rounds)
             if lpips_fn is not None:
@@ -212,7 +213,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> list[dict]:
     return rows
 
 
-COLUMNS = ("fd", "accuracy", "psnr", "ssim", "lpips")
+COLUMNS = ("fd", "accuracy", "l2", "psnr", "ssim", "lpips")
 
 
 def write_results(rows: list[dict], images: dict, cfg: EvalConfig, command: str, out: Path) -> None:
@@ -250,9 +251,10 @@ def _write_atomic(path: Path, write) -> None:
 def markdown_table(rows: list[dict], cfg: EvalConfig, command: str) -> str:
     """The results as a markdown table; intervals are 95 % bootstrap intervals over the samples."""
     metrics = [c for c in COLUMNS if any(c in r for r in rows)]
-    names = {"fd": "FD ↓", "accuracy": "accuracy ↑", "psnr": "PSNR vs dense ↑", "ssim": "SSIM vs dense ↑",
-             "lpips": "LPIPS vs dense ↓"}  # fmt: skip
-    digits = {"fd": 2, "accuracy": 3, "psnr": 2, "ssim": 3, "lpips": 3}
+    names = {"fd": "FD ↓", "accuracy": "accuracy ↑", "l2": "L2 vs dense (x1e-4) ↓", "psnr": "PSNR vs dense ↑",
+             "ssim": "SSIM vs dense ↑", "lpips": "LPIPS vs dense ↓"}  # fmt: skip
+    digits = {"fd": 2, "accuracy": 3, "l2": 2, "psnr": 2, "ssim": 3, "lpips": 3}
+    scale = {"l2": 1e4}
     header = ["method", "setting", "steps", "GMACs / image", "MAC reduction", "speed-up (min-max)"]
     header += [names[c] for c in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -262,8 +264,8 @@ def markdown_table(rows: list[dict], cfg: EvalConfig, command: str) -> str:
             f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})",
         ]  # fmt: skip
         for c in metrics:
-            e, d = r.get(c), digits[c]
-            cells.append(f"{e.value:.{d}f} [{e.low:.{d}f}, {e.high:.{d}f}]" if e else "—")
+            e, d, k = r.get(c), digits[c], scale.get(c, 1.0)
+            cells.append(f"{e.value * k:.{d}f} [{e.low * k:.{d}f}, {e.high * k:.{d}f}]" if e else "—")
         lines.append("| " + " | ".join(cells) + " |")
     settings = (
         f"{cfg.samples} samples ({cfg.samples // NUM_CLASSES} per class), {cfg.sampler} {cfg.steps} steps, "

@@ -44,6 +44,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
 
 
+def l2(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error of `x` against `ref`, both in [0, 1] (the mean over samples is the L2 loss
+    that schedules are trained on, up to the factor 4 of the [-1, 1] range)."""
+    return (x.double() - ref.double()).pow(2).flatten(1).mean(1)
+
+
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per-sample PSNR in dB of `x` against `ref`, both in [0, 1]; capped at 100 dB (identical images)."""
     mse = (x.double() - ref.double()).pow(2).flatten(1).mean(1).clamp_min(1e-10)

@@ -41,9 +41,21 @@ def generate(pipe, conditions, num_steps: int, seed: int = 0, guidance_scale: fl
     """Sample images `(B, 3, H, W)` in [0, 1] with `pipe` from fixed noise.
 
     Args:
+        pipe: a stock pipeline, or the reference model (`diffsparse.reference.Reference`, sampled with DDIM).
         conditions: class ids for class-conditional pipelines (DiT); prompts, or a dict of prompt-embedding
             keyword arguments (`prompt_embeds`, ...), for text-conditional ones (PixArt).
     """
+    from .reference import Reference
+
+    if isinstance(pipe, Reference):  # the shipped pixel-space digits model: our own sampling loop
+        from .digits import to_unit_range
+        from .sampling import initial_noise, sample
+
+        labels = torch.as_tensor(list(conditions))
+        noise = initial_noise(len(labels), pipe.sample_shape, seed)
+        with torch.no_grad():
+            x = sample(pipe.transformer, pipe.scheduler("ddim"), labels, noise, num_steps, guidance_scale)
+        return to_unit_range(x)
     generator = torch.Generator().manual_seed(seed)
     common = dict(num_inference_steps=num_steps, generator=generator, output_type="pt", guidance_scale=guidance_scale)
     name = type(pipe).__name__

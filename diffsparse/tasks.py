@@ -39,7 +39,12 @@ def infer(cfg: DictConfig) -> dict:
     """Load the model, apply the schedule, sample, and report MACs and the measured speed-up against dense."""
     pipe = instantiate(cfg.model)
     units = cacheable_units(pipe.transformer)
-    schedule = resolve_schedule(cfg.schedule, units, cfg.num_steps, cfg.sparsity)
+    path = cfg.schedule
+    if path == "shipped":
+        from .reference import SHIPPED_SCHEDULE
+
+        path = str(SHIPPED_SCHEDULE)
+    schedule = resolve_schedule(path, units, cfg.num_steps, cfg.sparsity)
     conditions = OmegaConf.to_container(cfg.conditions, resolve=True)
     metrics = run_inference(
         pipe,
@@ -103,6 +108,8 @@ def learn_schedule(cfg: DictConfig) -> dict:
     import time
 
     import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from .data import ConditionDataModule
     from .module import ScheduleLearner
@@ -112,16 +119,21 @@ def learn_schedule(cfg: DictConfig) -> dict:
     learner = ScheduleLearner(**OmegaConf.to_container(cfg.learn, resolve=True))
     data = ConditionDataModule(num_classes=learner._ref.num_classes, **cfg.data)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger, default_root_dir=out)
+    # keep the costs with the lowest validation L2 (the hard schedule, on held-out conditions), and the last ones
+    best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best-{epoch}", monitor="val/l2", mode="min")
+    latest = ModelCheckpoint(dirpath=out / "checkpoints", filename="latest", enable_version_counter=False)
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = L.Trainer(**trainer_args, logger=logger, default_root_dir=out, callbacks=[best, latest])
     start = time.perf_counter()
     trainer.fit(learner, data, ckpt_path=cfg.ckpt_path)
     minutes = (time.perf_counter() - start) / 60
     if not trainer.is_global_zero:
         return {}
-    checkpoint = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
-    if checkpoint:
-        shutil.copy(checkpoint, out / f"stage{cfg.learn.stage}.ckpt")
+    if best.best_model_path:
+        learner.load_state_dict(torch.load(best.best_model_path, weights_only=False)["state_dict"])
+        shutil.copy(best.best_model_path, out / f"stage{cfg.learn.stage}.ckpt")
     metrics = learner.export(out)
+    metrics["best_val_l2"] = float(best.best_model_score) if best.best_model_score is not None else None
     metrics.update(minutes=round(minutes, 2), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     log.info("learned schedule: %s", json.dumps(metrics, default=str))
     return metrics

@@ -7,7 +7,7 @@ import pytest
 
 from diffsparse.evaluate import ALL_METHODS, main, parse_args
 
-QUALITY = ("fd", "fd_low", "fd_high", "accuracy", "psnr", "ssim", "gmacs_per_image")
+QUALITY = ("fd", "fd_low", "fd_high", "accuracy", "l2", "psnr", "ssim", "gmacs_per_image")
 
 
 def _rows(path):

@@ -37,9 +37,11 @@ def test_both_stages_export_a_schedule_within_budget(stage1, tmp_path):
 
 
 def test_resume_from_a_checkpoint_continues_the_run(stage1, tmp_path):
-    out = train(tmp_path, "experiment=tiny_stage1", "trainer.max_epochs=3", f"ckpt_path={stage1}/stage1.ckpt")
-    resumed = torch.load(out / "stage1.ckpt", weights_only=False)
+    latest = f"ckpt_path={stage1}/checkpoints/latest.ckpt"
+    out = train(tmp_path, "experiment=tiny_stage1", "trainer.max_epochs=3", latest)
+    resumed = torch.load(out / "checkpoints" / "latest.ckpt", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 6  # 2 epochs from the checkpoint, one more here
+    assert (out / "stage1.ckpt").is_file()  # the best of them by validation L2, which the export used
 
 
 def test_two_process_ddp_gives_the_same_schedule_as_one_process(tmp_path):
