@@ -114,10 +114,9 @@ def duca(
     kind_weights: dict | None = None,
 ) -> Schedule:
     """DuCa: full step every `interval`; after it, ToCa steps (odd offsets) alternate with reuse-all steps."""
-    grid = _toca_rows(units, num_steps, fresh_ratio, ramp, kind_weights)
+    grid = toca(units, num_steps, fresh_ratio, interval, ramp, kind_weights).grid.copy()
     offset = np.arange(num_steps) % interval
     grid[(offset > 0) & (offset % 2 == 0)] = 1.0
-    grid[offset == 0] = 0.0
     meta = {"method": "duca", "fresh_ratio": fresh_ratio, "interval": interval, "ramp": ramp}
     return Schedule(grid, units, meta)
 

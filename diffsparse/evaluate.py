@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import baselines
-from .cache.macs import flop_counter, mac_table
+from .cache.macs import flop_counter
 from .digits import NUM_CLASSES, load_digits, to_unit_range
 from .featurenet import load_feature_net
 from .methods import Method, applied, first_block_cache, fit_threshold, pyramid_attention_broadcast, taylorseer
@@ -98,10 +98,7 @@ def build_methods(cfg: EvalConfig, runner: Runner) -> list[Method]:
         raise ValueError(f"Unknown methods {unknown}; choose from {list(ALL_METHODS)}.")
     scheduler = ref.scheduler(cfg.sampler)
     scheduler.set_timesteps(steps)
-    c, s = ref.sample_shape[0], ref.sample_shape[1]
-    labels = torch.tensor([0, ref.num_classes])  # one image: its conditional and unconditional halves
-    probe = dict(hidden_states=torch.zeros(2, c, s, s), timestep=torch.full((2,), 500), class_labels=labels)
-    table = mac_table(ref.transformer, **probe)
+    table = ref.mac_table()
     schedules = baselines.budget_schedules(table, scheduler.timesteps.tolist(), cfg.budget)
     calib = min(cfg.calibration_samples, cfg.samples)
     dense_macs = None

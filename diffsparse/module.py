@@ -17,7 +17,6 @@ from torch import nn
 
 from . import baselines
 from .cache import apply_token_cache, cacheable_units, remove_token_cache, set_soft_choice, token_cache_paused
-from .cache.macs import mac_table
 from .losses import make_loss
 from .predictor import CostPredictor, choose, schedule_from_levels, straight_through, tie_broken
 from .reference import DEFAULT_GUIDANCE, load_model
@@ -72,13 +71,7 @@ class ScheduleLearner(L.LightningModule):
         scheduler = self._ref.scheduler(sampler)
         scheduler.set_timesteps(num_steps)
         self.timesteps = scheduler.timesteps.tolist()
-        c, s = self._ref.sample_shape[0], self._ref.sample_shape[1]
-        probe = dict(
-            hidden_states=torch.zeros(2, c, s, s, dtype=self._dtype),
-            timestep=torch.full((2,), 500),
-            class_labels=torch.tensor([0, self._ref.num_classes]),
-        )
-        self.table = mac_table(transformer, **probe)
+        self.table = self._ref.mac_table()
         init = baselines.budget_schedules(self.table, self.timesteps, budget)["toca"]
         self.layer_costs = CostPredictor(num_steps, len(self.units), init=init).to(self._dtype)
         self.num_full = num_full or len(init.full_steps)
@@ -160,11 +153,14 @@ class ScheduleLearner(L.LightningModule):
                 self._teacher[int(seeds[i])] = xi
         return torch.stack([self._teacher[int(s)] for s in seeds])
 
-    def training_step(self, batch, batch_idx):
+    def _prepare(self, batch):
+        """(labels, noise, the teacher's samples, the current schedule and its straight-through choice)."""
         labels, seeds = batch
         noise = self._noise(seeds)
-        target = self.teacher(labels, seeds, noise)
-        schedule, h = self.choice()
+        return labels, noise, self.teacher(labels, seeds, noise), *self.choice()
+
+    def training_step(self, batch, batch_idx):
+        labels, noise, target, schedule, h = self._prepare(batch)
         set_soft_choice(self.transformer, schedule, h)
         try:
             student = self._rollout(labels, noise)
@@ -179,10 +175,7 @@ class ScheduleLearner(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         """The hard schedule through the inference path, on conditions and noise not used in training."""
-        labels, seeds = batch
-        noise = self._noise(seeds)
-        target = self.teacher(labels, seeds, noise)
-        schedule, _ = self.choice()
+        labels, noise, target, schedule, _ = self._prepare(batch)
         set_soft_choice(self.transformer, schedule, None)
         with torch.no_grad():
             student = self._rollout(labels, noise)

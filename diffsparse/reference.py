@@ -59,6 +59,19 @@ class Reference:
 
         return make_scheduler(name, self.noise_schedule)
 
+    def mac_table(self):
+        """MACs per unit and level for one image: a CFG pair (its class and the null class) at one step."""
+        from .cache.macs import mac_table
+
+        c, s = self.sample_shape[0], self.sample_shape[1]
+        dtype = next(self.transformer.parameters()).dtype
+        return mac_table(
+            self.transformer,
+            hidden_states=torch.zeros(2, c, s, s, dtype=dtype),
+            timestep=torch.full((2,), 500),
+            class_labels=torch.tensor([0, self.num_classes]),
+        )
+
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         c = self.transformer.config
