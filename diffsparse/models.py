@@ -87,11 +87,34 @@ def tiny_vae(latent_channels: int = 4, seed: int = 0):
     ).eval()
 
 
+# The tiny text encoder's whole vocabulary (a word-level tokenizer: prompts made of other words get `<unk>`).
+TINY_VOCABULARY = ("<pad>", "</s>", "<unk>", *"a an the of photo drawing digit zero one two three four five six "
+                   "seven eight nine red green blue black white cat dog small large".split())  # fmt: skip
+
+
+def tiny_text_encoder(width: int = 32, seed: int = 0):
+    """A random one-layer T5 encoder of `width` and a word-level tokenizer over `TINY_VOCABULARY`, built offline.
+
+    Shaped like PixArt-alpha's T5 (pad 0, end-of-sequence 1), so a stock pipeline encodes prompts with it.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {word: i for i, word in enumerate(TINY_VOCABULARY)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(vocab), d_model=width, d_kv=8, d_ff=2 * width, num_layers=1, num_heads=2)
+    return tokenizer, T5EncoderModel(config).eval()
+
+
 def tiny_pipeline(backbone: str = "dit", seed: int = 0, **transformer_kwargs):
     """A stock `DiTPipeline` or `PixArtAlphaPipeline` from tiny random components, built offline.
 
-    The PixArt pipeline has no tokenizer or text encoder: call it with `prompt_embeds`, `prompt_attention_mask`,
-    `negative_prompt_embeds` and `negative_prompt_attention_mask`.
+    The PixArt pipeline's text encoder is `tiny_text_encoder` (call it with prompts of `TINY_VOCABULARY`, and a
+    `max_sequence_length` of a few tokens), or call it with `prompt_embeds` and the other embedding arguments.
     """
     from diffusers import DDIMScheduler, DiTPipeline, DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
@@ -99,8 +122,13 @@ def tiny_pipeline(backbone: str = "dit", seed: int = 0, **transformer_kwargs):
     vae = tiny_vae(transformer.config.in_channels, seed=seed)
     if backbone == "dit":
         return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
+    tokenizer, text_encoder = tiny_text_encoder(transformer.config.caption_channels, seed=seed)
     return PixArtAlphaPipeline(
-        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=DPMSolverMultistepScheduler()
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
     )
 
 

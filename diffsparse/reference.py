@@ -48,11 +48,22 @@ NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02
 
 @dataclass
 class Reference:
-    """A loaded reference model: the transformer (eval mode, frozen) and its training noise schedule."""
+    """A loaded model to sample and learn schedules on: the transformer (eval mode, frozen), its training noise
+    schedule and, for latent models, the VAE that decodes its samples.
+
+    Class-conditional models (DiT) guide with the null class. Text-conditional ones (PixArt) guide with the empty
+    prompt's embedding, `null_conditions` (the transformer's keywords, batch 1; see `diffsparse.captions`).
+    """
 
     transformer: torch.nn.Module
     noise_schedule: dict
     num_classes: int = NUM_CLASSES
+    vae: torch.nn.Module | None = None
+    null_conditions: dict | None = None
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.transformer.config.get("caption_channels") is not None
 
     def scheduler(self, name: str = "ddim"):
         from .sampling import make_scheduler
@@ -60,17 +71,26 @@ class Reference:
         return make_scheduler(name, self.noise_schedule)
 
     def mac_table(self):
-        """MACs per unit and level for one image: a CFG pair (its class and the null class) at one step."""
+        """MACs per unit and level for one image: a CFG pair (its condition and the null one) at one step."""
         from .cache.macs import mac_table
 
         c, s = self.sample_shape[0], self.sample_shape[1]
         dtype = next(self.transformer.parameters()).dtype
-        return mac_table(
-            self.transformer,
-            hidden_states=torch.zeros(2, c, s, s, dtype=dtype),
-            timestep=torch.full((2,), 500),
-            class_labels=torch.tensor([0, self.num_classes]),
-        )
+        probe = dict(hidden_states=torch.zeros(2, c, s, s, dtype=dtype), timestep=torch.full((2,), 500))
+        if not self.text_conditioned:
+            return mac_table(self.transformer, **probe, class_labels=torch.tensor([0, self.num_classes]))
+        if self.null_conditions is None:
+            raise ValueError("A text-conditional model needs null_conditions (its caption embeddings' empty prompt).")
+        text = {k: v.expand(2, *v.shape[1:]) for k, v in self.null_conditions.items()}
+        text["encoder_hidden_states"] = text["encoder_hidden_states"].to(dtype)
+        extra = {"resolution": None, "aspect_ratio": None}
+        return mac_table(self.transformer, **probe, **text, added_cond_kwargs=extra)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples in image space, [-1, 1]: latents through the VAE, pixels as they are."""
+        if self.vae is None:
+            return x
+        return self.vae.decode(x / self.vae.config.scaling_factor).sample
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -95,14 +115,40 @@ def load_reference(path: str | Path | None = None) -> Reference:
 
 
 def load_model(name: str) -> Reference:
-    """`reference` (the shipped digits DiT), `tiny` (a random 2-block DiT of the same shape, for tests), or the
-    path of a folder written by `train_reference`."""
+    """A model by name:
+
+    - `reference`: the shipped digits DiT;
+    - `tiny`: a random 2-block DiT of the same shape (for tests);
+    - `tiny-pixart`: a random 2-block PixArt on 4 x 8 x 8 latents with a tiny random VAE (text-conditional: its
+      conditions come from caption embeddings, `diffsparse.captions`);
+    - a folder written by `train_reference`, or a saved stock DiT / PixArt-alpha pipeline (with `model_index.json`).
+    """
     if name == "tiny":
         from .models import build_transformer
 
         transformer = build_transformer("dit", "tiny", sample_size=IMAGE_SIZE, in_channels=1, num_classes=NUM_CLASSES)
         return Reference(transformer.requires_grad_(False), dict(NOISE_SCHEDULE))
+    if name == "tiny-pixart":
+        from .models import build_transformer, tiny_vae
+
+        transformer = build_transformer("pixart", "tiny").requires_grad_(False)
+        return Reference(transformer, dict(NOISE_SCHEDULE), vae=tiny_vae().requires_grad_(False))
+    if name != "reference" and (Path(name).expanduser() / "model_index.json").is_file():
+        return _from_pipeline(Path(name).expanduser())
     return load_reference(None if name == "reference" else name)
+
+
+def _from_pipeline(path: Path) -> Reference:
+    """The transformer, VAE and noise schedule of a saved stock pipeline (DiT or PixArt-alpha)."""
+    from .pipelines import load_pipeline
+
+    backbone = "pixart" if "PixArt" in json.loads((path / "model_index.json").read_text())["_class_name"] else "dit"
+    pipe = load_pipeline(str(path), backbone=backbone)
+    transformer = pipe.transformer.eval().requires_grad_(False)
+    num_classes = 0 if backbone == "pixart" else transformer.config.num_embeds_ada_norm
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas")
+    noise_schedule = {k: pipe.scheduler.config[k] for k in keys if k in pipe.scheduler.config}
+    return Reference(transformer, noise_schedule, num_classes=num_classes, vae=pipe.vae.eval().requires_grad_(False))
 
 
 def build_reference_transformer(seed: int = 0) -> torch.nn.Module:

@@ -12,7 +12,10 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.hooks import HookRegistry
 from diffusers.models.cache_utils import CacheMixin
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
+
+from .cache import trajectory_replay
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
@@ -40,32 +43,45 @@ def initial_noise(num: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def sample(
     transformer: torch.nn.Module,
     scheduler,
-    class_labels: torch.Tensor,
+    conditions: torch.Tensor | dict,
     noise: torch.Tensor,
     num_steps: int,
     guidance_scale: float = 1.5,
     null_class: int | None = None,
+    null_conditions: dict | None = None,
+    checkpoint_steps: bool = False,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Denoise `noise` (B, C, H, W) for `class_labels` (B,) in `num_steps` steps; returns x0 in model space.
+    """Denoise `noise` (B, C, H, W) in `num_steps` steps; returns x0 in model space (latents for latent models).
 
-    With `guidance_scale != 1` each call runs a batch of 2B: the conditional half, then the unconditional half
-    (label `null_class`, by default the model's `num_embeds_ada_norm`). Gradients flow when autograd is on.
+    Args:
+        conditions: class ids (B,) for class-conditional models (DiT), or the transformer's conditioning keyword
+            arguments as a dict of batch-first tensors (PixArt: `encoder_hidden_states`, `encoder_attention_mask`).
+        guidance_scale: with `!= 1` each call runs a batch of 2B: the conditional half, then the unconditional half.
+        null_class: the unconditional class (default: the model's `num_embeds_ada_norm`).
+        null_conditions: the unconditional half for a dict of conditions (PixArt: the empty prompt's embedding),
+            batch 1 or B.
+        checkpoint_steps: recompute each step's activations in the backward pass instead of keeping them
+            (gradient checkpointing per step; memory then grows with the steps only by the latents and the token
+            cache). Only matters when autograd is on.
     """
     guided = guidance_scale != 1.0
-    if guided and null_class is None:
-        null_class = transformer.config.num_embeds_ada_norm
-    labels = torch.cat([class_labels, torch.full_like(class_labels, null_class)]) if guided else class_labels
+    kwargs = _guided_conditions(transformer, conditions, null_class, null_conditions, guided, len(noise))
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.invalidate_child_registries_cache()  # hooks may have been added or removed since the last call
     registry.reset_stateful_hooks(recurse=True)
     scheduler.set_timesteps(num_steps)
     x = noise * scheduler.init_noise_sigma
     steps = scheduler.timesteps
+    checkpointed = checkpoint_steps and torch.is_grad_enabled()
     for i, t in enumerate(tqdm(steps, desc="sampling", leave=False) if progress else steps):
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        with cache_context(transformer, step_index=i, num_inference_steps=num_steps, timestep=t):
-            out = transformer(x_in, timestep=t.expand(x_in.shape[0]), class_labels=labels).sample
+
+        def denoise(x_in, i=i, t=t):
+            with cache_context(transformer, step_index=i, num_inference_steps=num_steps, timestep=t):
+                return transformer(x_in, timestep=t.expand(x_in.shape[0]), **kwargs).sample
+
+        out = _checkpointed(denoise, x_in, transformer) if checkpointed else denoise(x_in)
         out = out[:, : x.shape[1]]  # drop a learned-variance half, if the model has one
         if guided:
             cond, uncond = out.chunk(2)
@@ -74,9 +90,52 @@ def sample(
     return x
 
 
+def _checkpointed(denoise, x_in: torch.Tensor, transformer) -> torch.Tensor:
+    """`denoise(x_in)` whose activations are recomputed in the backward pass instead of kept. The token cache is
+    state carried from step to step, so the recomputation replays it as it was at this step."""
+    replay = trajectory_replay(transformer)
+    first = [True]
+
+    def run(x):
+        if first[0] or replay is None:
+            first[0] = False
+            return denoise(x)
+        with replay():
+            return denoise(x)
+
+    return checkpoint(run, x_in, use_reentrant=False)
+
+
+def _guided_conditions(transformer, conditions, null_class, null_conditions, guided: bool, batch: int) -> dict:
+    """The transformer's conditioning keywords for a batch (doubled with the unconditional half when guided)."""
+    if isinstance(conditions, dict) and set(conditions) == {"class_labels"}:
+        conditions = conditions["class_labels"]
+    if isinstance(conditions, torch.Tensor):
+        if not guided:
+            return {"class_labels": conditions}
+        if null_class is None:
+            null_class = transformer.config.num_embeds_ada_norm
+        return {"class_labels": torch.cat([conditions, torch.full_like(conditions, null_class)])}
+    kwargs = dict(conditions)
+    if type(transformer).__name__ == "PixArtTransformer2DModel":
+        kwargs.setdefault("added_cond_kwargs", {"resolution": None, "aspect_ratio": None})
+    if not guided:
+        return kwargs
+    tensors = {k for k, v in conditions.items() if isinstance(v, torch.Tensor)}
+    if null_conditions is None or set(null_conditions) != tensors:
+        raise ValueError(
+            f"Guidance with conditioning keywords needs null_conditions with the keys {sorted(tensors)} "
+            f"(the unconditional half), got {None if null_conditions is None else sorted(null_conditions)}."
+        )
+    for key in tensors:
+        value, null = conditions[key], null_conditions[key].to(conditions[key].device, conditions[key].dtype)
+        kwargs[key] = torch.cat([value, null.expand(batch, *null.shape[1:])])
+    return kwargs
+
+
 @torch.no_grad()
 def sample_batched(transformer, scheduler, class_labels, noise, num_steps, batch_size: int = 256, **kwargs):
-    """`sample` without gradients, `batch_size` samples at a time, with a progress bar over the batches."""
+    """`sample` for class ids without gradients, `batch_size` samples at a time, with a progress bar."""
     chunks = list(zip(class_labels.split(batch_size), noise.split(batch_size), strict=True))
     bar = tqdm(chunks, desc="batches", leave=False) if len(chunks) > 1 else chunks
     return torch.cat([sample(transformer, scheduler, y, z, num_steps, **kwargs) for y, z in bar])

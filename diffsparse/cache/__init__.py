@@ -9,6 +9,7 @@ from .hooks import (
     set_soft_choice,
     token_cache_controller,
     token_cache_paused,
+    trajectory_replay,
 )
 from .selector import SELECTORS, SelectorConfig
 
@@ -27,4 +28,5 @@ __all__ = [
     "supported_models",
     "token_cache_controller",
     "token_cache_paused",
+    "trajectory_replay",
 ]

@@ -248,6 +248,29 @@ def token_cache_paused(model: torch.nn.Module):
         controller.paused = False
 
 
+def trajectory_replay(model: torch.nn.Module):
+    """For recomputing a denoising step later (gradient checkpointing); None without a token cache.
+
+    Returns a context-manager factory: inside `with replay():` the token cache is as it is now (schedule, mode and
+    trajectory state), so the step sees the cache it first saw; on exit the live state is put back.
+    """
+    controller = _controller(model)
+    if controller is None:
+        return None
+    restore = controller.snapshot()
+
+    @contextmanager
+    def replay():
+        live = controller.snapshot()
+        restore()
+        try:
+            yield
+        finally:
+            live()
+
+    return replay
+
+
 def token_cache_controller(model: torch.nn.Module) -> TokenCacheController | None:
     """The controller of the token cache applied to `model`, or None."""
     return _controller(model)

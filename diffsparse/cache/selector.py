@@ -80,6 +80,18 @@ class TokenSelector:
         """Restart the random stream (a new trajectory draws the same tokens again)."""
         self._generator = None
 
+    def random_state(self) -> tuple[torch.device, torch.Tensor] | None:
+        """Where the random stream is (None before its first draw), for `set_random_state`."""
+        g = self._generator
+        return None if g is None else (g.device, g.get_state())
+
+    def set_random_state(self, state: tuple[torch.device, torch.Tensor] | None) -> None:
+        if state is None:
+            self._generator = None
+        else:
+            self._generator = torch.Generator(device=state[0])
+            self._generator.set_state(state[1])
+
     def score(self, x: torch.Tensor, state, unit) -> torch.Tensor:
         """Per-token scores `(B, N)` of unit `unit` whose input is `x` `(B, N, D)` in trajectory `state`."""
         b, n, _ = x.shape

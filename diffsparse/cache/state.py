@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -177,6 +178,26 @@ class TokenCacheController:
                 ran,
             )
 
+    def snapshot(self):
+        """A function that puts the controller back as it is now: schedule, mode and trajectory states.
+
+        For recomputing a step in the backward pass (gradient checkpointing), which may run after the caller has
+        switched schedules or modes.
+        """
+        mode = {k: getattr(self, k) for k in ("schedule", "plan", "signal_plan", "choice", "paused")}
+        saved = {name: dataclasses.replace(state, **_copied_dicts(state)) for name, state in self.states.items()}
+        current = next((name for name, state in self.states.items() if state is self.current), None)
+        rng = self.selector.random_state()
+
+        def restore() -> None:
+            for key, value in mode.items():
+                setattr(self, key, value)
+            self.states = {name: dataclasses.replace(state, **_copied_dicts(state)) for name, state in saved.items()}
+            self.current = self.states.get(current)
+            self.selector.set_random_state(rng)
+
+        return restore
+
     def reset(self) -> None:
         """Drop every cached tensor (end of a pipeline call, or `reset_token_cache`)."""
         for name, state in self.states.items():
@@ -184,3 +205,10 @@ class TokenCacheController:
         self.states.clear()
         self.current = None
         self.selector.reset()
+
+
+def _copied_dicts(state: TrajectoryState) -> dict:
+    return {f.name: dict(getattr(state, f.name)) for f in dataclasses.fields(state) if f.name in _DICT_FIELDS}
+
+
+_DICT_FIELDS = ("cache", "last_fresh", "inputs", "signals")

@@ -1,0 +1,120 @@
+"""Captions as conditions: their text embeddings, computed once with a pipeline's own text encoder and stored.
+
+Learning a schedule for a text-to-image model (PixArt-alpha) runs hundreds of rollouts over the same captions, so
+their embeddings are precomputed into one safetensors file:
+
+    python -m diffsparse.captions PIPELINE_DIR captions.txt captions.safetensors
+
+The file holds `prompt_embeds` (N, L, D), `prompt_attention_mask` (N, L) and the empty prompt's embedding
+`negative_prompt_embeds` / `negative_prompt_attention_mask` (1, L, ...), the unconditional half of
+classifier-free guidance; the captions themselves are in its metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+# The transformer's keyword each embedding goes to (PixArtTransformer2DModel.forward).
+FORWARD_KEYS = {"prompt_embeds": "encoder_hidden_states", "prompt_attention_mask": "encoder_attention_mask"}
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str], max_sequence_length: int = 120, batch_size: int = 32) -> dict:
+    """Embeddings of `captions` and of the empty prompt, through `pipe.encode_prompt` (PixArt-alpha's API)."""
+    if not captions:
+        raise ValueError("No captions to encode.")
+    if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+        raise ValueError(f"{type(pipe).__name__} has no text encoder or tokenizer to encode captions with.")
+    parts = []
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start : start + batch_size]
+        embeds, mask, neg, neg_mask = pipe.encode_prompt(
+            chunk, do_classifier_free_guidance=True, negative_prompt="", clean_caption=False,
+            max_sequence_length=max_sequence_length,
+        )  # fmt: skip
+        parts.append((embeds, mask))
+    return {
+        "prompt_embeds": torch.cat([p[0] for p in parts]).float().contiguous(),
+        "prompt_attention_mask": torch.cat([p[1] for p in parts]).contiguous(),
+        "negative_prompt_embeds": neg[:1].float().contiguous(),
+        "negative_prompt_attention_mask": neg_mask[:1].contiguous(),
+    }
+
+
+def save_captions(path: str | Path, tensors: dict, captions: list[str]) -> Path:
+    """Write the embeddings and the captions to `path` (whole or not at all)."""
+    from safetensors.torch import save_file
+
+    missing = [k for k in KEYS if k not in tensors]
+    if missing:
+        raise ValueError(f"Caption embeddings lack {missing}.")
+    if len(captions) != len(tensors["prompt_embeds"]):
+        raise ValueError(f"{len(captions)} captions for {len(tensors['prompt_embeds'])} embeddings.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file({k: tensors[k] for k in KEYS}, tmp, metadata={"captions": json.dumps(captions)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_captions(path: str | Path) -> tuple[dict, list[str]]:
+    """(embeddings, captions) from a file written by `save_captions`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No caption embeddings at {path}. Make them with `python -m diffsparse.captions PIPELINE_DIR "
+            "captions.txt OUT.safetensors` (one caption per line)."
+        )
+    tensors = load_file(path)
+    missing = [k for k in KEYS if k not in tensors]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: write it with diffsparse.captions.save_captions.")
+    with safe_open(path, "pt") as f:
+        captions = json.loads((f.metadata() or {}).get("captions", "[]"))
+    return tensors, captions
+
+
+def null_conditions(tensors: dict) -> dict:
+    """The unconditional half's transformer keywords (the empty prompt), batch 1."""
+    return {
+        "encoder_hidden_states": tensors["negative_prompt_embeds"],
+        "encoder_attention_mask": tensors["negative_prompt_attention_mask"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffsparse.captions",
+        description="Encode captions (one per line) with a saved text-to-image pipeline's text encoder and store "
+        "the embeddings, with the empty prompt's, for learning schedules (`data.captions=OUT`).",
+    )
+    parser.add_argument("pipeline", help="folder of a saved PixArt-alpha pipeline (with model_index.json)")
+    parser.add_argument("captions", help="text file, one caption per line (blank lines are skipped)")
+    parser.add_argument("out", help="safetensors file to write")
+    parser.add_argument("--max-length", type=int, default=120, help="text tokens per caption (PixArt-alpha: 120)")
+    args = parser.parse_args(argv)
+    text = Path(args.captions)
+    if not text.is_file():
+        parser.error(f"no captions file at {text}")
+    captions = [line.strip() for line in text.read_text().splitlines() if line.strip()]
+    if not captions:
+        parser.error(f"{text} holds no captions")
+    from .pipelines import load_pipeline
+
+    pipe = load_pipeline(args.pipeline, backbone="pixart")
+    out = save_captions(args.out, encode_captions(pipe, captions, args.max_length), captions)
+    print(f"{len(captions)} captions -> {out}")
+
+
+if __name__ == "__main__":
+    main()

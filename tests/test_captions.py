@@ -1,0 +1,130 @@
+"""Text-conditional models: caption embeddings on disk, our sampling loop against the stock pipeline, learning."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffsparse.captions import encode_captions, load_captions, main, null_conditions, save_captions
+from diffsparse.models import TINY_VOCABULARY, tiny_pipeline
+from diffsparse.sampling import initial_noise, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = TINY_VOCABULARY[TINY_VOCABULARY.index("zero") :][:10]
+CAPTIONS = [f"a {colour} drawing of the digit {d}" for colour in ("red", "blue") for d in DIGITS[:8]]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("pixart")
+
+
+@pytest.fixture(scope="module")
+def captions_file(pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("captions") / "captions.safetensors"
+    return save_captions(path, encode_captions(pipe, CAPTIONS, max_sequence_length=10), CAPTIONS)
+
+
+def test_embeddings_round_trip_with_their_captions(pipe, captions_file):
+    tensors, captions = load_captions(captions_file)
+    assert captions == CAPTIONS
+    assert tensors["prompt_embeds"].shape == (len(CAPTIONS), 10, pipe.transformer.config.caption_channels)
+    assert tensors["negative_prompt_embeds"].shape[0] == 1
+    again = encode_captions(pipe, CAPTIONS[:3], max_sequence_length=10)
+    assert torch.allclose(again["prompt_embeds"], tensors["prompt_embeds"][:3])  # batching does not matter
+
+
+def test_bad_inputs_say_what_to_do_and_write_nothing(pipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m diffsparse.captions"):
+        load_captions(tmp_path / "none.safetensors")
+    tensors = encode_captions(pipe, CAPTIONS[:2], max_sequence_length=10)
+    with pytest.raises(ValueError, match="3 captions for 2"):
+        save_captions(tmp_path / "out.safetensors", tensors, CAPTIONS[:3])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_command_line_encodes_a_saved_pipeline(pipe, tmp_path, capsys):
+    pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS[:4]) + "\n\n")
+    main(
+        [
+            str(tmp_path / "pipe"),
+            str(tmp_path / "captions.txt"),
+            str(tmp_path / "out.safetensors"),
+            "--max-length",
+            "10",
+        ]
+    )
+    tensors, captions = load_captions(tmp_path / "out.safetensors")
+    assert captions == CAPTIONS[:4]
+    assert torch.allclose(tensors["prompt_embeds"], encode_captions(pipe, CAPTIONS[:4], 10)["prompt_embeds"])
+
+
+def test_our_loop_samples_like_the_stock_pixart_pipeline(pipe, captions_file):
+    tensors, _ = load_captions(captions_file)
+    conditions = {
+        "encoder_hidden_states": tensors["prompt_embeds"][:2],
+        "encoder_attention_mask": tensors["prompt_attention_mask"][:2],
+    }
+    noise = initial_noise(2, (4, 8, 8), seed=3)
+    ours = sample(
+        pipe.transformer, pipe.scheduler, conditions, noise, 5, 4.5, null_conditions=null_conditions(tensors)
+    )
+    stock = pipe(
+        prompt=None,
+        negative_prompt=None,
+        prompt_embeds=conditions["encoder_hidden_states"],
+        prompt_attention_mask=conditions["encoder_attention_mask"],
+        negative_prompt_embeds=tensors["negative_prompt_embeds"].expand(2, -1, -1),
+        negative_prompt_attention_mask=tensors["negative_prompt_attention_mask"].expand(2, -1),
+        latents=noise.clone(),
+        num_inference_steps=5,
+        guidance_scale=4.5,
+        output_type="latent",
+        use_resolution_binning=False,
+    ).images
+    assert torch.allclose(ours, stock, atol=1e-5), (ours - stock).abs().max()
+
+
+def test_a_learning_step_on_a_latent_text_model_reaches_only_the_costs(captions_file):
+    from diffsparse.data import ConditionDataModule
+    from diffsparse.module import ScheduleLearner
+
+    learner = ScheduleLearner(
+        model="tiny-pixart", sampler="dpm", num_steps=6, captions=str(captions_file), guidance=4.5
+    )
+    data = ConditionDataModule(train_size=4, val_size=2, batch_size=2, captions=str(captions_file))
+    frozen = [*learner._ref.transformer.parameters(), *learner._ref.vae.parameters()]
+    before = [p.clone() for p in frozen]
+    learner.setup("fit")
+    try:
+        loss = learner.training_step(next(iter(data.train_dataloader())), 0)
+        loss.backward()
+    finally:
+        learner.teardown("fit")
+    assert learner.layer_costs.logits.grad.abs().sum() > 0 and learner.step_logits.grad is not None
+    assert not any(p.requires_grad for p in frozen)
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen, strict=True))
+    assert [n for n, _ in learner.named_parameters()] == ["step_logits", "layer_costs.logits"]
+
+
+def test_text_models_need_their_caption_embeddings():
+    from diffsparse.module import ScheduleLearner
+
+    with pytest.raises(ValueError, match="learn.captions"):
+        ScheduleLearner(model="tiny-pixart")
+
+
+def test_train_py_learns_a_pixart_schedule_with_dpm_solver(captions_file, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=tiny_pixart_stage1", f"learn.captions={captions_file}",
+           "logger=csv", f"output_dir={out}", f"hydra.run.dir={out}"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from diffsparse import Schedule
+
+    schedule = Schedule.load(out / "schedule.json")
+    assert schedule.num_steps == 8 and schedule.meta["saved_macs"] >= 0.5
+    assert (out / "schedule.png").is_file() and (out / "stage1.ckpt").is_file()
