@@ -31,7 +31,17 @@ from .cache.macs import flop_counter
 from .digits import NUM_CLASSES, load_digits, to_unit_range
 from .featurenet import load_feature_net
 from .methods import Method, applied, first_block_cache, fit_threshold, pyramid_attention_broadcast, taylorseer
-from .metrics import Estimate, fd_estimate, l2, lpips_metric, mean_estimate, psnr, ssim
+from .metrics import (
+    Estimate,
+    fd_estimate,
+    frechet_distance,
+    l2,
+    lpips_metric,
+    mean_estimate,
+    paired_difference,
+    psnr,
+    ssim,
+)
 from .reference import DEFAULT_GUIDANCE, Reference, load_model
 from .sampling import initial_noise, sample, sample_batched
 from .schedule import Schedule
@@ -62,6 +72,7 @@ class EvalConfig:
     threads: int | None = None
     output_dir: str = "eval"
     schedules: list[str] = field(default_factory=list)  # extra rows: NAME=PATH of a schedule JSON
+    compare_to: str | None = "toca"  # paired differences (FD, L2) of every row against this method's
 
 
 class Runner:
@@ -178,7 +189,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> list[dict]:
     runner = Runner(ref, cfg)
     methods = build_methods(cfg, runner)
     lpips_fn = lpips_metric()
-    rows, images = [], {}
+    rows, images, features_of, l2_of = [], {}, {}, {}
     for method in tqdm(methods, desc="methods"):
         x, macs = runner.run(method)
         images[method.name] = to_unit_range(x)
@@ -186,16 +197,20 @@ def evaluate(cfg: EvalConfig, command: str = "") -> list[dict]:
             features = feature_net.features(x.clamp(-1, 1))
             correct = (feature_net.head(features).argmax(1) == runner.labels).double()
         row = {"method": method.name, "steps": method.num_steps, "setting": method.note, "gmacs_per_image": macs / 1e9}
+        features_of[method.name] = features.numpy()
         row["fd"] = fd_estimate(features.numpy(), real_features, rounds=max(cfg.bootstrap_rounds // 5, 20))
         row["accuracy"] = mean_estimate(correct, cfg.bootstrap_rounds)
         if method.name != "dense":
             dense_images = images["dense"]
-            row["l2"] = mean_estimate(l2(images[method.name], dense_images), cfg.bootstrap_rounds)
+            l2_of[method.name] = l2(images[method.name], dense_images).numpy()
+            row["l2"] = mean_estimate(l2_of[method.name], cfg.bootstrap_rounds)
             row["psnr"] = mean_estimate(psnr(images[method.name], dense_images), cfg.bootstrap_rounds)
             row["ssim"] = mean_estimate(ssim(images[method.name], dense_images), cfg.bootstrap_rounds)
             if lpips_fn is not None:
                 row["lpips"] = mean_estimate(lpips_fn(images[method.name], dense_images), cfg.bootstrap_rounds)
         rows.append(row)
+    if cfg.compare_to in features_of:
+        add_paired_differences(rows, features_of, l2_of, real_features, cfg)
     dense_macs = rows[0]["gmacs_per_image"]
     timing_count = min(cfg.timing_samples, cfg.samples)
     for method, row in zip(tqdm(methods, desc="timing"), rows, strict=True):
@@ -210,7 +225,28 @@ def evaluate(cfg: EvalConfig, command: str = "") -> list[dict]:
     return rows
 
 
-COLUMNS = ("fd", "accuracy", "l2", "psnr", "ssim", "lpips")
+def add_paired_differences(rows, features_of: dict, l2_of: dict, real_features: np.ndarray, cfg: EvalConfig) -> None:
+    """Columns `dfd` and `dl2`: each method's FD and L2 minus those of `cfg.compare_to`, on the same samples, with
+    paired bootstrap intervals (an interval below 0 means: better than that method, beyond sampling noise)."""
+    base = cfg.compare_to
+    for row in rows:
+        name = row["method"]
+        if name == base:
+            continue
+        a, b = features_of[name], features_of[base]
+
+        def dfd(i, a=a, b=b):
+            return frechet_distance(a[i], real_features) - frechet_distance(b[i], real_features)
+
+        rounds = max(cfg.bootstrap_rounds // 5, 20)
+        row["dfd"] = paired_difference(dfd, len(a), rounds, cfg.seed, normal=True)
+        if name in l2_of and base in l2_of:
+            la, lb = l2_of[name], l2_of[base]
+            row["dl2"] = paired_difference(lambda i, la=la, lb=lb: float((la[i] - lb[i]).mean()), len(la),
+                                           cfg.bootstrap_rounds, cfg.seed)  # fmt: skip
+
+
+COLUMNS = ("fd", "accuracy", "l2", "psnr", "ssim", "lpips", "dfd", "dl2")
 
 
 def write_results(rows: list[dict], images: dict, cfg: EvalConfig, command: str, out: Path) -> None:
@@ -249,9 +285,10 @@ def markdown_table(rows: list[dict], cfg: EvalConfig, command: str) -> str:
     """The results as a markdown table; intervals are 95 % bootstrap intervals over the samples."""
     metrics = [c for c in COLUMNS if any(c in r for r in rows)]
     names = {"fd": "FD ↓", "accuracy": "accuracy ↑", "l2": "L2 vs dense (x1e-4) ↓", "psnr": "PSNR vs dense ↑",
-             "ssim": "SSIM vs dense ↑", "lpips": "LPIPS vs dense ↓"}  # fmt: skip
-    digits = {"fd": 2, "accuracy": 3, "l2": 2, "psnr": 2, "ssim": 3, "lpips": 3}
-    scale = {"l2": 1e4}
+             "ssim": "SSIM vs dense ↑", "lpips": "LPIPS vs dense ↓",
+             "dfd": f"ΔFD vs {cfg.compare_to} ↓", "dl2": f"ΔL2 vs {cfg.compare_to} (x1e-4) ↓"}  # fmt: skip
+    digits = {"fd": 2, "accuracy": 3, "l2": 2, "psnr": 2, "ssim": 3, "lpips": 3, "dfd": 2, "dl2": 2}
+    scale = {"l2": 1e4, "dl2": 1e4}
     header = ["method", "setting", "steps", "GMACs / image", "MAC reduction", "speed-up (min-max)"]
     header += [names[c] for c in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -268,7 +305,8 @@ def markdown_table(rows: list[dict], cfg: EvalConfig, command: str) -> str:
         f"{cfg.samples} samples ({cfg.samples // NUM_CLASSES} per class), {cfg.sampler} {cfg.steps} steps, "
         f"guidance {cfg.guidance}, budget {cfg.budget:.0%} of dense MACs, selector {cfg.selector}, seed {cfg.seed}; "
         f"speed-up: median of {cfg.rounds} dense/method alternations on {min(cfg.timing_samples, cfg.samples)} "
-        f"samples, {torch.get_num_threads()} threads. Brackets: 95 % bootstrap intervals over samples."
+        f"samples, {torch.get_num_threads()} threads. Brackets: 95 % bootstrap intervals over samples; Δ columns: "
+        f"the row minus {cfg.compare_to}, on the same samples, with paired bootstrap intervals."
     )
     return "\n".join([f"`{command}`" if command else "", "", *lines, "", settings, ""])
 
@@ -330,6 +368,8 @@ def parse_args(argv=None) -> EvalConfig:
         metavar="NAME=PATH",
         help="also evaluate this schedule JSON (e.g. a learned one) as a row called NAME; repeatable",
     )
+    p.add_argument("--compare-to", default=d.compare_to, metavar="METHOD",
+                   help="add paired ΔFD / ΔL2 columns against this row ('none': leave them out)")  # fmt: skip
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: torch's choice)")
     p.add_argument("--out", dest="output_dir", default=d.output_dir, help="output folder")
     p.add_argument("--quick", action="store_true", help="smoke test: 5 steps, 20 samples, 1 timing round")
@@ -342,6 +382,8 @@ def parse_args(argv=None) -> EvalConfig:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if not 0.0 <= args["budget"] < 1.0:
         p.error("--budget must be in [0, 1)")
+    if args["compare_to"] in ("none", ""):
+        args["compare_to"] = None
     for item in args["schedules"]:
         name, _, path = item.partition("=")
         if not name or not path:
