@@ -139,9 +139,113 @@ def learn_schedule(cfg: DictConfig) -> dict:
     return metrics
 
 
+def search_schedule(cfg: DictConfig) -> dict:
+    """Search a stage-wise schedule (`diffsparse.search`) under a level budget fitted to `search.budget` of the MACs.
+
+    Each generation is logged, and the search state is saved to `search_state.json`; a rerun into the same
+    output_dir continues from it. Stops after `search.generations`, after `search.minutes` of wall clock (at a
+    generation's end), or when the search has converged (greedy). Exports the best schedule like `learn`.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .fitness import SampleFitness
+    from .reference import load_model
+    from .search import make_search
+    from .stages import StageSpace
+
+    s = cfg.search
+    out = Path(cfg.output_dir)
+    ref = load_model(s.model)
+    scheduler = ref.scheduler(s.sampler)
+    scheduler.set_timesteps(s.num_steps)
+    table = ref.mac_table()
+    dividers = tuple(s.dividers) if s.dividers else None
+    space = StageSpace(tuple(table.units), s.num_steps, s.stages, s.levels, s.grouping, dividers)
+    total = space.budget_levels(table, s.budget)
+    options = {k: s[k] for k in ("population", "survivors", "offspring", "max_mutation", "elites",
+                                 "mutation_probability")}  # fmt: skip
+    state_path = out / "search_state.json"
+    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    with SampleFitness(ref, s.num_steps, s.fitness, s.samples, s.sampler, s.guidance, s.selector) as fitness:
+        search = make_search(s.algorithm, space, total, lambda x: fitness(space.expand(x)), seed=cfg.seed, **options)
+        spent = 0.0
+        if state_path.is_file():
+            state = json.loads(state_path.read_text())
+            search.load_state_dict(state)
+            spent = state.get("minutes", 0.0)
+            log.info("resuming %s from generation %d (%.2f min spent)", s.algorithm, search.generation, spent)
+        start = time.perf_counter() - spent * 60
+        bar = tqdm(total=s.generations, initial=search.generation, desc=f"{s.algorithm} generations")
+        while search.generation < s.generations and not search.done:
+            if s.minutes is not None and time.perf_counter() - start >= s.minutes * 60:
+                break
+            search.step()
+            minutes = (time.perf_counter() - start) / 60
+            _, best = search.best
+            metrics = {"search/best": best, "search/evaluated": len(search.evaluated), "search/minutes": minutes}
+            if logger is not None:
+                logger.log_metrics(metrics, step=search.generation)
+            _write_json(state_path, {**search.state_dict(), "minutes": minutes})
+            bar.update(1)
+            bar.set_postfix(best=f"{best:.4g}", evaluated=len(search.evaluated))
+        bar.close()
+    if logger is not None:
+        logger.finalize("success")
+    minutes = (time.perf_counter() - start) / 60
+    levels, best = search.best
+    meta = {"algorithm": s.algorithm, "fitness": s.fitness, "fitness_value": best, "budget": s.budget}
+    schedule = space.expand(levels, meta)
+    saved = table.saved_fraction(schedule)
+    schedule = type(schedule)(schedule.grid, schedule.units, {**schedule.meta, "saved_macs": saved})
+    schedule.save(out / "schedule.json")
+    schedule.plot(out / "schedule.png", title=f"{s.algorithm} search ({s.fitness}): saves {saved:.1%} of MACs")
+    _plot_progress(search.evaluated, out / "search.png", f"{s.algorithm}: fitness ({s.fitness}) of every candidate")
+    result = {
+        "schedule": str(out / "schedule.json"),
+        "saved_macs": saved,
+        "levels": levels.tolist(),
+        "level_sum": total,
+        "fitness": best,
+        "generations": search.generation,
+        "evaluated": len(search.evaluated),
+        "minutes": round(minutes, 2),
+    }
+    log.info("searched schedule: %s", json.dumps(result))
+    return result
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _plot_progress(evaluated: list, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.array([f for _, f in evaluated])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(values, ".", ms=3, alpha=0.5, label="candidate")
+    ax.plot(np.maximum.accumulate(values), "-", label="best so far")
+    ax.set_xlabel("candidates evaluated")
+    ax.set_ylabel("fitness (higher is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 TRAIN_TASKS = {
     "schedule": make_schedule,
     "reference": train_reference_model,
     "feature_net": train_feature_network,
     "learn": learn_schedule,
+    "search": search_schedule,
 }
