@@ -129,3 +129,26 @@ def test_each_search_runs_two_generations_on_a_tiny_model_and_exports(algorithm,
         more = search_schedule(compose_search(algorithm, tmp_path, "search.generations=3"))
         assert more["generations"] == 3 and more["evaluated"] > result["evaluated"]
         assert more["fitness"] >= result["fitness"]
+
+
+def test_fitness_is_best_for_the_dense_schedule_on_every_metric(tmp_path, monkeypatch):
+    from diffsparse.fitness import METRICS, SampleFitness
+    from diffsparse.losses import LpipsWeightsMissing
+    from diffsparse.reference import load_model
+
+    ref = load_model("tiny")
+    units = [u for u in UNITS if int(u.split(".")[1]) < 2]
+    dense, sparse = Schedule.uniform(units, 6, 0.0), Schedule.uniform(units, 6, 0.75)
+    for metric in METRICS:
+        if metric == "lpips":
+            monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path))
+            with pytest.raises(LpipsWeightsMissing, match="loss=l2"):
+                SampleFitness(ref, 6, metric, samples=10)
+            continue
+        with SampleFitness(ref, 6, metric, samples=10) as fitness:
+            at_dense, at_sparse = fitness(dense), fitness(sparse)
+        if metric == "accuracy":  # a random model's digits: only the same images are sure to score the same
+            assert 0.0 <= at_sparse <= 1.0
+        else:
+            assert at_dense > at_sparse, metric
+        assert {"ssim": 1.0, "psnr": 100.0, "l2": 0.0}.get(metric, at_dense) == pytest.approx(at_dense)
