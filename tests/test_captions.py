@@ -128,3 +128,19 @@ def test_train_py_learns_a_pixart_schedule_with_dpm_solver(captions_file, tmp_pa
     schedule = Schedule.load(out / "schedule.json")
     assert schedule.num_steps == 8 and schedule.meta["saved_macs"] >= 0.5
     assert (out / "schedule.png").is_file() and (out / "stage1.ckpt").is_file()
+
+
+def test_a_saved_stock_pipeline_is_a_model_to_learn_on(pipe, captions_file, tmp_path):
+    """`learn.model=PIPELINE_DIR`: the transformer, VAE and noise schedule of a saved pipeline, from_pretrained."""
+    from diffsparse.module import ScheduleLearner
+    from diffsparse.reference import load_model
+
+    pipe.save_pretrained(tmp_path / "pixart")
+    ref = load_model(str(tmp_path / "pixart"))
+    assert ref.text_conditioned and ref.vae is not None
+    assert ref.noise_schedule["num_train_timesteps"] == pipe.scheduler.config.num_train_timesteps
+    learner = ScheduleLearner(model=str(tmp_path / "pixart"), num_steps=4, captions=str(captions_file))
+    assert learner.table.dense_step > 0 and len(learner.units) == 6  # 2 blocks x (attn1, attn2, ff)
+    tiny_pipeline("dit").save_pretrained(tmp_path / "dit")
+    dit = load_model(str(tmp_path / "dit"))
+    assert not dit.text_conditioned and dit.num_classes == 1000 and dit.mac_table().dense_step > 0
