@@ -43,8 +43,9 @@ class ScheduleLearner(L.LightningModule):
             schedule for any split, at about twice the time on a CPU.
         captions: caption embeddings (`diffsparse.captions`) for text-conditional models; their empty prompt is
             the unconditional half of guidance. The data module reads the conditions from the same file.
-        checkpoint_steps: recompute each denoising step in the backward pass instead of keeping its activations
-            (exact same gradients; on the reference model, batch 8, 50 steps: peak memory 2.9 GB instead of 7.1).
+        checkpoint_steps: recompute each denoising step in the backward pass instead of keeping its activations:
+            the same gradients, bit for bit. For long trajectories and large models; on the reference model's
+            stage 1 it cut peak memory from 5.1 to 3.1 GB and took 5.68 min instead of 3.82.
     """
 
     def __init__(
@@ -65,7 +66,7 @@ class ScheduleLearner(L.LightningModule):
         stage1_checkpoint: str | None = None,
         dtype: str = "float32",
         captions: str | None = None,
-        checkpoint_steps: bool = True,
+        checkpoint_steps: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
