@@ -57,16 +57,23 @@ def uniform(units: Sequence[str], num_steps: int, sparsity: float) -> Schedule:
     """
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    grid = np.zeros((num_steps, len(units)))
+    grid[1:] = alternated_levels(sparsity, num_steps - 1)[:, None]
+    return Schedule(grid, units, {"method": "uniform", "sparsity": sparsity})
+
+
+def alternated_levels(sparsity: float, n: int, centred: bool = False) -> np.ndarray:
+    """n levels of S whose mean is `sparsity` as nearly as n allows: the two levels around it, the upper one
+    spread evenly. Position i takes the upper level when the running count of upper positions falls behind
+    `frac * (i + 1)` (`centred`: behind it by half a position, which starts the pattern half a period later)."""
     step = LEVELS[1] - LEVELS[0]
     low = min(int(sparsity / step + 1e-9), len(LEVELS) - 1)
     frac = sparsity / step - low
-    grid = np.full((num_steps, len(units)), LEVELS[low])
-    if frac > 1e-9:
-        # step t (1..T-1) takes the upper level when the running count of upper steps falls behind frac * t
-        upper = np.floor(frac * np.arange(1, num_steps)) > np.floor(frac * np.arange(0, num_steps - 1))
-        grid[1:][upper] = LEVELS[low + 1]
-    grid[0] = 0.0
-    return Schedule(grid, units, {"method": "uniform", "sparsity": sparsity})
+    shift = 0.5 if centred else 0.0
+    upper = np.floor(frac * np.arange(1, n + 1) + shift) > np.floor(frac * np.arange(0, n) + shift)
+    if frac <= 1e-9:
+        upper[:] = False
+    return LEVELS[np.minimum(low + upper, len(LEVELS) - 1)]
 
 
 def fora(units: Sequence[str], num_steps: int, interval: int = 2) -> Schedule:

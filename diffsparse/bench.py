@@ -18,7 +18,6 @@ import ctypes.util
 import json
 import os
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import baselines
 from .cache import apply_token_cache, cacheable_units, remove_token_cache
+from .files import atomic_path
 from .models import SIZES, build_transformer, example_inputs
 from .schedule import Schedule
 
@@ -258,11 +258,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(format_table(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.json.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(tmp, args.json)
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(rows, indent=1))
     return rows
 
 

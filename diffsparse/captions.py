@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from .files import atomic_path
 
 KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 # The transformer's keyword each embedding goes to (PixArtTransformer2DModel.forward).
@@ -57,10 +58,8 @@ def save_captions(path: str | Path, tensors: dict, captions: list[str]) -> Path:
     if len(captions) != len(tensors["prompt_embeds"]):
         raise ValueError(f"{len(captions)} captions for {len(tensors['prompt_embeds'])} embeddings.")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: tensors[k] for k in KEYS}, tmp, metadata={"captions": json.dumps(captions)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: tensors[k] for k in KEYS}, tmp, metadata={"captions": json.dumps(captions)})
     return path
 
 

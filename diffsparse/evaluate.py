@@ -30,6 +30,7 @@ from . import baselines
 from .cache.macs import flop_counter
 from .digits import NUM_CLASSES, load_digits, to_unit_range
 from .featurenet import load_feature_net
+from .files import atomic_path
 from .methods import Method, applied, first_block_cache, fit_threshold, pyramid_attention_broadcast, taylorseer
 from .metrics import (
     Estimate,
@@ -275,10 +276,8 @@ def _csv(f, flat: list[dict]) -> None:
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         write(f)
-    tmp.replace(path)
 
 
 def markdown_table(rows: list[dict], cfg: EvalConfig, command: str) -> str:

@@ -14,6 +14,7 @@ import torch
 
 from .digits import NUM_CLASSES, load_digits, split, to_unit_range
 from .featurenet import FEATURE_NET_DIR, load_feature_net
+from .files import atomic_path
 from .metrics import fd_estimate, mean_estimate
 from .reference import ARCHITECTURE, DEFAULT_GUIDANCE, REFERENCE_DIR, load_reference
 from .sampling import initial_noise, sample_batched
@@ -142,9 +143,8 @@ FD uses its {feature_cfg["features"]}-wide penultimate features.
 ![samples: one column per class](samples.png)
 """
     path = model_dir / "README.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(card)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(card)
     summary = {k: (str(v) if not isinstance(v, int | float | list) else v) for k, v in m.items() if k != "images"}
     (model_dir / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(card)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_path
 
 SPARSITY_LEVELS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 """The candidate set S: fraction of a unit's tokens reused from the cache (0 = compute all, 1 = reuse all)."""
@@ -196,16 +197,9 @@ class Schedule:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the schedule as JSON, atomically (a crash never leaves a half-written file)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=1)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
         return path
 
     @classmethod
@@ -261,12 +255,9 @@ class Schedule:
         fig.colorbar(im, ax=ax, ticks=SPARSITY_LEVELS, label="sparsity (fraction of tokens reused)")
         ax.set_title(title or f"{self.meta.get('method', 'schedule')}: mean sparsity {self.mean_sparsity():.3f}")
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-        os.close(fd)
         try:
-            fig.savefig(tmp, dpi=120)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=120)
         finally:
             plt.close(fig)
-            Path(tmp).unlink(missing_ok=True)
         return path

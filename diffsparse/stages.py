@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .baselines import alternated_levels
 from .cache.macs import MacTable
-from .schedule import SPARSITY_LEVELS, Schedule
+from .schedule import Schedule
 
 GROUPINGS = ("all", "kind", "half")
 
@@ -134,22 +135,12 @@ class StageSpace:
         self.check(x)
         _, group = unit_groups(self.units, self.grouping)
         stage = self.stage_of_step()
-        step = SPARSITY_LEVELS[1] - SPARSITY_LEVELS[0]
         grid = np.zeros((self.num_steps, len(self.units)))
         for k in range(self.num_stages):
             length = int((stage == k).sum())
             steps = np.flatnonzero((stage == k) & (np.arange(self.num_steps) > 0))
             for g in range(x.shape[1]):
                 sparsity = min(x[k, g] / self.levels * length / max(len(steps), 1), 1.0)  # step 0 makes up for
-                grid[np.ix_(steps, group == g)] = _dithered(sparsity, len(steps), step)[:, None]
+                grid[np.ix_(steps, group == g)] = alternated_levels(sparsity, len(steps), centred=True)[:, None]
         info = {"method": "stagewise", "levels": x.tolist(), "level_scale": self.levels, "grouping": self.grouping}
         return Schedule(grid, self.units, {**info, **(meta or {})})
-
-
-def _dithered(sparsity: float, n: int, step: float) -> np.ndarray:
-    """n values of the level grid (spacing `step`) whose mean is as close to `sparsity` as n allows, the upper
-    level spread evenly over the n positions."""
-    low = min(int(sparsity / step + 1e-9), round(1 / step))
-    frac = sparsity / step - low
-    upper = np.floor(frac * np.arange(1, n + 1) + 0.5) > np.floor(frac * np.arange(0, n) + 0.5)
-    return (low + upper) * step

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .cache import cacheable_units
+from .files import atomic_path
 from .inference import resolve_schedule, run_inference
 from .models import example_inputs
 
@@ -217,9 +218,8 @@ def search_schedule(cfg: DictConfig) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data))
 
 
 def _plot_progress(evaluated: list, path: Path, title: str) -> None:

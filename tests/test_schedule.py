@@ -126,3 +126,18 @@ def test_plot_writes_png(tmp_path):
 )
 def test_fresh_tokens(s, n, k):
     assert fresh_tokens(s, n) == k
+
+
+def test_atomic_writes_leave_the_old_file_on_an_error_and_no_temporaries(tmp_path):
+    from diffsparse.files import atomic_path
+
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    with atomic_path(target) as tmp:
+        assert tmp.suffix == ".json" and tmp.parent == tmp_path
+        tmp.write_text("new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
