@@ -2,6 +2,7 @@
 
     python -m diffsparse.bench                      # DiT-XL/2, 256 tokens, batch 2, 20 DDIM steps
     python -m diffsparse.bench --size B/2 --steps 10 --rounds 5 --json bench.json
+    python -m diffsparse.bench --schedules uniform-0.5,pruned-0.3   # also a structurally pruned model (30 %)
 
 Each round runs dense, then every schedule, in the same order (A B C A B C ...), after a warm-up round. The
 speed-up of a schedule in a round is that round's dense time over its own time; the table gives the median and
@@ -29,6 +30,7 @@ from . import baselines
 from .cache import apply_token_cache, cacheable_units, remove_token_cache
 from .files import atomic_path
 from .models import SIZES, build_transformer, example_inputs
+from .prune.routing import apply_pruning, remove_pruning
 from .schedule import Schedule
 
 
@@ -121,6 +123,22 @@ def make_schedules(names, units, num_steps: int) -> dict[str, Schedule]:
     return schedules
 
 
+def pruned_row(model, inputs: dict, fraction: float, levels: int = 16):
+    """A one-stage structural pruning store that removes `fraction` (to the nearest 1/levels) of every layer's heads
+    and MLP neurons (Wanda order, calibrated on the benchmark's own inputs: speed does not depend on which
+    structures go), and the MAC reduction of one forward at that level (counted with `FlopCounterMode`)."""
+    from .prune.plan import level_macs
+    from .prune.store import store_from_batches
+
+    level = round(fraction * levels)
+    if not 0 < level < levels:
+        raise ValueError(f"pruned-<fraction> needs a fraction in (0, 1) that rounds to a level, got {fraction}")
+    batch = {**inputs, "timestep": torch.full((len(inputs["hidden_states"]),), 500)}
+    store = store_from_batches(model, "wanda", [[batch]], [], levels=levels, max_level=level)
+    macs = level_macs(model, store, batch)
+    return store, macs[0] / macs[level]
+
+
 def run(
     model_name: str = "dit",
     size: str = "XL/2",
@@ -148,13 +166,19 @@ def run(
     if "class_labels" in inputs:
         inputs["class_labels"][half:] = model.config.num_embeds_ada_norm  # the null class
     units = cacheable_units(model)
-    schedules = make_schedules(schedule_names, units, steps)
-    macs = {name: s.macs(model, **inputs) for name, s in schedules.items()}
-    dense_macs = next(iter(macs.values()))["dense"]
+    pruned_names = [n for n in schedule_names if n.startswith("pruned-")]
+    schedules = make_schedules([n for n in schedule_names if n not in pruned_names], units, steps)
+    dense_macs = Schedule.uniform(units, steps, 0.0).macs(model, **inputs)["dense"]
+    macs = {name: s.macs(model, **inputs)["cached"] for name, s in schedules.items()}
+    pruned = {name: pruned_row(model, inputs, float(name.removeprefix("pruned-"))) for name in pruned_names}
+    macs |= {name: dense_macs / reduction for name, (_, reduction) in pruned.items()}
 
-    def timed(schedule: Schedule | None) -> float:
+    def timed(name: str) -> float:
+        schedule = schedules.get(name)
         if schedule is not None:
             apply_token_cache(model, schedule, selector=selector, cfg=True)
+        if name in pruned:
+            apply_pruning(model, pruned[name][0], [pruned[name][0].max_level])
         try:
             start = time.perf_counter()
             sample(model, inputs, steps)
@@ -162,23 +186,24 @@ def run(
         finally:
             if schedule is not None:
                 remove_token_cache(model)
+            remove_pruning(model)
 
-    names = ["dense", *schedules]
+    names = ["dense", *schedules, *pruned]
     times: dict[str, list[float]] = {n: [] for n in names}
     total = (rounds + 1) * len(names)
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
         for r in range(rounds + 1):  # round 0 is the warm-up
             for n in names:
-                elapsed = timed(schedules.get(n))
+                elapsed = timed(n)
                 if r > 0:
                     times[n].append(elapsed)
                 bar.update(1)
-    memory = {n: _peak_memory(lambda n=n: timed(schedules.get(n))) for n in names}
+    memory = {n: _peak_memory(lambda n=n: timed(n)) for n in names}
 
     rows = []
     for n in names:
         ratios = [d / c for d, c in zip(times["dense"], times[n], strict=True)]
-        cached = macs[n]["cached"] if n != "dense" else dense_macs
+        cached = macs[n] if n != "dense" else dense_macs
         reduction = dense_macs / cached
         speedup = statistics.median(ratios)
         rows.append(
@@ -188,7 +213,7 @@ def run(
                 tokens=tokens,
                 batch=batch,
                 steps=steps,
-                selector=selector if n != "dense" else "-",
+                selector=selector if n in schedules else "-",
                 gmacs=cached / 1e9,
                 mac_reduction=reduction,
                 speedup=speedup,
@@ -235,7 +260,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--schedules",
         default=",".join(DEFAULT_SCHEDULES),
-        help="comma-separated: uniform-<sparsity> and/or toca-like (default: %(default)s)",
+        help="comma-separated: uniform-<sparsity>, toca-like, and pruned-<fraction> (heads and MLP neurons "
+        "structurally pruned, weights routed in; no token cache) (default: %(default)s)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)

@@ -73,6 +73,8 @@ class EvalConfig:
     threads: int | None = None
     output_dir: str = "eval"
     schedules: list[str] = field(default_factory=list)  # extra rows: NAME=PATH of a schedule JSON
+    pruned: list[str] = field(default_factory=list)  # extra rows: NAME=DIR of a pruning plan (train.py task=prune)
+    stitched: list[str] | None = None  # also run these pruning plans ([] = all) as stitched copies (MosaicDiff)
     compare_to: str | None = "toca"  # paired differences (FD, L2) of every row against this method's
 
 
@@ -152,7 +154,30 @@ def build_methods(cfg: EvalConfig, runner: Runner) -> list[Method]:
         sched.check_units(table.units)
         note = f"{Path(path).name}, saves {table.saved_fraction(sched):.1%}"
         methods.append(Method(name, steps, sched, cfg.selector, note=note))
+    for item in cfg.pruned:
+        methods.extend(pruned_methods(item, cfg, scheduler.timesteps.tolist()))
     return methods
+
+
+def pruned_methods(item: str, cfg: EvalConfig, timesteps) -> list[Method]:
+    """The row(s) of a pruning plan `NAME=DIR`: weights routed in, and (if `cfg.stitched` asks) stitched copies."""
+    from .prune.plan import PrunePlan
+
+    name, path = item.split("=", 1)
+    plan = PrunePlan.load(path)
+    if plan.meta.get("sampler", cfg.sampler) != cfg.sampler or int(plan.meta.get("num_steps", cfg.steps)) != cfg.steps:
+        log.warning("%s was planned for %s %s steps; evaluated with %s %d steps", name, plan.meta.get("sampler"),
+                    plan.meta.get("num_steps"), cfg.sampler, cfg.steps)  # fmt: skip
+    m = plan.meta
+    prep = m.get("calibration_minutes", 0) + m.get("pruning_minutes", 0) + m.get("search_minutes", 0)
+    note = f"{plan.store.method}, {m.get('schedule')}, levels {'/'.join(map(str, plan.stage_levels))}"
+    knobs = {"prep_minutes": prep, "calibration_minutes": m.get("calibration_minutes"),
+             "pruning_minutes": m.get("pruning_minutes"), "search_minutes": m.get("search_minutes")}  # fmt: skip
+    rows = [Method(name, cfg.steps, note=note, knobs=knobs, pruning=plan)]
+    if cfg.stitched is not None and (not cfg.stitched or name in cfg.stitched):
+        rows.append(Method(f"{name} (stitched)", cfg.steps, note=note + ", stitched copies", knobs=knobs,
+                           pruning=plan, stitched=True))  # fmt: skip
+    return rows
 
 
 def _describe(knobs: dict) -> str:
@@ -197,7 +222,10 @@ def evaluate(cfg: EvalConfig, command: str = "") -> list[dict]:
         with torch.no_grad():
             features = feature_net.features(x.clamp(-1, 1))
             correct = (feature_net.head(features).argmax(1) == runner.labels).double()
-        row = {"method": method.name, "steps": method.num_steps, "setting": method.note, "gmacs_per_image": macs / 1e9}
+        row = {"method": method.name, "steps": method.num_steps, "setting": method.note, "gmacs_per_image": macs / 1e9,
+               "weights_mb": method.weight_bytes(ref.transformer) / 2**20}  # fmt: skip
+        if method.pruning is not None:
+            row["prep_minutes"] = method.knobs["prep_minutes"]
         features_of[method.name] = features.numpy()
         row["fd"] = fd_estimate(features.numpy(), real_features, rounds=max(cfg.bootstrap_rounds // 5, 20))
         row["accuracy"] = mean_estimate(correct, cfg.bootstrap_rounds)
@@ -270,7 +298,8 @@ def write_results(rows: list[dict], images: dict, cfg: EvalConfig, command: str,
 
 
 def _csv(f, flat: list[dict]) -> None:
-    writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+    names = list(dict.fromkeys(k for row in flat for k in row))  # rows may add columns (pruning plans)
+    writer = csv.DictWriter(f, fieldnames=names, restval="")
     writer.writeheader()
     writer.writerows(flat)
 
@@ -289,6 +318,8 @@ def markdown_table(rows: list[dict], cfg: EvalConfig, command: str) -> str:
     digits = {"fd": 2, "accuracy": 3, "l2": 2, "psnr": 2, "ssim": 3, "lpips": 3, "dfd": 2, "dl2": 2}
     scale = {"l2": 1e4, "dl2": 1e4}
     header = ["method", "setting", "steps", "GMACs / image", "MAC reduction", "speed-up (min-max)"]
+    pruned = any("prep_minutes" in r for r in rows)
+    header += ["weights MB", "prep. min"] if pruned else []
     header += [names[c] for c in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -296,6 +327,8 @@ def markdown_table(rows: list[dict], cfg: EvalConfig, command: str) -> str:
             r["method"], r["setting"], str(r["steps"]), f"{r['gmacs_per_image']:.4f}", f"{r['mac_reduction']:.2f}x",
             f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})",
         ]  # fmt: skip
+        if pruned:
+            cells += [f"{r['weights_mb']:.2f}", f"{r['prep_minutes']:.2f}" if "prep_minutes" in r else "—"]
         for c in metrics:
             e, d, k = r.get(c), digits[c], scale.get(c, 1.0)
             cells.append(f"{e.value * k:.{d}f} [{e.low * k:.{d}f}, {e.high * k:.{d}f}]" if e else "—")
@@ -306,7 +339,10 @@ def markdown_table(rows: list[dict], cfg: EvalConfig, command: str) -> str:
         f"speed-up: median of {cfg.rounds} dense/method alternations on {min(cfg.timing_samples, cfg.samples)} "
         f"samples, {torch.get_num_threads()} threads. Brackets: 95 % bootstrap intervals over samples; Δ columns: "
         f"the row minus {cfg.compare_to}, on the same samples, with paired bootstrap intervals."
-    )
+        + (" Weights MB: parameters kept in memory (routed: the model plus the plan's stored pruned weights; "
+           "stitched: one pruned copy per stage). Prep. min: calibration + pruning (+ search) time of the plan."
+           if pruned else "")
+    )  # fmt: skip
     return "\n".join([f"`{command}`" if command else "", "", *lines, "", settings, ""])
 
 
@@ -367,6 +403,12 @@ def parse_args(argv=None) -> EvalConfig:
         metavar="NAME=PATH",
         help="also evaluate this schedule JSON (e.g. a learned one) as a row called NAME; repeatable",
     )
+    p.add_argument("--pruned", action="append", default=[], metavar="NAME=DIR",
+                   help="also evaluate this pruning plan (train.py experiment=prune_*: <output_dir>/pruned) as a row "
+                        "called NAME; repeatable")  # fmt: skip
+    p.add_argument("--stitched", nargs="*", default=None, metavar="NAME",
+                   help="also run these pruning plans (no names: all) as one pruned copy per stage (MosaicDiff's "
+                        "stitching), to compare its memory with weight routing")  # fmt: skip
     p.add_argument("--compare-to", default=d.compare_to, metavar="METHOD",
                    help="add paired ΔFD / ΔL2 columns against this row ('none': leave them out)")  # fmt: skip
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: torch's choice)")
@@ -389,6 +431,15 @@ def parse_args(argv=None) -> EvalConfig:
             p.error(f"--schedule takes NAME=PATH, got {item!r}")
         if not Path(path).is_file():
             p.error(f"--schedule {name}: no file at {path}")
+    for item in args["pruned"]:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            p.error(f"--pruned takes NAME=DIR, got {item!r}")
+        if not (Path(path) / "plan.json").is_file():
+            p.error(f"--pruned {name}: no pruning plan (plan.json) in {path}")
+    unknown = set(args["stitched"] or []) - {item.partition("=")[0] for item in args["pruned"]}
+    if unknown:
+        p.error(f"--stitched names no --pruned plan: {sorted(unknown)}")
     return EvalConfig(**args)
 
 

@@ -24,7 +24,8 @@ class SampleFitness:
     """`fitness(schedule)`: quality of `schedule` on `samples` fixed class-conditional samples (higher is better).
 
     The token cache stays applied to the model between calls (only its schedule changes); call `close()` (or use
-    it as a context manager) to take it off.
+    it as a context manager) to take it off. With `token_cache=False` no cache is applied and `score()` rates the
+    model as it is set up by the caller (a routed pruned model, say).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class SampleFitness:
         guidance: float = 1.25,
         selector: str = "toca",
         seed: int = TRAIN_SEED_OFFSET,
+        token_cache: bool = True,
     ):
         if metric not in METRICS:
             raise ValueError(f"Unknown fitness metric {metric!r}; choose one of {METRICS}.")
@@ -60,8 +62,10 @@ class SampleFitness:
             self._net = load_feature_net()
             with torch.no_grad():
                 self._real = self._net.features(load_digits()[0]).numpy()
-        units = cacheable_units(ref.transformer)
-        apply_token_cache(ref.transformer, Schedule.uniform(units, num_steps, 0.0), selector=selector)
+        self.token_cache = token_cache
+        if token_cache:
+            units = cacheable_units(ref.transformer)
+            apply_token_cache(ref.transformer, Schedule.uniform(units, num_steps, 0.0), selector=selector)
 
     def _images(self) -> torch.Tensor:
         with torch.no_grad():
@@ -70,7 +74,13 @@ class SampleFitness:
             return (self.ref.decode(x).clamp(-1, 1) + 1) / 2
 
     def __call__(self, schedule: Schedule) -> float:
+        if not self.token_cache:
+            raise RuntimeError("This fitness was made with token_cache=False: set the model up and call score().")
         set_soft_choice(self.ref.transformer, schedule, None)
+        return self.score()
+
+    def score(self) -> float:
+        """The metric of the model's samples as it is now against the dense samples (higher is better)."""
         x = self._images()
         if self.metric == "ssim":
             return float(ssim(x, self.dense).mean())
@@ -87,7 +97,8 @@ class SampleFitness:
         return float((self._net.head(features).argmax(1) == self.labels).double().mean())
 
     def close(self) -> None:
-        remove_token_cache(self.ref.transformer)
+        if self.token_cache:
+            remove_token_cache(self.ref.transformer)
 
     def __enter__(self):
         return self

@@ -46,7 +46,8 @@ def run_inference(
     guidance_scale: float = 4.0,
     output_dir: str | Path | None = None,
 ) -> dict:
-    """Sample with and without the token cache, alternating, and report MACs, speed-up and fidelity.
+    """Sample with and without the token cache, alternating (`compare_with_dense`), and report MACs, speed-up and
+    fidelity.
 
     Returns:
         dict with `mac_reduction`, `speedup` (median dense/cached time ratio over `rounds`), `speedup_min`,
@@ -68,33 +69,71 @@ def run_inference(
 
     kwargs = _capture_forward_kwargs(transformer, dense)  # also the warm-up
     macs = schedule.macs(transformer, **kwargs)
-    cached()  # warm-up
+    result = {"num_steps": steps, "dense_gmacs": macs["dense"] / 1e9, "cached_gmacs": macs["cached"] / 1e9,
+              "mac_reduction": macs["reduction"]}  # fmt: skip
+    return {**result, **compare_with_dense(dense, cached, rounds, output_dir)}
+
+
+def compare_with_dense(dense, method, rounds: int, output_dir: str | Path | None = None) -> dict:
+    """Time `dense()` and `method()` (each returns images in [0, 1]) alternately over `rounds` after a warm-up of
+    `method`; the median, min and max time ratio, the PSNR of the method's images against dense, and (with
+    `output_dir`) a PNG of both (top row dense, bottom row the method)."""
+    method()  # warm-up
     ratios = []
     for _ in range(max(1, rounds)):
         start = time.perf_counter()
         dense_images = dense()
         t_dense = time.perf_counter() - start
         start = time.perf_counter()
-        cached_images = cached()
+        method_images = method()
         ratios.append(t_dense / (time.perf_counter() - start))
     result = {
-        "num_steps": steps,
-        "dense_gmacs": macs["dense"] / 1e9,
-        "cached_gmacs": macs["cached"] / 1e9,
-        "mac_reduction": macs["reduction"],
         "speedup": statistics.median(ratios),
         "speedup_min": min(ratios),
         "speedup_max": max(ratios),
-        "psnr_vs_dense": psnr(cached_images, dense_images),
+        "psnr_vs_dense": psnr(method_images, dense_images),
     }
     if output_dir is not None:
         from torchvision.utils import save_image
 
         path = Path(output_dir) / "samples.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(torch.cat([dense_images, cached_images]), path, nrow=len(dense_images))
+        save_image(torch.cat([dense_images, method_images]), path, nrow=len(dense_images))
         result["grid"] = str(path)
     return result
+
+
+def run_pruned_inference(pipe, plan, conditions, seed: int = 0, rounds: int = 2, guidance_scale: float = 4.0,
+                         output_dir: str | Path | None = None) -> dict:  # fmt: skip
+    """Sample with and without a stage-wise pruning plan (`diffsparse.prune.PrunePlan`, weights routed into the
+    pipeline's transformer by timestep), alternating; MACs are counted over whole runs with `FlopCounterMode`."""
+    from .cache.macs import flop_counter
+    from .prune.routing import apply_pruning, remove_pruning
+
+    transformer, steps = pipe.transformer, int(plan.meta["num_steps"])
+
+    def dense():
+        return generate(pipe, conditions, steps, seed, guidance_scale)
+
+    def pruned():
+        apply_pruning(transformer, plan.store, plan.stage_levels)
+        try:
+            return generate(pipe, conditions, steps, seed, guidance_scale)
+        finally:
+            remove_pruning(transformer)
+
+    gmacs = []
+    for run in (dense, pruned):
+        with flop_counter() as counter:
+            run()
+        gmacs.append(counter.get_total_flops() / 2 / 1e9)
+    result = {
+        "num_steps": steps,
+        "dense_gmacs": gmacs[0],
+        "pruned_gmacs": gmacs[1],
+        "mac_reduction": gmacs[0] / gmacs[1],
+    }
+    return {**result, **compare_with_dense(dense, pruned, rounds, output_dir)}
 
 
 def resolve_schedule(path: str | None, units: list[str], num_steps: int | None, sparsity: float) -> Schedule:

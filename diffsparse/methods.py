@@ -20,7 +20,8 @@ from .schedule import Schedule
 
 @dataclass
 class Method:
-    """One row of the evaluation: a name, the step count, and at most one of a schedule or a diffusers config."""
+    """One row of the evaluation: a name, the step count, and at most one of a schedule, a diffusers config or a
+    pruning plan (`prune.PrunePlan`: weights routed into the model, or with `stitched` one pruned copy per stage)."""
 
     name: str
     num_steps: int
@@ -29,6 +30,20 @@ class Method:
     diffusers_config: object | None = None
     note: str = ""
     knobs: dict = field(default_factory=dict)
+    pruning: object | None = None
+    stitched: bool = False
+
+    def weight_bytes(self, transformer: torch.nn.Module) -> int:
+        """Bytes of the weights this method keeps in memory: the model's, plus the routed store's pruned weights, or
+        (stitched) every stage's pruned copy."""
+        from .prune.routing import StitchedModel, parameter_bytes
+
+        if self.pruning is None:
+            return parameter_bytes(transformer)
+        plan = self.pruning
+        if self.stitched:
+            return parameter_bytes(StitchedModel(transformer, plan.store, plan.stage_levels))
+        return parameter_bytes(transformer) + plan.compact_store().weight_bytes()
 
 
 def _apply_diffusers_cache(model: torch.nn.Module, config) -> None:
@@ -48,7 +63,19 @@ def _apply_diffusers_cache(model: torch.nn.Module, config) -> None:
 @contextmanager
 def applied(method: Method, transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The transformer set up for `method`: token cache applied (and removed after), or a diffusers-cached copy."""
-    if method.diffusers_config is not None:
+    if method.pruning is not None:
+        from .prune.routing import StitchedModel, apply_pruning, remove_pruning
+
+        plan = method.pruning
+        if method.stitched:
+            yield StitchedModel(transformer, plan.store, plan.stage_levels)
+            return
+        apply_pruning(transformer, plan.store, plan.stage_levels)
+        try:
+            yield transformer
+        finally:
+            remove_pruning(transformer)
+    elif method.diffusers_config is not None:
         model = copy.deepcopy(transformer)
         _apply_diffusers_cache(model, method.diffusers_config)
         yield model

@@ -14,7 +14,7 @@ a stage's sparsity between two of them alternates the two over the stage's steps
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +53,9 @@ class StageSpace:
         levels: a level l means sparsity l / levels (Diff-ES uses 16 for OBS and Wanda).
         grouping: levels per stage only (`all`), or per stage and unit group (`kind`, `half`).
         dividers: first step of each stage after the first (K - 1 increasing steps); default: equal lengths.
+        max_level: the highest level of any cell (default `levels`).
+        first_step_full: step 0 computes everything (token caching), so the first stage's levels stop lower; False
+            for schedules without that rule (structural pruning).
     """
 
     units: tuple[str, ...]
@@ -61,12 +64,16 @@ class StageSpace:
     levels: int = 16
     grouping: str = "all"
     dividers: tuple[int, ...] | None = None
+    max_level: int | None = None
+    first_step_full: bool = True
 
     def __post_init__(self):
         if not 1 <= self.num_stages <= self.num_steps:
             raise ValueError(f"num_stages must be in 1..{self.num_steps}, got {self.num_stages}")
         if self.levels < 1:
             raise ValueError(f"levels must be >= 1, got {self.levels}")
+        if self.max_level is not None and not 1 <= self.max_level <= self.levels:
+            raise ValueError(f"max_level must be in 1..{self.levels}, got {self.max_level}")
         if self.dividers is not None:
             d = list(self.dividers)
             if len(d) != self.num_stages - 1 or d != sorted(set(d)) or (d and not 0 < d[0] <= d[-1] < self.num_steps):
@@ -86,25 +93,32 @@ class StageSpace:
         return np.arange(self.num_steps) * self.num_stages // self.num_steps
 
     def upper(self) -> np.ndarray:
-        """The highest level of each cell (stages x groups): `levels`, less in the stage holding step 0."""
+        """The highest level of each cell (stages x groups): `max_level`, less in the stage holding step 0 when that
+        step is always full."""
         stage = self.stage_of_step()
         k, g = self.shape
-        bound = np.full((k, g), self.levels, dtype=np.int64)
-        n = int((stage == stage[0]).sum())
-        bound[stage[0]] = self.levels * (n - 1) // n
+        top = self.levels if self.max_level is None else self.max_level
+        bound = np.full((k, g), top, dtype=np.int64)
+        if self.first_step_full:
+            n = int((stage == stage[0]).sum())
+            bound[stage[0]] = min(top, self.levels * (n - 1) // n)
         return bound
 
     def max_sum(self) -> int:
         return int(self.upper().sum())
 
-    def budget_levels(self, table: MacTable, budget: float) -> int:
-        """The smallest level sum whose even spread (`even`) saves at least `budget` of the dense MACs."""
+    def budget_levels(self, table: MacTable | Callable[[np.ndarray], float], budget: float) -> int:
+        """The smallest level sum whose even spread (`even`) saves at least `budget` of the dense MACs.
+
+        `table`: the token cache's `MacTable`, or any function giving the saved MAC fraction of an individual.
+        """
+        saved = table if callable(table) else (lambda x: table.saved_fraction(self.expand(x)))
         low, high = 0, self.max_sum()
-        if table.saved_fraction(self.expand(self.even(high))) < budget:
+        if saved(self.even(high)) < budget:
             raise ValueError(f"No stage-wise schedule saves {budget:.0%} of the MACs: the budget is too high.")
         while low < high:
             mid = (low + high) // 2
-            if table.saved_fraction(self.expand(self.even(mid))) >= budget:
+            if saved(self.even(mid)) >= budget:
                 high = mid
             else:
                 low = mid + 1

@@ -39,6 +39,8 @@ def make_schedule(cfg: DictConfig) -> dict:
 def infer(cfg: DictConfig) -> dict:
     """Load the model, apply the schedule, sample, and report MACs and the measured speed-up against dense."""
     pipe = instantiate(cfg.model)
+    if cfg.get("pruned"):
+        return infer_pruned(cfg, pipe)
     units = cacheable_units(pipe.transformer)
     path = cfg.schedule
     if path == "shipped":
@@ -63,6 +65,25 @@ def infer(cfg: DictConfig) -> dict:
         f"(min {metrics['speedup_min']:.2f}, max {metrics['speedup_max']:.2f}, {cfg.rounds} rounds); "
         f"PSNR vs dense {metrics['psnr_vs_dense']:.2f} dB; samples (top: dense, bottom: cached): "
         f"{metrics.get('grid')}"
+    )
+    return metrics
+
+
+def infer_pruned(cfg: DictConfig, pipe) -> dict:
+    """`infer` for a stage-wise pruning plan (`pruned=DIR`, from `python train.py experiment=prune_*`)."""
+    from .inference import run_pruned_inference
+    from .prune.plan import PrunePlan
+
+    plan = PrunePlan.load(cfg.pruned)
+    conditions = OmegaConf.to_container(cfg.conditions, resolve=True)
+    metrics = run_pruned_inference(pipe, plan, conditions, cfg.seed, cfg.rounds, cfg.guidance_scale, cfg.output_dir)
+    print(
+        f"pruning plan {cfg.pruned}: {plan.store.method}, {plan.meta.get('schedule')}, stage levels "
+        f"{plan.stage_levels} of {plan.store.levels}, {plan.meta['num_steps']} steps\n"
+        f"MACs: dense {metrics['dense_gmacs']:.3f} G, pruned {metrics['pruned_gmacs']:.3f} G "
+        f"({metrics['mac_reduction']:.2f}x fewer); measured speed-up {metrics['speedup']:.2f}x "
+        f"(min {metrics['speedup_min']:.2f}, max {metrics['speedup_max']:.2f}, {cfg.rounds} rounds); "
+        f"PSNR vs dense {metrics['psnr_vs_dense']:.2f} dB; samples (top: dense, bottom: pruned): {metrics.get('grid')}"
     )
     return metrics
 
@@ -147,10 +168,6 @@ def search_schedule(cfg: DictConfig) -> dict:
     output_dir continues from it. Stops after `search.generations`, after `search.minutes` of wall clock (at a
     generation's end), or when the search has converged (greedy). Exports the best schedule like `learn`.
     """
-    import time
-
-    from tqdm.auto import tqdm
-
     from .fitness import SampleFitness
     from .reference import load_model
     from .search import make_search
@@ -165,36 +182,11 @@ def search_schedule(cfg: DictConfig) -> dict:
     dividers = tuple(s.dividers) if s.dividers else None
     space = StageSpace(tuple(table.units), s.num_steps, s.stages, s.levels, s.grouping, dividers)
     total = space.budget_levels(table, s.budget)
-    options = {k: s[k] for k in ("population", "survivors", "offspring", "max_mutation", "elites",
-                                 "mutation_probability")}  # fmt: skip
-    state_path = out / "search_state.json"
+    options = search_options(s)
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
     with SampleFitness(ref, s.num_steps, s.fitness, s.samples, s.sampler, s.guidance, s.selector) as fitness:
         search = make_search(s.algorithm, space, total, lambda x: fitness(space.expand(x)), seed=cfg.seed, **options)
-        spent = 0.0
-        if state_path.is_file():
-            state = json.loads(state_path.read_text())
-            search.load_state_dict(state)
-            spent = state.get("minutes", 0.0)
-            log.info("resuming %s from generation %d (%.2f min spent)", s.algorithm, search.generation, spent)
-        start = time.perf_counter() - spent * 60
-        bar = tqdm(total=s.generations, initial=search.generation, desc=f"{s.algorithm} generations")
-        while search.generation < s.generations and not search.done:
-            if s.minutes is not None and time.perf_counter() - start >= s.minutes * 60:
-                break
-            search.step()
-            minutes = (time.perf_counter() - start) / 60
-            _, best = search.best
-            metrics = {"search/best": best, "search/evaluated": len(search.evaluated), "search/minutes": minutes}
-            if logger is not None:
-                logger.log_metrics(metrics, step=search.generation)
-            _write_json(state_path, {**search.state_dict(), "minutes": minutes})
-            bar.update(1)
-            bar.set_postfix(best=f"{best:.4g}", evaluated=len(search.evaluated))
-        bar.close()
-    if logger is not None:
-        logger.finalize("success")
-    minutes = (time.perf_counter() - start) / 60
+        minutes = run_search(search, s, out / "search_state.json", logger)
     levels, best = search.best
     meta = {"algorithm": s.algorithm, "fitness": s.fitness, "fitness_value": best, "budget": s.budget}
     schedule = space.expand(levels, meta)
@@ -215,6 +207,46 @@ def search_schedule(cfg: DictConfig) -> dict:
     }
     log.info("searched schedule: %s", json.dumps(result))
     return result
+
+
+def search_options(s: DictConfig) -> dict:
+    """The search algorithms' options from a `search:` config section."""
+    keys = ("population", "survivors", "offspring", "max_mutation", "elites", "mutation_probability")
+    return {k: s[k] for k in keys}
+
+
+def run_search(search, s: DictConfig, state_path: Path, logger=None) -> float:
+    """Advance `search` a generation at a time until `s.generations`, `s.minutes` of wall clock (checked after each
+    generation) or convergence; log each generation and save the state to `state_path`, resuming from it if it
+    exists. Returns the minutes spent in all runs."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    spent = 0.0
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        search.load_state_dict(state)
+        spent = state.get("minutes", 0.0)
+        log.info("resuming %s from generation %d (%.2f min spent)", search.name, search.generation, spent)
+    start = time.perf_counter() - spent * 60
+    bar = tqdm(total=s.generations, initial=search.generation, desc=f"{search.name} generations")
+    while search.generation < s.generations and not search.done:
+        if s.minutes is not None and time.perf_counter() - start >= s.minutes * 60:
+            break
+        search.step()
+        minutes = (time.perf_counter() - start) / 60
+        _, best = search.best
+        metrics = {"search/best": best, "search/evaluated": len(search.evaluated), "search/minutes": minutes}
+        if logger is not None:
+            logger.log_metrics(metrics, step=search.generation)
+        _write_json(state_path, {**search.state_dict(), "minutes": minutes})
+        bar.update(1)
+        bar.set_postfix(best=f"{best:.4g}", evaluated=len(search.evaluated))
+    bar.close()
+    if logger is not None:
+        logger.finalize("success")
+    return (time.perf_counter() - start) / 60
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -242,10 +274,17 @@ def _plot_progress(evaluated: list, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def prune_model(cfg: DictConfig) -> dict:
+    from .prune.task import prune
+
+    return prune(cfg)
+
+
 TRAIN_TASKS = {
     "schedule": make_schedule,
     "reference": train_reference_model,
     "feature_net": train_feature_network,
     "learn": learn_schedule,
     "search": search_schedule,
+    "prune": prune_model,
 }

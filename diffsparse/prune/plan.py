@@ -1,0 +1,157 @@
+"""A pruning plan: a store plus one level per stage; its MACs, the preset schedules, and the exported artefact.
+
+- `uniform`: one level for every step (the baseline both papers beat), from a one-stage store calibrated over all
+  timesteps.
+- `mosaic`: MosaicDiff's three SNR stages with its DiT allocation pattern (appendix Table 2), scaled to the budget.
+- searched levels (Diff-ES) come from `diffsparse.prune.task` through the search machinery.
+
+A plan saves as a directory: `plan.json` (levels, stage boundaries, MACs saved, how it was made), `store.safetensors`
+(only the stages' used levels), `plan.png`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cache.macs import flop_counter
+from ..files import atomic_path
+from .calibration import stage_of_timestep
+from .routing import WeightRouter
+from .store import PruneStore
+
+# MosaicDiff's DiT allocation at overall sparsity 0.30 (appendix Table 2): stages in sampling order, noisy first.
+MOSAICDIFF_PATTERN = (0.60, 0.04, 0.10)
+# Its DiT stages are cut at "step 450 and 900" of the 1000-step trajectory. Read in sampling order (train timesteps
+# 550 and 100), the stages hold 45 %, 45 % and 10 % of the steps, and Table 2's per-stage sparsities then average to
+# the overall sparsity in each row (0.298 for 0.30); read as train timesteps 900 and 450 they average to 0.12.
+MOSAICDIFF_BOUNDARIES = (550, 100)
+
+
+def level_macs(model: torch.nn.Module, store: PruneStore, probe: dict) -> list[float]:
+    """MACs of one forward on `probe` at every level 0..max_level (counted with `FlopCounterMode`)."""
+    router = WeightRouter(model, store)
+    macs = []
+    try:
+        for level in range(store.max_level + 1):
+            router.route(0, level)
+            with torch.no_grad(), flop_counter() as counter:
+                model(**probe)
+            macs.append(counter.get_total_flops() / 2)
+    finally:
+        router.restore()
+    return macs
+
+
+def saved_fraction(stage_levels, boundaries, timesteps, macs: list[float]) -> float:
+    """Fraction of the dense MACs a plan saves over a sampler's timesteps."""
+    stages = stage_of_timestep(timesteps, boundaries)
+    used = sum(macs[int(stage_levels[s])] for s in stages)
+    return 1.0 - used / (len(stages) * macs[0])
+
+
+@dataclass
+class PrunePlan:
+    """A store and the level of each of its stages."""
+
+    store: PruneStore
+    stage_levels: list[int]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.stage_levels = [int(x) for x in self.stage_levels]
+        if len(self.stage_levels) != self.store.num_stages:
+            raise ValueError(f"{len(self.stage_levels)} levels for {self.store.num_stages} stages")
+        if min(self.stage_levels) < 0 or max(self.stage_levels) > self.store.max_level:
+            raise ValueError(f"levels {self.stage_levels} are outside 0..{self.store.max_level}")
+
+    def compact_store(self) -> PruneStore:
+        """The store with only what this plan routes: its stages' orders and the weights of their levels."""
+        s = self.store
+        weights = {}
+        for (stage, name, removed), w in s.weights.items():
+            if removed == s.removed(name, self.stage_levels[stage]):
+                weights[(stage, name, removed)] = w
+        return PruneStore(s.method, s.boundaries, s.num_train_timesteps, s.levels, s.max_level, s.counts,
+                          dict(s.orders), weights, dict(s.info))  # fmt: skip
+
+    def save(self, directory: str | Path, plot: bool = True) -> Path:
+        directory = Path(directory)
+        self.compact_store().save(directory / "store.safetensors")
+        body = {"stage_levels": self.stage_levels, "method": self.store.method, "levels": self.store.levels,
+                "boundaries": self.store.boundaries, **self.meta}  # fmt: skip
+        with atomic_path(directory / "plan.json") as tmp:
+            tmp.write_text(json.dumps(body, indent=2))
+        if plot:
+            self.plot(directory / "plan.png")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PrunePlan:
+        directory = Path(directory)
+        if not (directory / "plan.json").is_file():
+            raise FileNotFoundError(
+                f"No pruning plan in {directory} (plan.json): make one with `python train.py experiment=prune_mosaic` "
+                "(or prune_uniform / prune_search) and pass its output_dir/pruned."
+            )
+        body = json.loads((directory / "plan.json").read_text())
+        levels = body.pop("stage_levels")
+        store = PruneStore.load(directory / "store.safetensors")
+        meta = {k: v for k, v in body.items() if k not in ("method", "levels", "boundaries")}
+        return cls(store, levels, meta)
+
+    def plot(self, path: str | Path, timesteps=None) -> None:
+        """Pruned fraction per sampling step (or per stage), as a bar chart."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        timesteps = self.meta.get("timesteps") if timesteps is None else timesteps
+        levels = np.asarray(self.stage_levels) / self.store.levels
+        fig, ax = plt.subplots(figsize=(7, 2.6))
+        if timesteps:
+            stages = stage_of_timestep(timesteps, self.store.boundaries)
+            ax.bar(np.arange(len(stages)), levels[stages], width=1.0, color="tab:red")
+            ax.set_xlabel("sampling step (0 = noisiest)")
+        else:
+            ax.bar(np.arange(len(levels)), levels, color="tab:red")
+            ax.set_xlabel("stage")
+        unit = "blocks dropped" if self.store.method == "layerdrop" else "heads and neurons removed"
+        ax.set_ylabel(f"fraction of {unit}", fontsize=8)
+        ax.set_ylim(0, 1)
+        saved = self.meta.get("saved_macs")
+        ax.set_title(f"{self.store.method}, {self.meta.get('schedule', '')}"
+                     + (f": saves {saved:.1%} of MACs" if saved is not None else ""), fontsize=9)  # fmt: skip
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+
+
+def closest_levels(candidates: list[list[int]], boundaries, timesteps, macs, budget: float) -> list[int]:
+    """The candidate whose saved MAC fraction is closest to `budget` (ties: the first)."""
+    gaps = [abs(saved_fraction(c, boundaries, timesteps, macs) - budget) for c in candidates]
+    return candidates[int(np.argmin(gaps))]
+
+
+def uniform_levels(store: PruneStore, timesteps, macs, budget: float) -> list[int]:
+    """One level for all stages, the one that saves closest to `budget`."""
+    candidates = [[lvl] * store.num_stages for lvl in range(store.max_level + 1)]
+    return closest_levels(candidates, store.boundaries, timesteps, macs, budget)
+
+
+def mosaic_levels(store: PruneStore, timesteps, macs, budget: float, pattern=MOSAICDIFF_PATTERN) -> list[int]:
+    """MosaicDiff's per-stage pattern times a factor, rounded to levels; the factor that saves closest to `budget`."""
+    if store.num_stages != len(pattern):
+        raise ValueError(f"the MosaicDiff pattern has {len(pattern)} stages, the store {store.num_stages}")
+    candidates = []
+    for alpha in np.linspace(0.0, 3.0, 601):
+        levels = [min(int(round(alpha * p * store.levels)), store.max_level) for p in pattern]
+        if levels not in candidates:
+            candidates.append(levels)
+    return closest_levels(candidates, store.boundaries, timesteps, macs, budget)

@@ -1,0 +1,129 @@
+"""`python train.py experiment=prune_*` (task=prune): calibrate, prune every stage, choose the stage levels, export.
+
+The schedule of levels is `uniform` (one stage over all timesteps, one level), `mosaic` (MosaicDiff's three SNR
+stages and allocation pattern) or `search` (Diff-ES: equal stages over the sampler's steps, levels found by a
+search of `diffsparse.search` under a level-sum budget, fitness from `diffsparse.fitness` on the routed model).
+Every one is fitted to `prune.budget` of the dense MACs. The artefact (`<output_dir>/pruned`) is what
+`python infer.py pruned=...` and `python -m diffsparse.evaluate --pruned NAME=...` run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from .calibration import step_boundaries
+from .plan import MOSAICDIFF_BOUNDARIES, PrunePlan, level_macs, mosaic_levels, saved_fraction, uniform_levels
+from .routing import apply_pruning, remove_pruning
+from .store import build_store
+from .structures import prunable_layers
+
+log = logging.getLogger(__name__)
+SCHEDULES = ("uniform", "mosaic", "search")
+
+
+def probe_inputs(ref) -> dict:
+    """One CFG pair (a class and the null class) at a middle timestep: the forward MACs are counted on it."""
+    c, s = ref.sample_shape[0], ref.sample_shape[1]
+    dtype = next(ref.transformer.parameters()).dtype
+    null = ref.transformer.config.num_embeds_ada_norm
+    return dict(hidden_states=torch.zeros(2, c, s, s, dtype=dtype), timestep=torch.full((2,), 500),
+                class_labels=torch.tensor([0, null]))  # fmt: skip
+
+
+def prune(cfg: DictConfig) -> dict:
+    from ..reference import load_model
+    from ..stages import StageSpace
+
+    p = cfg.prune
+    if p.schedule not in SCHEDULES:
+        raise ValueError(f"Unknown prune.schedule {p.schedule!r}; choose one of {SCHEDULES}.")
+    out = Path(cfg.output_dir)
+    ref = load_model(p.model)
+    scheduler = ref.scheduler(p.sampler)
+    scheduler.set_timesteps(p.num_steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    space = None
+    if p.schedule == "uniform":
+        boundaries = []
+    elif p.schedule == "mosaic":
+        boundaries = list(p.boundaries) if p.boundaries else list(MOSAICDIFF_BOUNDARIES)
+    else:
+        layers = tuple(layer.name for layer in prunable_layers(ref.transformer))
+        space = StageSpace(layers, p.num_steps, p.stages, first_step_full=False)
+        boundaries = step_boundaries(timesteps, space.stage_of_step())
+    start = time.perf_counter()
+    store = build_store(ref, p.method, boundaries, p.samples, p.levels, p.max_level, p.damp, cfg.seed)
+    build_minutes = (time.perf_counter() - start) / 60
+    macs = level_macs(ref.transformer, store, probe_inputs(ref))
+    search_info = {}
+    if p.schedule == "uniform":
+        levels = uniform_levels(store, timesteps, macs, p.budget)
+    elif p.schedule == "mosaic":
+        levels = mosaic_levels(store, timesteps, macs, p.budget)
+    else:
+        levels, search_info = _search(cfg, ref, store, space, timesteps, macs, out)
+    saved = saved_fraction(levels, boundaries, timesteps, macs)
+    meta = {
+        "schedule": p.schedule,
+        "model": p.model,
+        "sampler": p.sampler,
+        "num_steps": p.num_steps,
+        "timesteps": timesteps,
+        "budget": p.budget,
+        "saved_macs": saved,
+        "level_gmacs": [m / 1e9 for m in macs],
+        "calibration_minutes": store.info["calibration_minutes"],
+        "pruning_minutes": store.info["pruning_minutes"],
+        "build_minutes": build_minutes,
+        **search_info,
+    }
+    plan = PrunePlan(store, levels, meta)
+    directory = plan.save(out / "pruned")
+    result = {"pruned": str(directory), "method": p.method, "schedule": p.schedule, "stage_levels": levels,
+              "saved_macs": saved, "calibration_minutes": round(store.info["calibration_minutes"], 3),
+              "pruning_minutes": round(store.info["pruning_minutes"], 3), **search_info}  # fmt: skip
+    log.info("pruned: %s", json.dumps(result))
+    return result
+
+
+def _search(cfg, ref, store, space, timesteps, macs, out: Path) -> tuple[list[int], dict]:
+    """Diff-ES: levels per stage under the level sum whose even spread saves `prune.budget` of the MACs."""
+    from dataclasses import replace
+
+    from ..fitness import SampleFitness
+    from ..search import make_search
+    from ..tasks import _plot_progress, run_search, search_options
+
+    s, p = cfg.search, cfg.prune
+    space = replace(space, levels=store.levels, max_level=store.max_level)
+
+    def saved(x):
+        return saved_fraction(x[:, 0], store.boundaries, timesteps, macs)
+
+    total = space.budget_levels(saved, p.budget)
+    model = ref.transformer
+    with SampleFitness(ref, p.num_steps, s.fitness, s.samples, p.sampler, s.guidance, token_cache=False) as fitness:
+
+        def fitness_of(x):
+            apply_pruning(model, store, x[:, 0].tolist())
+            try:
+                return fitness.score()
+            finally:
+                remove_pruning(model)
+
+        search = make_search(s.algorithm, space, total, fitness_of, seed=cfg.seed, **search_options(s))
+        logger = instantiate(cfg.logger) if cfg.get("logger") else None
+        minutes = run_search(search, s, out / "search_state.json", logger)
+    levels, best = search.best
+    _plot_progress(search.evaluated, out / "search.png", f"{s.algorithm}: fitness ({s.fitness}) of every candidate")
+    info = {"algorithm": s.algorithm, "fitness": s.fitness, "fitness_value": best, "level_sum": total,
+            "generations": search.generation, "evaluated": len(search.evaluated),
+            "search_minutes": minutes}  # fmt: skip
+    return levels[:, 0].tolist(), info
