@@ -106,8 +106,10 @@ def compare_with_dense(dense, method, rounds: int, output_dir: str | Path | None
 def run_pruned_inference(pipe, plan, conditions, seed: int = 0, rounds: int = 2, guidance_scale: float = 4.0,
                          output_dir: str | Path | None = None) -> dict:  # fmt: skip
     """Sample with and without a stage-wise pruning plan (`diffsparse.prune.PrunePlan`, weights routed into the
-    pipeline's transformer by timestep), alternating; MACs are counted over whole runs with `FlopCounterMode`."""
-    from .cache.macs import flop_counter
+    pipeline's transformer by timestep), alternating. MACs are the transformer's (text encoder and VAE left out):
+    one forward per stage counted with `FlopCounterMode`, times the forwards the pipeline made in each stage."""
+    from .prune.calibration import stage_of_timestep
+    from .prune.plan import stage_macs
     from .prune.routing import apply_pruning, remove_pruning
 
     transformer, steps = pipe.transformer, int(plan.meta["num_steps"])
@@ -122,11 +124,20 @@ def run_pruned_inference(pipe, plan, conditions, seed: int = 0, rounds: int = 2,
         finally:
             remove_pruning(transformer)
 
-    gmacs = []
-    for run in (dense, pruned):
-        with flop_counter() as counter:
-            run()
-        gmacs.append(counter.get_total_flops() / 2 / 1e9)
+    calls = []  # the timestep of every transformer forward, and the first call's keywords
+    hook = transformer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    try:
+        dense()  # also the warm-up
+    finally:
+        hook.remove()
+    args, kwargs = calls[0]
+    kwargs = {**dict(zip(["hidden_states"], args, strict=False)), **kwargs}
+    dense_macs, per_stage = stage_macs(transformer, plan, kwargs)
+    timesteps = [
+        float(torch.as_tensor(k.get("timestep", a[1] if len(a) > 1 else None)).flatten()[0]) for a, k in calls
+    ]
+    stages = stage_of_timestep(timesteps, plan.store.boundaries)
+    gmacs = [dense_macs * len(calls) / 1e9, sum(per_stage[s] for s in stages) / 1e9]
     result = {
         "num_steps": steps,
         "dense_gmacs": gmacs[0],

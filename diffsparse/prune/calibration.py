@@ -1,11 +1,13 @@
 """SNR-aware calibration (MosaicDiff section 3.2, Diff-ES section 3.3): per stage, the statistics pruning needs.
 
-A stage is a range of train timesteps. Its calibration inputs are real samples (the digits for the reference
-model; latents through the VAE for a latent model) noised with the model's own noise schedule to timesteps drawn
-uniformly from the stage, with their classes, each run as a classifier-free-guidance pair (its class and the null
-class) as sampling does. One pass over them accumulates, per prunable layer, the consumer's input Hessian
-`X^T X` and each producer's per-feature sum of squared inputs (float64), and per block the mean cosine
-similarity between its input and output tokens.
+A stage is a range of train timesteps. Its calibration inputs are real samples (the digits, for the reference
+model) noised with the model's own noise schedule to timesteps drawn uniformly from the stage, with their
+classes, each run as a classifier-free-guidance pair (its class and the null class) as sampling does. Latent
+models would be calibrated on their own images through their VAE; only the digits are at hand here, so
+`calibration_batches` refuses them, and `store.store_from_batches` takes batches made any other way. One pass
+accumulates what the pruning method needs: per prunable layer, the consumer's input Hessian `X^T X` (OBS) or each
+producer's per-feature mean squared input (Wanda), in float64; per block, the mean cosine similarity between its
+input and output tokens (LayerDrop).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..cache.backbones import backbone_for
 from .structures import prunable_layers
@@ -59,8 +60,12 @@ def calibration_batches(
 
     from ..digits import load_digits
 
-    if ref.text_conditioned:
-        raise NotImplementedError("SNR-aware calibration covers class-conditional models only, for now.")
+    if ref.text_conditioned or ref.vae is not None:
+        raise NotImplementedError(
+            "SNR-aware calibration noises the digits (pixel space, 10 classes): it covers the reference model and "
+            "pixel-space class-conditional models of its shape only, for now. For another model, build the "
+            "store with prune.store.store_from_batches on batches of your own noised data."
+        )
     images, labels = load_digits(ref.sample_shape[-1])
     g = torch.Generator().manual_seed(seed * 1000 + stage)
     pick = torch.randint(len(images), (samples,), generator=g)
@@ -71,9 +76,6 @@ def calibration_batches(
     for i in range(0, samples, batch_size):
         idx, ti = pick[i : i + batch_size], t[i : i + batch_size]
         x0 = images[idx]
-        if ref.vae is not None:
-            with torch.no_grad():
-                x0 = ref.vae.encode(x0).latent_dist.mean * ref.vae.config.scaling_factor
         noise = torch.randn(x0.shape, generator=g)
         xt = noise_schedule.add_noise(x0, noise, ti).to(dtype)
         null = torch.full_like(labels[idx], ref.transformer.config.num_embeds_ada_norm)
@@ -81,27 +83,35 @@ def calibration_batches(
                    class_labels=torch.cat([labels[idx], null]))  # fmt: skip
 
 
-@dataclass
-class Statistics:
-    """What one stage's calibration pass measured."""
-
-    hessians: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> consumer X^T X (float64)
-    producer_sq: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # layer -> per producer, sum x_j^2
-    block_cosine: torch.Tensor | None = None  # (blocks,) mean input/output cosine similarity
-    samples: int = 0  # calibration samples (each run as a CFG pair)
-
-
 def _accumulate(store: dict, key, value: torch.Tensor) -> None:
     store[key] = value if key not in store else store[key] + value
 
 
+@dataclass
+class Statistics:
+    """What one stage's calibration pass measured (only what was asked for)."""
+
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> consumer X^T X (float64)
+    producer_sq: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # layer -> per producer, mean x_j^2
+    block_cosine: torch.Tensor | None = None  # (blocks,) mean input/output cosine similarity
+    samples: int = 0  # calibration samples (each run as a CFG pair)
+
+
+NEEDS = {"obs": ("hessians",), "wanda": ("producer_sq",), "layerdrop": ("block_cosine",)}
+
+
 @torch.no_grad()
-def collect_statistics(model: torch.nn.Module, batches: Iterable[dict], progress: str | None = None) -> Statistics:
-    """Run `model` on every batch of forward keywords and accumulate the calibration statistics."""
+def collect_statistics(
+    model: torch.nn.Module, batches: Iterable[dict], needs=("hessians", "producer_sq", "block_cosine")
+) -> Statistics:
+    """Run `model` on every batch of forward keywords and accumulate the statistics named in `needs` (an OBS
+    Hessian is `in x in` float64 per layer: only ask for it when pruning with OBS)."""
     layers = prunable_layers(model)
     blocks = getattr(model, backbone_for(model).blocks)
+    device = next(model.parameters()).device
     stats = Statistics()
-    hessians, sq, cos_sum, cos_count = {}, {}, torch.zeros(len(blocks), dtype=torch.float64), [0] * len(blocks)
+    hessians, sq, counts = {}, {}, {}
+    cos_sum, cos_count = torch.zeros(len(blocks), dtype=torch.float64, device=device), [0] * len(blocks)
     handles = []
 
     def consumer_hook(name):
@@ -115,6 +125,7 @@ def collect_statistics(model: torch.nn.Module, batches: Iterable[dict], progress
         def hook(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             _accumulate(sq, (name, i), (x * x).sum(0))
+            counts[(name, i)] = counts.get((name, i), 0) + len(x)
 
         return hook
 
@@ -129,19 +140,25 @@ def collect_statistics(model: torch.nn.Module, batches: Iterable[dict], progress
         return hook
 
     for layer in layers:
-        handles.append(layer.consumer.register_forward_pre_hook(consumer_hook(layer.name)))
-        for i, p in enumerate(layer.producers):
+        if "hessians" in needs:
+            handles.append(layer.consumer.register_forward_pre_hook(consumer_hook(layer.name)))
+        for i, p in enumerate(layer.producers if "producer_sq" in needs else ()):
             handles.append(p.register_forward_pre_hook(producer_hook(layer.name, i)))
-    for b, block in enumerate(blocks):
+    for b, block in enumerate(blocks if "block_cosine" in needs else ()):
         handles.append(block.register_forward_hook(block_hook(b), with_kwargs=True))
     try:
-        for kwargs in tqdm(batches, desc=progress, leave=False, disable=progress is None):
-            model(**kwargs)
+        for kwargs in batches:
+            model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
             stats.samples += kwargs["hidden_states"].shape[0] // 2
     finally:
         for h in handles:
             h.remove()
     stats.hessians = hessians
-    stats.producer_sq = {layer.name: [sq[(layer.name, i)] for i in range(len(layer.producers))] for layer in layers}
-    stats.block_cosine = cos_sum / torch.tensor([max(c, 1) for c in cos_count], dtype=torch.float64)
+    if "producer_sq" in needs:
+        stats.producer_sq = {
+            layer.name: [sq[(layer.name, i)] / counts[(layer.name, i)] for i in range(len(layer.producers))]
+            for layer in layers
+        }
+    if "block_cosine" in needs:
+        stats.block_cosine = (cos_sum / torch.tensor([max(c, 1) for c in cos_count], device=device)).cpu()
     return stats

@@ -47,6 +47,21 @@ def level_macs(model: torch.nn.Module, store: PruneStore, probe: dict) -> list[f
     return macs
 
 
+def stage_macs(model: torch.nn.Module, plan: PrunePlan, kwargs: dict) -> tuple[float, list[float]]:
+    """MACs of one forward on `kwargs`: dense, and at each stage's level of `plan` (`FlopCounterMode`)."""
+    router = WeightRouter(model, plan.store)
+    counts = []
+    try:
+        for stage, level in [(0, 0), *enumerate(plan.stage_levels)]:
+            router.route(stage, level)
+            with torch.no_grad(), flop_counter() as counter:
+                model(**kwargs)
+            counts.append(counter.get_total_flops() / 2)
+    finally:
+        router.restore()
+    return counts[0], counts[1:]
+
+
 def saved_fraction(stage_levels, boundaries, timesteps, macs: list[float]) -> float:
     """Fraction of the dense MACs a plan saves over a sampler's timesteps."""
     stages = stage_of_timestep(timesteps, boundaries)
@@ -80,14 +95,17 @@ class PrunePlan:
                           dict(s.orders), weights, dict(s.info))  # fmt: skip
 
     def save(self, directory: str | Path, plot: bool = True) -> Path:
+        """Write the plan directory. `plan.json` goes last (and an old one first), so a directory with a plan.json
+        is always complete."""
         directory = Path(directory)
+        (directory / "plan.json").unlink(missing_ok=True)
         self.compact_store().save(directory / "store.safetensors")
+        if plot:
+            self.plot(directory / "plan.png")
         body = {"stage_levels": self.stage_levels, "method": self.store.method, "levels": self.store.levels,
                 "boundaries": self.store.boundaries, **self.meta}  # fmt: skip
         with atomic_path(directory / "plan.json") as tmp:
             tmp.write_text(json.dumps(body, indent=2))
-        if plot:
-            self.plot(directory / "plan.png")
         return directory
 
     @classmethod

@@ -33,7 +33,7 @@ def kept_structures(store: PruneStore, stage: int, layer: str, level: int) -> tu
     """(removed count, the kept structures in ascending order) of a layer at a stage and level."""
     removed = store.removed(layer, level)
     keep = torch.ones(store.counts[layer], dtype=torch.bool)
-    keep[store.orders[(stage, layer)][:removed]] = False
+    keep[store.orders[(stage, layer)][:removed].cpu()] = False
     return removed, torch.nonzero(keep).flatten()
 
 
@@ -42,12 +42,12 @@ def dropped_blocks(store: PruneStore, stage: int, level: int) -> set[int]:
 
 
 class SkippedBlock(nn.Module):
-    """A dropped block (LayerDrop): returns its input. It keeps the block's `norm1`, because DiT conditions its
-    final layer on `transformer_blocks[0].norm1.emb` whether or not block 0 runs."""
+    """A dropped block (LayerDrop): returns its input. The first block keeps its `norm1`, because DiT conditions
+    its final layer on `transformer_blocks[0].norm1.emb` whether or not block 0 runs."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, first: bool = False):
         super().__init__()
-        if hasattr(block, "norm1"):
+        if first and hasattr(block, "norm1"):
             self.norm1 = block.norm1
 
     def forward(self, hidden_states, *args, **kwargs):
@@ -55,7 +55,7 @@ class SkippedBlock(nn.Module):
 
 
 def _without(blocks: nn.ModuleList, dropped: set[int]) -> nn.ModuleList:
-    return nn.ModuleList([SkippedBlock(b) if i in dropped else b for i, b in enumerate(blocks)])
+    return nn.ModuleList([SkippedBlock(b, i == 0) if i in dropped else b for i, b in enumerate(blocks)])
 
 
 def _thin_weights(store, stage, layer: PrunableLayer, level, dense) -> tuple[list, tuple, int]:
@@ -64,14 +64,14 @@ def _thin_weights(store, stage, layer: PrunableLayer, level, dense) -> tuple[lis
     *producers, (cw, cb) = dense
     if removed == 0:
         return producers, (cw, cb), len(kept)
-    rows = layer.columns(kept)
+    rows = layer.columns(kept).to(cw.device)
     thin = [(w[rows], None if b is None else b[rows]) for w, b in producers]
     if store.method == "obs":
         key = (stage, layer.name, removed)
         if key not in store.weights:
             raise ValueError(f"Level {level} of stage {stage} is not in this store (a plan's store keeps only its own "
                              "levels): route the full store from build_store.")  # fmt: skip
-        consumer = store.weights[key].to(cw.dtype)
+        consumer = store.weights[key].to(cw.device, cw.dtype)
     else:
         consumer = cw[:, rows]
     return thin, (consumer, cb), len(kept)
@@ -115,16 +115,23 @@ class WeightRouter:
         if (stage, level) == self.current:
             return
         self.restore()
-        if level > 0 and self.store.method == "layerdrop":
-            setattr(self.model, self.blocks_attr, _without(self.blocks, dropped_blocks(self.store, stage, level)))
-        elif level > 0:
-            for layer in self.layers:
-                producers, consumer, heads = _thin_weights(self.store, stage, layer, level, self.dense[layer.name])
-                for linear, (w, b) in zip(layer.producers, producers, strict=True):
-                    _set_linear(linear, w, b)
-                _set_linear(layer.consumer, *consumer)
-                if layer.kind == HEADS:
-                    layer.module.heads = heads
+        self.current = None  # unknown until the route completes
+        try:
+            if level > 0 and self.store.method == "layerdrop":
+                dropped = dropped_blocks(self.store, stage, level)
+                setattr(self.model, self.blocks_attr, _without(self.blocks, dropped))
+            elif level > 0:
+                for layer in self.layers:
+                    dense = self.dense[layer.name]
+                    producers, consumer, heads = _thin_weights(self.store, stage, layer, level, dense)
+                    for linear, (w, b) in zip(layer.producers, producers, strict=True):
+                        _set_linear(linear, w, b)
+                    _set_linear(layer.consumer, *consumer)
+                    if layer.kind == HEADS:
+                        layer.module.heads = heads
+        except BaseException:
+            self.restore()  # never leave a half-routed model behind
+            raise
         self.current = (stage, level)
 
     def restore(self) -> None:

@@ -22,7 +22,7 @@ def damped_inverse(hessian: torch.Tensor, damp: float = 0.01, attempts: int = 6)
     """`(H + damp * mean(diag H) * I)^-1` by Cholesky; if that fails, the damping grows tenfold (up to
     `attempts` times), then a pseudo-inverse is used."""
     h = hessian.double()
-    eye = torch.eye(len(h), dtype=h.dtype)
+    eye = torch.eye(len(h), dtype=h.dtype, device=h.device)
     scale = float(h.diagonal().mean()) or 1.0
     for i in range(attempts):
         chol, info = torch.linalg.cholesky_ex(h + damp * 10**i * scale * eye)
@@ -49,8 +49,8 @@ def obs_prune(
     """
     w = weight.double().clone()
     hinv = damped_inverse(hessian, damp)
-    groups = torch.arange(w.shape[1]).reshape(-1, width)
-    alive = torch.ones(len(groups), dtype=torch.bool)
+    groups = torch.arange(w.shape[1], device=w.device).reshape(-1, width)
+    alive = torch.ones(len(groups), dtype=torch.bool, device=w.device)
     order: list[int] = []
     kept = {}
     if 0 in counts:
@@ -72,17 +72,18 @@ def obs_prune(
         if step in counts:
             kept[step] = w[:, groups[alive].reshape(-1)].clone()
     order += torch.nonzero(alive).flatten().tolist()
-    return torch.tensor(order, dtype=torch.long), kept
+    return torch.tensor(order, dtype=torch.long), kept  # the order on the CPU, the weights where `weight` was
 
 
-def wanda_order(producers: list[torch.Tensor], input_sq_norms: list[torch.Tensor], width: int) -> torch.Tensor:
+def wanda_order(producers: list[torch.Tensor], input_sq_means: list[torch.Tensor], width: int) -> torch.Tensor:
     """Structures ordered from least to most important by structural Wanda: the mean of `|W_ij| * ||X_j||` over
-    the structure's rows of every producer (`input_sq_norms`: the producer's per-feature sum of squared inputs)."""
+    the structure's rows of every producer (`input_sq_means`: the producer's per-feature mean squared input, so
+    producers fed by different numbers of tokens, such as cross-attention's keys, weigh alike)."""
     score = 0.0
-    for w, sq in zip(producers, input_sq_norms, strict=True):
-        element = w.double().abs() * sq.double().clamp_min(0).sqrt()[None, :]  # (rows, in)
+    for w, sq in zip(producers, input_sq_means, strict=True):
+        element = w.double().abs() * sq.to(w.device).double().clamp_min(0).sqrt()[None, :]  # (rows, in)
         score = score + element.reshape(-1, width, element.shape[1]).mean(dim=(1, 2))
-    return torch.argsort(torch.as_tensor(score), stable=True)
+    return torch.argsort(torch.as_tensor(score), stable=True).cpu()
 
 
 def layerdrop_order(cosine: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
 from ..files import atomic_path
-from .calibration import calibration_batches, check_boundaries, collect_statistics
+from .calibration import NEEDS, calibration_batches, check_boundaries, collect_statistics
 from .scores import layerdrop_order, obs_prune, wanda_order
 from .structures import num_blocks, prunable_layers, removed_count
 
@@ -139,7 +139,7 @@ def store_from_batches(
     calibration = pruning = 0.0
     for stage, batches in enumerate(tqdm(stages, desc=f"{method}: stages")):
         start = time.perf_counter()
-        stats = collect_statistics(model, batches)
+        stats = collect_statistics(model, batches, NEEDS[method])
         calibration += time.perf_counter() - start
         start = time.perf_counter()
         if method == "layerdrop":
@@ -152,7 +152,7 @@ def store_from_batches(
             needed = sorted({removed_count(level, levels, layer.count) for level in range(max_level + 1)})
             order, kept = obs_prune(layer.consumer.weight, stats.hessians[layer.name], layer.width, needed, damp)
             orders[(stage, layer.name)] = order
-            weights.update({(stage, layer.name, r): w.to(dtype) for r, w in kept.items() if r > 0})
+            weights.update({(stage, layer.name, r): w.to("cpu", dtype) for r, w in kept.items() if r > 0})
         pruning += time.perf_counter() - start
     info = dict(damp=damp, dtype=str(dtype).removeprefix("torch."), calibration_minutes=calibration / 60,
                 pruning_minutes=pruning / 60)  # fmt: skip
