@@ -389,3 +389,29 @@ def test_evaluate_rows_for_a_plan_routed_and_stitched(tmp_path):
     assert float(stitched["weights_mb"]) > float(routed["weights_mb"]) > float(rows["dense"]["weights_mb"])
     assert float(routed["mac_reduction"]) > 1.1 and float(routed["prep_minutes"]) > 0
     assert "weights MB" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["obs", "wanda", "layerdrop"])
+def test_pixart_cross_attention_heads_route_like_a_pruned_copy(method):
+    """PixArt's units include cross-attention (`attn2`: queries from the image, keys and values from the text);
+    its heads are routed like self-attention's. Calibrated here on random batches of its own inputs."""
+    from diffsparse.models import build_transformer, example_inputs
+    from diffsparse.prune.store import store_from_batches
+
+    torch.manual_seed(0)
+    model = build_transformer("pixart", "tiny").requires_grad_(False)
+    assert [layer.name.rsplit(".", 1)[-1] for layer in prunable_layers(model)][:3] == ["attn1", "attn2", "ff"]
+    batches = [[example_inputs(model, batch=4, seed=s)] for s in range(2)]
+    store = store_from_batches(model, method, batches, [500], levels=4, max_level=2 if method == "layerdrop" else 3)
+    kwargs = example_inputs(model, batch=2, seed=9)
+    dense = run(model, kwargs)
+    router = WeightRouter(model, store)
+    for stage in (0, 1):
+        router.route(stage, 2)
+        try:
+            routed = run(model, kwargs)
+        finally:
+            router.restore()
+        assert torch.equal(routed, run(pruned_copy(model, store, stage, 2), kwargs))
+        assert not torch.allclose(routed, dense)
+    assert torch.equal(run(model, kwargs), dense)
