@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..baselines import MOSAICDIFF_DIT_BOUNDARIES
 from ..cache.macs import flop_counter
 from ..files import atomic_path
 from .calibration import stage_of_timestep
@@ -26,11 +27,8 @@ from .store import PruneStore
 
 # MosaicDiff's DiT allocation at overall sparsity 0.30 (appendix Table 2): stages in sampling order, noisy first.
 MOSAICDIFF_PATTERN = (0.60, 0.04, 0.10)
-# Its DiT stages are cut at "step 450 and 900" of the 1000-step trajectory. Read in sampling order (train timesteps
-# 550 and 100), the stages hold 45 %, 45 % and 10 % of the steps, and Table 2's per-stage sparsities then average to
-# the overall sparsity in each row (0.298 for 0.30); read as train timesteps 900 and 450 they average to 0.12.
-MOSAICDIFF_BOUNDARIES = (550, 100)
-
+# Its stage boundaries, in train timesteps (550, 100): see `baselines.MOSAICDIFF_DIT_BOUNDARIES` for the reading.
+MOSAICDIFF_BOUNDARIES = MOSAICDIFF_DIT_BOUNDARIES
 
 def level_macs(model: torch.nn.Module, store: PruneStore, probe: dict) -> list[float]:
     """MACs of one forward on `probe` at every level 0..max_level (counted with `FlopCounterMode`)."""
