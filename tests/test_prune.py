@@ -336,6 +336,8 @@ def test_prune_task_exports_a_plan_that_runs(schedule, tmp_path):
     assert len(plan.stage_levels) == {"uniform": 1, "mosaic": 3, "search": 4}[schedule]
     assert 0.1 < result["saved_macs"] < 0.6
     assert (tmp_path / "pruned" / "plan.png").is_file()
+    metrics = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()  # logged (search: per generation)
+    assert ("search/best" if schedule == "search" else "prune/saved_macs") in metrics
     if schedule == "search":
         assert result["generations"] == 2 and sum(plan.stage_levels) == result["level_sum"]
         assert (tmp_path / "search_state.json").is_file() and (tmp_path / "search.png").is_file()

@@ -90,6 +90,10 @@ def prune(cfg: DictConfig) -> dict:
               "saved_macs": saved, "calibration_minutes": round(store.info["calibration_minutes"], 3),
               "pruning_minutes": round(store.info["pruning_minutes"], 3), **search_info}  # fmt: skip
     log.info("pruned: %s", json.dumps(result))
+    if cfg.get("logger") and p.schedule != "search":  # the search logs every generation itself
+        logger = instantiate(cfg.logger)
+        logger.log_metrics({f"prune/{k}": v for k, v in result.items() if isinstance(v, float | int)}, step=0)
+        logger.finalize("success")
     return result
 
 
