@@ -30,6 +30,7 @@ MOSAICDIFF_PATTERN = (0.60, 0.04, 0.10)
 # Its stage boundaries, in train timesteps (550, 100): see `baselines.MOSAICDIFF_DIT_BOUNDARIES` for the reading.
 MOSAICDIFF_BOUNDARIES = MOSAICDIFF_DIT_BOUNDARIES
 
+
 def level_macs(model: torch.nn.Module, store: PruneStore, probe: dict) -> list[float]:
     """MACs of one forward on `probe` at every level 0..max_level (counted with `FlopCounterMode`)."""
     router = WeightRouter(model, store)
