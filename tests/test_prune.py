@@ -349,6 +349,16 @@ def test_prune_task_exports_a_plan_that_runs(schedule, tmp_path):
     )
 
 
+def test_prune_task_refuses_bad_options_before_any_work(tmp_path):
+    from diffsparse.prune.task import prune
+
+    for override, message in (("prune.method=magnitude", "prune.method"), ("prune.schedule=every", "prune.schedule"),
+                              ("prune.budget=1.5", "prune.budget")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            prune(compose_prune(tmp_path, override))
+    assert not (tmp_path / "pruned").exists()
+
+
 def test_infer_runs_a_pruning_plan(tmp_path, capsys):
     from diffsparse.prune.task import prune
     from diffsparse.tasks import infer

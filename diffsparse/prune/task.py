@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from .calibration import step_boundaries
 from .plan import MOSAICDIFF_BOUNDARIES, PrunePlan, level_macs, mosaic_levels, saved_fraction, uniform_levels
 from .routing import apply_pruning, remove_pruning
-from .store import build_store
+from .store import METHODS, build_store
 from .structures import prunable_layers
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ def prune(cfg: DictConfig) -> dict:
     p = cfg.prune
     if p.schedule not in SCHEDULES:
         raise ValueError(f"Unknown prune.schedule {p.schedule!r}; choose one of {SCHEDULES}.")
+    if p.method not in METHODS:
+        raise ValueError(f"Unknown prune.method {p.method!r}; choose one of {METHODS}.")
+    if not 0.0 < p.budget < 1.0:
+        raise ValueError(f"prune.budget must be in (0, 1), got {p.budget}")
     out = Path(cfg.output_dir)
     ref = load_model(p.model)
     scheduler = ref.scheduler(p.sampler)
