@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from diffsparse import Schedule, apply_token_cache, remove_token_cache
 from diffsparse.baselines import budget_schedules
-from diffsparse.cache.macs import mac_table
 from diffsparse.files import atomic_path
 from diffsparse.metrics import l2, paired_difference, psnr
 from diffsparse.reference import DEFAULT_GUIDANCE, SHIPPED_SCHEDULE, load_reference
@@ -37,9 +36,7 @@ def run(sizes, samples: int, steps: int, seed: int, schedule_path: Path) -> list
     labels = torch.arange(samples) % ref.num_classes
     rows = []
     for size in sizes:
-        probe = dict(hidden_states=torch.zeros(2, 1, size, size), timestep=torch.full((2,), 500),
-                     class_labels=torch.tensor([0, ref.num_classes]))  # fmt: skip
-        table = mac_table(model, **probe)
+        table = ref.mac_table(size)
         saved = table.saved_fraction(learned)
         scheduler = ref.scheduler("ddim")
         scheduler.set_timesteps(steps)

@@ -124,20 +124,22 @@ def run_pruned_inference(pipe, plan, conditions, seed: int = 0, rounds: int = 2,
         finally:
             remove_pruning(transformer)
 
-    calls = []  # the timestep of every transformer forward, and the first call's keywords
-    hook = transformer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    timesteps, first = [], {}  # every transformer forward's timestep, and the first call's keywords
+
+    def record(module, args, kwargs):
+        call = {**dict(zip(["hidden_states", "timestep"], args, strict=False)), **kwargs}
+        if not first:
+            first.update(call)
+        timesteps.append(float(torch.as_tensor(call["timestep"]).flatten()[0]))
+
+    hook = transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
         dense()  # also the warm-up
     finally:
         hook.remove()
-    args, kwargs = calls[0]
-    kwargs = {**dict(zip(["hidden_states"], args, strict=False)), **kwargs}
-    dense_macs, per_stage = stage_macs(transformer, plan, kwargs)
-    timesteps = [
-        float(torch.as_tensor(k.get("timestep", a[1] if len(a) > 1 else None)).flatten()[0]) for a, k in calls
-    ]
+    dense_macs, per_stage = stage_macs(transformer, plan, first)
     stages = stage_of_timestep(timesteps, plan.store.boundaries)
-    gmacs = [dense_macs * len(calls) / 1e9, sum(per_stage[s] for s in stages) / 1e9]
+    gmacs = [dense_macs * len(timesteps) / 1e9, sum(per_stage[s] for s in stages) / 1e9]
     result = {
         "num_steps": steps,
         "dense_gmacs": gmacs[0],

@@ -36,14 +36,22 @@ class Method:
     def weight_bytes(self, transformer: torch.nn.Module) -> int:
         """Bytes of the weights this method keeps in memory: the model's, plus the routed store's pruned weights, or
         (stitched) every stage's pruned copy."""
-        from .prune.routing import StitchedModel, parameter_bytes
+        from .prune.routing import parameter_bytes
 
         if self.pruning is None:
             return parameter_bytes(transformer)
         plan = self.pruning
         if self.stitched:
-            return parameter_bytes(StitchedModel(transformer, plan.store, plan.stage_levels))
+            return parameter_bytes(self.stitched_model(transformer))
         return parameter_bytes(transformer) + plan.compact_store().weight_bytes()
+
+    def stitched_model(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """The plan's stitched copies of `transformer`, built once per method."""
+        from .prune.routing import StitchedModel
+
+        if getattr(self, "_stitched_model", None) is None:
+            self._stitched_model = StitchedModel(transformer, self.pruning.store, self.pruning.stage_levels)
+        return self._stitched_model
 
 
 def _apply_diffusers_cache(model: torch.nn.Module, config) -> None:
@@ -64,11 +72,11 @@ def _apply_diffusers_cache(model: torch.nn.Module, config) -> None:
 def applied(method: Method, transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The transformer set up for `method`: token cache applied (and removed after), or a diffusers-cached copy."""
     if method.pruning is not None:
-        from .prune.routing import StitchedModel, apply_pruning, remove_pruning
+        from .prune.routing import apply_pruning, remove_pruning
 
         plan = method.pruning
         if method.stitched:
-            yield StitchedModel(transformer, plan.store, plan.stage_levels)
+            yield method.stitched_model(transformer)
             return
         apply_pruning(transformer, plan.store, plan.stage_levels)
         try:

@@ -71,21 +71,25 @@ class Reference:
 
         return make_scheduler(name, self.noise_schedule)
 
-    def mac_table(self):
-        """MACs per unit and level for one image: a CFG pair (its condition and the null one) at one step."""
-        from .cache.macs import mac_table
-
-        c, s = self.sample_shape[0], self.sample_shape[1]
+    def probe_inputs(self, size: int | None = None) -> dict:
+        """Forward keywords for one image at one step: a CFG pair (its condition and the null one) at timestep 500,
+        zero inputs of the model's sample size (or `size` x `size`). MACs are counted on it."""
+        c, s = self.sample_shape[0], size or self.sample_shape[1]
         dtype = next(self.transformer.parameters()).dtype
         probe = dict(hidden_states=torch.zeros(2, c, s, s, dtype=dtype), timestep=torch.full((2,), 500))
         if not self.text_conditioned:
-            return mac_table(self.transformer, **probe, class_labels=torch.tensor([0, self.num_classes]))
+            return {**probe, "class_labels": torch.tensor([0, self.num_classes])}
         if self.null_conditions is None:
             raise ValueError("A text-conditional model needs null_conditions (its caption embeddings' empty prompt).")
         text = {k: v.expand(2, *v.shape[1:]) for k, v in self.null_conditions.items()}
         text["encoder_hidden_states"] = text["encoder_hidden_states"].to(dtype)
-        extra = {"resolution": None, "aspect_ratio": None}
-        return mac_table(self.transformer, **probe, **text, added_cond_kwargs=extra)
+        return {**probe, **text, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+    def mac_table(self, size: int | None = None):
+        """MACs per unit and level for one image: a CFG pair (its condition and the null one) at one step."""
+        from .cache.macs import mac_table
+
+        return mac_table(self.transformer, **self.probe_inputs(size))
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples in image space, [-1, 1]: latents through the VAE, pixels as they are."""

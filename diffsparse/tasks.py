@@ -194,7 +194,7 @@ def search_schedule(cfg: DictConfig) -> dict:
     schedule = type(schedule)(schedule.grid, schedule.units, {**schedule.meta, "saved_macs": saved})
     schedule.save(out / "schedule.json")
     schedule.plot(out / "schedule.png", title=f"{s.algorithm} search ({s.fitness}): saves {saved:.1%} of MACs")
-    _plot_progress(search.evaluated, out / "search.png", f"{s.algorithm}: fitness ({s.fitness}) of every candidate")
+    plot_progress(search.evaluated, out / "search.png", f"{s.algorithm}: fitness ({s.fitness}) of every candidate")
     result = {
         "schedule": str(out / "schedule.json"),
         "saved_macs": saved,
@@ -254,7 +254,7 @@ def _write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data))
 
 
-def _plot_progress(evaluated: list, path: Path, title: str) -> None:
+def plot_progress(evaluated: list, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -35,7 +35,6 @@ from diffsparse.prune.routing import (
 from diffsparse.prune.scores import damped_inverse, layerdrop_order, obs_prune, wanda_order
 from diffsparse.prune.store import PruneStore, build_store
 from diffsparse.prune.structures import prunable_layers, removed_count
-from diffsparse.prune.task import probe_inputs
 from diffsparse.reference import load_model
 from diffsparse.sampling import initial_noise, sample
 from diffsparse.stages import StageSpace
@@ -282,7 +281,7 @@ def test_store_round_trip_in_float16_and_compact_plans(ref, stores, tmp_path):
 
 def test_presets_fit_the_budget_and_follow_their_pattern(ref, stores):
     store = stores["obs"]
-    macs = level_macs(ref.transformer, store, probe_inputs(ref))
+    macs = level_macs(ref.transformer, store, ref.probe_inputs())
     assert macs[0] > macs[3] > macs[6]
     scheduler = ref.scheduler()
     scheduler.set_timesteps(50)
@@ -293,7 +292,7 @@ def test_presets_fit_the_budget_and_follow_their_pattern(ref, stores):
     assert saved[0] == 0.0 and all(a < b for a, b in zip(saved, saved[1:], strict=False))  # more levels, more saved
     assert abs(saved[u] - 0.3) < 0.1
     mosaic_store = build_store(ref, "obs", list(MOSAICDIFF_BOUNDARIES), samples=8, levels=16, max_level=12)
-    m_macs = level_macs(ref.transformer, mosaic_store, probe_inputs(ref))
+    m_macs = level_macs(ref.transformer, mosaic_store, ref.probe_inputs())
     levels = mosaic_levels(mosaic_store, t, m_macs, 0.3)
     assert levels[0] > levels[2] > levels[1]  # high early, low in the middle, moderate late
     assert abs(saved_fraction(levels, list(MOSAICDIFF_BOUNDARIES), t, m_macs) - 0.3) < 0.05
@@ -343,7 +342,7 @@ def test_prune_task_exports_a_plan_that_runs(schedule, tmp_path):
         assert (tmp_path / "search_state.json").is_file() and (tmp_path / "search.png").is_file()
     macs = plan.meta["level_gmacs"]  # counted on the full store; the plan's store keeps only its levels
     with pytest.raises(ValueError, match="not in this store"):
-        level_macs(load_model("tiny").transformer, plan.store, probe_inputs(load_model("tiny")))
+        level_macs(load_model("tiny").transformer, plan.store, load_model("tiny").probe_inputs())
     assert saved_fraction(plan.stage_levels, plan.store.boundaries, plan.meta["timesteps"], macs) == pytest.approx(
         result["saved_macs"]
     )

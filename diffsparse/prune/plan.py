@@ -12,7 +12,7 @@ A plan saves as a directory: `plan.json` (levels, stage boundaries, MACs saved, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,34 +31,30 @@ MOSAICDIFF_PATTERN = (0.60, 0.04, 0.10)
 MOSAICDIFF_BOUNDARIES = MOSAICDIFF_DIT_BOUNDARIES
 
 
-def level_macs(model: torch.nn.Module, store: PruneStore, probe: dict) -> list[float]:
-    """MACs of one forward on `probe` at every level 0..max_level (counted with `FlopCounterMode`)."""
+def routed_macs(model: torch.nn.Module, store: PruneStore, kwargs: dict, routes) -> list[float]:
+    """MACs of one forward on `kwargs` with each `(stage, level)` of `routes` routed in (`FlopCounterMode`)."""
     router = WeightRouter(model, store)
     macs = []
     try:
-        for level in range(store.max_level + 1):
-            router.route(0, level)
+        for stage, level in routes:
+            router.route(stage, level)
             with torch.no_grad(), flop_counter() as counter:
-                model(**probe)
+                model(**kwargs)
             macs.append(counter.get_total_flops() / 2)
     finally:
         router.restore()
     return macs
 
 
+def level_macs(model: torch.nn.Module, store: PruneStore, probe: dict) -> list[float]:
+    """MACs of one forward on `probe` at every level 0..max_level."""
+    return routed_macs(model, store, probe, [(0, level) for level in range(store.max_level + 1)])
+
+
 def stage_macs(model: torch.nn.Module, plan: PrunePlan, kwargs: dict) -> tuple[float, list[float]]:
-    """MACs of one forward on `kwargs`: dense, and at each stage's level of `plan` (`FlopCounterMode`)."""
-    router = WeightRouter(model, plan.store)
-    counts = []
-    try:
-        for stage, level in [(0, 0), *enumerate(plan.stage_levels)]:
-            router.route(stage, level)
-            with torch.no_grad(), flop_counter() as counter:
-                model(**kwargs)
-            counts.append(counter.get_total_flops() / 2)
-    finally:
-        router.restore()
-    return counts[0], counts[1:]
+    """MACs of one forward on `kwargs`: dense, and at each stage's level of `plan`."""
+    dense, *stages = routed_macs(model, plan.store, kwargs, [(0, 0), *enumerate(plan.stage_levels)])
+    return dense, stages
 
 
 def saved_fraction(stage_levels, boundaries, timesteps, macs: list[float]) -> float:
@@ -86,12 +82,8 @@ class PrunePlan:
     def compact_store(self) -> PruneStore:
         """The store with only what this plan routes: its stages' orders and the weights of their levels."""
         s = self.store
-        weights = {}
-        for (stage, name, removed), w in s.weights.items():
-            if removed == s.removed(name, self.stage_levels[stage]):
-                weights[(stage, name, removed)] = w
-        return PruneStore(s.method, s.boundaries, s.num_train_timesteps, s.levels, s.max_level, s.counts,
-                          dict(s.orders), weights, dict(s.info))  # fmt: skip
+        weights = {k: w for k, w in s.weights.items() if k[2] == s.removed(k[1], self.stage_levels[k[0]])}
+        return replace(s, orders=dict(s.orders), weights=weights, info=dict(s.info))
 
     def save(self, directory: str | Path, plot: bool = True) -> Path:
         """Write the plan directory. `plan.json` goes last (and an old one first), so a directory with a plan.json

@@ -85,6 +85,15 @@ def _check(model: nn.Module, store: PruneStore) -> list[PrunableLayer]:
     return layers
 
 
+def _linears(layer: PrunableLayer) -> list[nn.Linear]:
+    return [*layer.producers, layer.consumer]
+
+
+def _weights(layer: PrunableLayer) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of the producers, then the consumer: the layout `_thin_weights` takes."""
+    return [(linear.weight, linear.bias) for linear in _linears(layer)]
+
+
 def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
     if bias is not None:
@@ -98,8 +107,7 @@ class WeightRouter:
     def __init__(self, model: nn.Module, store: PruneStore):
         self.model, self.store = model, store
         self.layers = _check(model, store)
-        linears = lambda layer: [*layer.producers, layer.consumer]  # noqa: E731
-        self.dense = {layer.name: [(p.weight, p.bias) for p in linears(layer)] for layer in self.layers}
+        self.dense = {layer.name: _weights(layer) for layer in self.layers}
         self.heads = {layer.name: layer.count for layer in self.layers if layer.kind == HEADS}
         self.blocks_attr = backbone_for(model).blocks
         self.blocks = getattr(model, self.blocks_attr)
@@ -138,7 +146,7 @@ class WeightRouter:
         """The dense parameters (the original tensor objects) back in every layer."""
         setattr(self.model, self.blocks_attr, self.blocks)
         for layer in self.layers:
-            for linear, (w, b) in zip([*layer.producers, layer.consumer], self.dense[layer.name], strict=True):
+            for linear, (w, b) in zip(_linears(layer), self.dense[layer.name], strict=True):
                 _set_linear(linear, w, b)
             if layer.kind == HEADS:
                 layer.module.heads = self.heads[layer.name]
@@ -201,8 +209,7 @@ def pruned_copy(model: nn.Module, store: PruneStore, stage: int, level: int) -> 
         setattr(pruned, spec.blocks, _without(getattr(pruned, spec.blocks), dropped_blocks(store, stage, level)))
         return pruned
     for layer in layers:
-        dense = [(p.weight, p.bias) for p in (*layer.producers, layer.consumer)]
-        producers, consumer, heads = _thin_weights(store, stage, layer, level, dense)
+        producers, consumer, heads = _thin_weights(store, stage, layer, level, _weights(layer))
         if layer.kind == HEADS:
             attn = layer.module
             attn.to_q, attn.to_k, attn.to_v = (_new_linear(w, b) for w, b in producers)

@@ -14,7 +14,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -26,15 +25,6 @@ from .structures import prunable_layers
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("uniform", "mosaic", "search")
-
-
-def probe_inputs(ref) -> dict:
-    """One CFG pair (a class and the null class) at a middle timestep: the forward MACs are counted on it."""
-    c, s = ref.sample_shape[0], ref.sample_shape[1]
-    dtype = next(ref.transformer.parameters()).dtype
-    null = ref.transformer.config.num_embeds_ada_norm
-    return dict(hidden_states=torch.zeros(2, c, s, s, dtype=dtype), timestep=torch.full((2,), 500),
-                class_labels=torch.tensor([0, null]))  # fmt: skip
 
 
 def prune(cfg: DictConfig) -> dict:
@@ -65,7 +55,7 @@ def prune(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     store = build_store(ref, p.method, boundaries, p.samples, p.levels, p.max_level, p.damp, cfg.seed)
     build_minutes = (time.perf_counter() - start) / 60
-    macs = level_macs(ref.transformer, store, probe_inputs(ref))
+    macs = level_macs(ref.transformer, store, ref.probe_inputs())
     search_info = {}
     if p.schedule == "uniform":
         levels = uniform_levels(store, timesteps, macs, p.budget)
@@ -107,7 +97,7 @@ def _search(cfg, ref, store, space, timesteps, macs, out: Path) -> tuple[list[in
 
     from ..fitness import SampleFitness
     from ..search import make_search
-    from ..tasks import _plot_progress, run_search, search_options
+    from ..tasks import plot_progress, run_search, search_options
 
     s, p = cfg.search, cfg.prune
     space = replace(space, levels=store.levels, max_level=store.max_level)
@@ -130,7 +120,7 @@ def _search(cfg, ref, store, space, timesteps, macs, out: Path) -> tuple[list[in
         logger = instantiate(cfg.logger) if cfg.get("logger") else None
         minutes = run_search(search, s, out / "search_state.json", logger)
     levels, best = search.best
-    _plot_progress(search.evaluated, out / "search.png", f"{s.algorithm}: fitness ({s.fitness}) of every candidate")
+    plot_progress(search.evaluated, out / "search.png", f"{s.algorithm}: fitness ({s.fitness}) of every candidate")
     info = {"algorithm": s.algorithm, "fitness": s.fitness, "fitness_value": best, "level_sum": total,
             "generations": search.generation, "evaluated": len(search.evaluated),
             "search_minutes": minutes}  # fmt: skip
