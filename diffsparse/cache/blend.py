@@ -51,13 +51,19 @@ def blend_forward(hook, module, hidden_states, *args, **kwargs):
             _, state.signals[(u.block, signal)] = attention_with_signals(
                 module, hidden_states, context, kwargs.get("attention_mask"), signal
             )
-    out = original(hidden_states, *args, **kwargs)
+    return blend_output(ctl, u, hidden_states, original(hidden_states, *args, **kwargs))
+
+
+def blend_output(ctl, u, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Unit `u`'s output `out` (B, N, D), computed on all tokens of its input `x`, blended with its cache through
+    the choice's nested masks; updates the trajectory's cache."""
+    state = ctl.current
     if state.step == 0:
-        state.store_full(u.index, out, hidden_states.detach(), ctl.selector.needs_inputs)
+        state.store_full(u.index, out, x.detach(), ctl.selector.needs_inputs)
         return out
-    n = hidden_states.shape[1]
+    n = x.shape[1]
     with torch.no_grad():
-        ranks = token_ranks(_scores(ctl, state, u, hidden_states.detach()), state.cfg)
+        ranks = token_ranks(_scores(ctl, state, u, x.detach()), state.cfg)
         counts = torch.tensor([fresh_tokens(s, n) for s in SPARSITY_LEVELS], device=ranks.device)
         candidates = (ranks[..., None] < counts).to(out.dtype)  # (B, N, |S|) nested masks
     h = ctl.choice[state.step, u.index].to(out.dtype)
@@ -68,5 +74,5 @@ def blend_forward(hook, module, hidden_states, *args, **kwargs):
     state.cache[u.index] = blended
     state.last_fresh[u.index] = torch.where(fresh, state.step, state.last_fresh[u.index])
     if ctl.selector.needs_inputs:
-        state.inputs[u.index] = torch.where(fresh[..., None], hidden_states.detach(), state.inputs[u.index])
+        state.inputs[u.index] = torch.where(fresh[..., None], x.detach(), state.inputs[u.index])
     return blended

@@ -18,9 +18,10 @@ from diffusers.hooks.hooks import StateManager
 
 from ..schedule import Schedule
 from .attention import attention_with_signals, check_standard_attention
-from .backbones import SELF_ATTN, UnitInfo, backbone_for, find_units
-from .blend import blend_forward
+from .backbones import JOINT, ROPE_SELF, SELF_ATTN, SINGLE_STREAM, UnitInfo, backbone_for, find_units
+from .blend import blend_forward, blend_output
 from .rows import flat_rows, put_rows, take_rows
+from .runners import check_plain, joint_attention, rope_self_attention, single_stream_branch
 from .selector import SelectorConfig, make_selector
 from .state import TokenCacheController, TrajectoryState
 
@@ -69,7 +70,7 @@ class TrajectoryHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         if not self.controller.paused:
             bound = self.signature.bind_partial(module, *args, **kwargs).arguments
-            self.controller.begin_forward(module, bound["hidden_states"], bound.get("timestep"), self.contexts.latest)
+            self.controller.begin_forward(module, bound, bound.get("timestep"), self.contexts.latest)
         return args, kwargs
 
     def post_forward(self, module, output):
@@ -83,19 +84,69 @@ class TrajectoryHook(ModelHook):
 
 
 class TokenCacheUnitHook(ModelHook):
-    """On one unit (attention or feed-forward module): compute all, reuse all, or recompute the top-k tokens."""
+    """On one unit's module: compute all, reuse all, or recompute the top-k tokens.
 
-    def __init__(self, controller: TokenCacheController, unit: UnitInfo):
+    A FLUX joint attention module carries two units (its image and its text stream); every other module one.
+    """
+
+    def __init__(self, controller: TokenCacheController, units: list[UnitInfo], signature: inspect.Signature):
         super().__init__()
         self.controller = controller
-        self.unit = unit
+        self.units = units
+        self.unit = units[0]
+        self.signature = signature
 
-    def new_forward(self, module, hidden_states, *args, **kwargs):
+    def new_forward(self, module, *args, **kwargs):
+        ctl, u = self.controller, self.unit
+        original = self.fn_ref.original_forward
+        if ctl.current is None or ctl.paused:
+            return original(*args, **kwargs)
+        if u.runner == JOINT:
+            return self._joint(module, args, kwargs)
+        if u.runner == SINGLE_STREAM:
+            return self._single_stream(module, args, kwargs)
+        if not args:
+            args = (kwargs.pop("hidden_states"),)
+        return self._one(module, *args, **kwargs)
+
+    # --- helpers --------------------------------------------------------------------------------------------------
+    def _cached(self, u: UnitInfo, x: torch.Tensor) -> torch.Tensor:
+        state = self.controller.current
+        cache = state.cache.get(u.index)
+        if cache is None or cache.shape[0] != x.shape[0] or cache.shape[1] != x.shape[1]:
+            raise RuntimeError(
+                f"Unit {u.name} has no cached output for this batch at step {state.step}: a trajectory must start "
+                "with a full step. Call reset_token_cache(model) before sampling with a new batch size or resolution."
+            )
+        return cache
+
+    def _choose(self, u: UnitInfo, x: torch.Tensor, s: float):
+        """The fresh tokens of `u` at sparsity `s` < 1: `(idx (B, k), rows)`; rows None when all are fresh."""
+        ctl, state = self.controller, self.controller.current
+        b, n = x.shape[:2]
+        if s == 0.0:
+            return torch.arange(n, device=x.device).expand(b, n), None
+        self._cached(u, x)
+        idx = ctl.selector.select(x, ctl.fresh(state.step, u.index, n), state, u)
+        return idx, flat_rows(idx, n)
+
+    def _store(self, u: UnitInfo, x: torch.Tensor, out: torch.Tensor, chosen) -> torch.Tensor:
+        """Record the fresh outputs `out` of `u` (input `x`); returns its full output (B, N, D)."""
+        state, keep = self.controller.current, self.controller.selector.needs_inputs
+        idx, rows = chosen
+        if rows is None:
+            state.store_full(u.index, out, x, keep)
+            return out
+        cache = put_rows(state.cache[u.index], rows, out)
+        state.store_partial(u.index, cache, idx, rows, take_rows(x, rows, idx.shape[1]) if keep else None, keep)
+        return cache
+
+    # --- runners --------------------------------------------------------------------------------------------------
+    def _one(self, module, hidden_states, *args, **kwargs):
+        """A unit on one module whose first argument is its tokens (`MODULE` and `ROPE_SELF` runners)."""
         ctl, u = self.controller, self.unit
         state = ctl.current
         original = self.fn_ref.original_forward
-        if state is None or ctl.paused:
-            return original(hidden_states, *args, **kwargs)
         if ctl.choice is not None:
             return blend_forward(self, module, hidden_states, *args, **kwargs)
         keep_inputs = ctl.selector.needs_inputs
@@ -112,26 +163,73 @@ class TokenCacheUnitHook(ModelHook):
                 )
             state.store_full(u.index, out, hidden_states, keep_inputs)
             return out
-
-        cache = state.cache.get(u.index)
-        if cache is None or cache.shape[0] != hidden_states.shape[0] or cache.shape[1] != hidden_states.shape[1]:
-            raise RuntimeError(
-                f"Unit {u.name} has no cached output for this batch at step {state.step}: a trajectory must start "
-                "with a full step. Call reset_token_cache(model) before sampling with a new batch size or resolution."
-            )
         if s == 1.0:
-            return cache
-        k = ctl.fresh(state.step, u.index, hidden_states.shape[1])
-        idx = ctl.selector.select(hidden_states, k, state, u)
-        rows = flat_rows(idx, hidden_states.shape[1])
-        x_fresh = take_rows(hidden_states, rows, k)
-        if u.kind == SELF_ATTN:
-            # Queries from the fresh tokens, keys and values from all current tokens.
-            kwargs = {**kwargs, "encoder_hidden_states": hidden_states}
-        out_fresh = original(x_fresh, *args, **kwargs)
-        cache = put_rows(cache, rows, out_fresh)
-        state.store_partial(u.index, cache, idx, rows, x_fresh, keep_inputs)
-        return cache
+            return self._cached(u, hidden_states)
+        chosen = self._choose(u, hidden_states, s)
+        if u.runner == ROPE_SELF:
+            bound = self.signature.bind(hidden_states, *args, **kwargs).arguments
+            if bound.get("attention_mask") is not None:
+                raise ValueError(f"{u.name}: attention masks are not supported on partial steps.")
+            out_fresh = rope_self_attention(module, hidden_states, *chosen, bound["rotary_emb"])
+        else:
+            x_fresh = take_rows(hidden_states, chosen[1], chosen[0].shape[1])
+            if u.kind == SELF_ATTN:
+                # Queries from the fresh tokens, keys and values from all current tokens.
+                kwargs = {**kwargs, "encoder_hidden_states": hidden_states}
+            out_fresh = original(x_fresh, *args, **kwargs)
+        return self._store(u, hidden_states, out_fresh, chosen)
+
+    def _joint(self, module, args, kwargs):
+        """FLUX dual-stream attention: the image unit and the text unit, each at its own sparsity."""
+        ctl = self.controller
+        state = ctl.current
+        img_u, txt_u = self.units
+        bound = self.signature.bind(*args, **kwargs).arguments
+        img, txt = bound["hidden_states"], bound["encoder_hidden_states"]
+        dense = ctl.sparsity(state.step, img_u.index) == 0.0 and ctl.sparsity(state.step, txt_u.index) == 0.0
+        if ctl.choice is not None or dense:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            if len(out) != 2:
+                raise ValueError(f"{img_u.name}: image-prompt adapters are not supported by the token cache.")
+            if ctl.choice is not None:
+                return blend_output(ctl, img_u, img, out[0]), blend_output(ctl, txt_u, txt, out[1])
+            state.store_full(img_u.index, out[0], img, ctl.selector.needs_inputs)
+            state.store_full(txt_u.index, out[1], txt, ctl.selector.needs_inputs)
+            return out
+        if bound.get("attention_mask") is not None or bound.get("kwargs"):
+            raise ValueError(f"{img_u.name}: attention masks and extra attention arguments are not supported.")
+        chosen = []
+        for u, x in ((img_u, img), (txt_u, txt)):
+            s = ctl.sparsity(state.step, u.index)
+            chosen.append(None if s == 1.0 else self._choose(u, x, s))
+        if chosen == [None, None]:
+            return self._cached(img_u, img), self._cached(txt_u, txt)
+        fresh = joint_attention(module, img, txt, *chosen, bound["image_rotary_emb"])
+        return tuple(
+            self._cached(u, x) if c is None else self._store(u, x, f, c)
+            for u, x, f, c in zip((img_u, txt_u), (img, txt), fresh, chosen, strict=True)
+        )
+
+    def _single_stream(self, block, args, kwargs):
+        """FLUX single-stream block: its residual branch cached per image token; text tokens always computed."""
+        ctl, u = self.controller, self.unit
+        state = ctl.current
+        bound = self.signature.bind(*args, **kwargs).arguments
+        img, txt = bound["hidden_states"], bound["encoder_hidden_states"]
+        s = ctl.sparsity(state.step, u.index)
+        if ctl.choice is not None or s == 0.0:
+            txt_out, img_out = self.fn_ref.original_forward(*args, **kwargs)
+            if ctl.choice is not None:
+                return txt_out, img + blend_output(ctl, u, img, img_out - img)
+            state.store_full(u.index, img_out - img, img, ctl.selector.needs_inputs)
+            return txt_out, img_out
+        if bound.get("joint_attention_kwargs"):
+            raise ValueError(f"{u.name}: extra attention arguments are not supported.")
+        chosen = None if s == 1.0 else self._choose(u, img, s)
+        rotary = bound["image_rotary_emb"]
+        txt_branch, img_branch = single_stream_branch(block, img, txt, bound["temb"], rotary, chosen)
+        img_branch = self._cached(u, img) if chosen is None else self._store(u, img, img_branch, chosen)
+        return txt + txt_branch, img + img_branch
 
 
 def _controller(model: torch.nn.Module) -> TokenCacheController | None:
@@ -180,11 +278,16 @@ def apply_token_cache(
             if any(row[u.index] is not None for row in controller.signal_plan):
                 check_standard_attention(u.module, u.name)
 
-    signature = inspect.signature(type(model).forward)
+    by_module: dict[int, list[UnitInfo]] = {}
     for u in units:
-        HookRegistry.check_if_exists_or_initialize(u.module).register_hook(
-            TokenCacheUnitHook(controller, u), _UNIT_HOOK
-        )
+        by_module.setdefault(id(u.module), []).append(u)
+        if u.runner in (ROPE_SELF, JOINT):
+            check_plain(u.module, u.name)
+    signature = inspect.signature(type(model).forward)
+    for group in by_module.values():
+        module = group[0].module
+        hook = TokenCacheUnitHook(controller, group, inspect.signature(module.forward))
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _UNIT_HOOK)
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(TrajectoryHook(controller, signature), _TRAJECTORY_HOOK)
     registry.invalidate_child_registries_cache()
@@ -196,8 +299,8 @@ def remove_token_cache(model: torch.nn.Module) -> None:
     if _controller(model) is None:
         raise RuntimeError("No token cache is applied to this model.")
     _drop_hook(model, _TRAJECTORY_HOOK)
-    for u in find_units(model):
-        _drop_hook(u.module, _UNIT_HOOK)
+    for module in {id(u.module): u.module for u in find_units(model)}.values():
+        _drop_hook(module, _UNIT_HOOK)
     registry = getattr(model, "_diffusers_hook", None)
     if registry is not None:
         registry.invalidate_child_registries_cache()

@@ -5,6 +5,11 @@ A unit at a step computes `k` fresh tokens of `N` (see `fresh_tokens`):
 - self-attention: q and output projections on k tokens, k and v projections on all N tokens, and
   2 x inner_dim x k x N for QK^T and AV.
 - cross-attention: q and output projections on k tokens, k and v on the M context tokens, 2 x inner x k x M.
+- one stream of a joint attention (FLUX): its q and output projections on k tokens, 2 x inner x k x (N + M).
+  Both streams' k and v projections run whenever either stream computes, so they are counted outside the units
+  (a step where both streams reuse everything is charged them anyway: the table errs towards fewer savings).
+- single-stream block (FLUX): q, MLP and output projections on k image tokens, 2 x inner x k x (N + M); the text
+  tokens' rows and all k and v projections run at every level and are counted outside the units.
 - reuse-all (k = 0): nothing.
 Everything outside the units (embeddings, norms, modulation, final layer) is the same at every step and is
 measured as `FlopCounterMode(dense forward) / 2 - dense unit MACs`.
@@ -12,6 +17,7 @@ measured as `FlopCounterMode(dense forward) / 2 - dense unit MACs`.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..schedule import SPARSITY_LEVELS, Schedule, fresh_tokens
-from .backbones import CROSS_ATTN, MLP, UnitInfo, find_units
+from .backbones import CROSS_ATTN, JOINT_ATTN, MLP, PARALLEL_BLOCK, TEXT, UnitInfo, find_units
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -46,6 +52,14 @@ def unit_macs(unit: UnitInfo, num_tokens: int, num_fresh: int, num_context: int 
         return 0
     if unit.kind == MLP:
         return num_fresh * sum(_linear_macs(x) for x in m.modules() if isinstance(x, torch.nn.Linear))
+    if unit.kind == JOINT_ATTN:
+        q, out = (m.add_q_proj, m.to_add_out) if unit.stream == TEXT else (m.to_q, m.to_out[0])
+        return num_fresh * (_linear_macs(q) + _linear_macs(out)) + 2 * q.out_features * num_fresh * (
+            num_tokens + num_context
+        )
+    if unit.kind == PARALLEL_BLOCK:
+        rows = _linear_macs(m.attn.to_q) + _linear_macs(m.proj_mlp) + _linear_macs(m.proj_out)
+        return num_fresh * rows + 2 * m.attn.to_q.out_features * num_fresh * (num_tokens + num_context)
     kv_tokens = num_context if unit.kind == CROSS_ATTN else num_tokens
     inner = int(m.to_q.out_features)
     projections = num_fresh * (_linear_macs(m.to_q) + _linear_macs(m.to_out[0]))
@@ -58,10 +72,13 @@ def _probe(model: torch.nn.Module, units: list[UnitInfo], forward_kwargs: dict) 
     shapes: dict[int, tuple[int, int, int]] = {}
     handles = []
     for u in units:
+        signature = inspect.signature(u.module.forward)
 
-        def record(module, args, kwargs, u=u):
-            x = args[0] if args else kwargs["hidden_states"]
-            ctx = kwargs.get("encoder_hidden_states")
+        def record(module, args, kwargs, u=u, signature=signature):
+            bound = signature.bind(*args, **kwargs).arguments
+            x, ctx = bound["hidden_states"], bound.get("encoder_hidden_states")
+            if u.kind == JOINT_ATTN and u.stream == TEXT:  # the text stream of a joint attention
+                x, ctx = ctx, x
             shapes[u.index] = (x.shape[0], x.shape[1], ctx.shape[1] if ctx is not None else 0)
 
         handles.append(u.module.register_forward_pre_hook(record, with_kwargs=True))

@@ -33,7 +33,8 @@ class SelectorConfig:
     """Which selector and its weights; `None` takes the backbone's default (paper A.5.1) or 0.
 
     Attributes:
-        name: one of `toca`, `norm`, `similarity`, `random`.
+        name: one of `toca`, `norm`, `similarity`, `random`; None: the backbone's default (`toca` for DiT and
+            PixArt-alpha, `norm` for FLUX and Wan).
         self_attn_weight: lambda_1, weight of self-attention influence (toca only).
         cross_attn_weight: lambda_2, weight of cross-attention entropy (toca only).
         reuse_weight: lambda_3, weight of the steps since a token was last computed.
@@ -42,7 +43,7 @@ class SelectorConfig:
         seed: seed of the `random` selector's generator.
     """
 
-    name: str = "toca"
+    name: str | None = None
     self_attn_weight: float | None = None
     cross_attn_weight: float | None = None
     reuse_weight: float | None = None
@@ -55,25 +56,34 @@ class TokenSelector:
     """Scores and picks fresh tokens. `signals` names the attention signals it reads (computed by the runtime)."""
 
     def __init__(self, config: SelectorConfig, defaults: dict):
-        if config.name not in SELECTORS:
-            raise ValueError(f"Unknown selector {config.name!r}; choose one of {SELECTORS}.")
-        self.name = config.name
+        name = config.name or defaults.get("name", "toca")
+        if name not in SELECTORS:
+            raise ValueError(f"Unknown selector {name!r}; choose one of {SELECTORS}.")
+        self.name = name
 
         def pick(key, fallback):
             value = getattr(config, key)
             return float(value) if value is not None else float(defaults.get(key, fallback))
 
-        is_toca = config.name == "toca"
+        is_toca = name == "toca"
+        weights = (config.self_attn_weight, config.cross_attn_weight)
+        if is_toca and all(w is None for w in weights) and "self_attn_weight" not in defaults:
+            raise ValueError(
+                "The toca selector ranks tokens by attention maps, which this backbone's attention (joint or rotary) "
+                "does not expose: use selector='norm' (its default), 'similarity' or 'random'."
+            )
+        # The backbone's bonus goes with its default selector (and toca); other selectors get one when asked.
+        own_default = name == defaults.get("name", "toca")
         self.self_attn_weight = pick("self_attn_weight", 0.0) if is_toca else 0.0
         self.cross_attn_weight = pick("cross_attn_weight", 0.0) if is_toca else 0.0
         self.reuse_weight = pick("reuse_weight", 0.25 / 3)
-        self.bonus = pick("bonus", 0.0) if is_toca or config.bonus is not None else 0.0
+        self.bonus = pick("bonus", 0.0) if is_toca or own_default or config.bonus is not None else 0.0
         self.bonus_kernel = int(pick("bonus_kernel", 2))
         self.seed = config.seed
         self.signals = frozenset(
             name for name, w in ((INFLUENCE, self.self_attn_weight), (ENTROPY, self.cross_attn_weight)) if w != 0
         )
-        self.needs_inputs = config.name == "similarity"
+        self.needs_inputs = name == "similarity"
         self._generator: torch.Generator | None = None
 
     def reset(self) -> None:
@@ -110,7 +120,7 @@ class TokenSelector:
             score = torch.rand(b, n, generator=self._generator, device=x.device)
         if self.reuse_weight != 0:
             score = score + self.reuse_weight * (state.step - state.last_fresh[unit.index]).float()
-        if self.bonus != 0 and state.grid is not None:
+        if self.bonus != 0 and state.grid is not None and getattr(unit, "stream", "image") == "image":
             score = spatial_bonus(score, state.grid, self.bonus_kernel, self.bonus)
         return score
 
@@ -124,17 +134,21 @@ class TokenSelector:
         return torch.topk(score, k, dim=1, sorted=False).indices
 
 
-def spatial_bonus(score: torch.Tensor, grid: tuple[int, int], k: int, bonus: float) -> torch.Tensor:
-    """Add `bonus` to each token that is the maximum of its (non-overlapping) `k x k` tile of the token grid."""
+def spatial_bonus(score: torch.Tensor, grid: tuple[int, ...], k: int, bonus: float) -> torch.Tensor:
+    """Add `bonus` to each token that is the maximum of its (non-overlapping) `k x k` tile of the token grid.
+
+    `grid` is (rows, cols), or (frames, rows, cols) for video: tiles are then `k x k` within each frame.
+    """
     b, n = score.shape
-    h, w = grid
-    if h * w != n or k <= 1:
+    h, w = grid[-2:]
+    frames = n // (h * w) if h * w else 0
+    if frames * h * w != n or (len(grid) == 3 and grid[0] != frames) or k <= 1:
         return score
     if h % k == 0 and w % k == 0:  # the usual case: tiles by reshaping, no copies
-        tiles = score.view(b, h // k, k, w // k, k)
+        tiles = score.view(b * frames, h // k, k, w // k, k)
         winners = tiles == tiles.amax(dim=(2, 4), keepdim=True)
         return score.add(winners.view(b, n).to(score.dtype), alpha=bonus)
-    s = score.view(b, 1, h, w)
+    s = score.view(b * frames, 1, h, w)
     tile_max = F.max_pool2d(s, k, stride=k, ceil_mode=True)
     tile_max = tile_max.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)[..., :h, :w]
     return score + bonus * (s == tile_max).view(b, n).to(score.dtype)

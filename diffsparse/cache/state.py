@@ -107,8 +107,9 @@ class TokenCacheController:
         return fresh_tokens(self.plan[step][unit], num_tokens)
 
     # --- step tracking ------------------------------------------------------------------------------------------
-    def begin_forward(self, model, hidden_states: torch.Tensor, timestep, context) -> None:
-        """Called before every transformer forward: work out the step and whether a new trajectory starts."""
+    def begin_forward(self, model, inputs: dict, timestep, context) -> None:
+        """Called before every transformer forward (`inputs`: its keyword arguments): work out the step and whether
+        a new trajectory starts."""
         name = context.name if context is not None else "default"
         state = self.states.setdefault(name, TrajectoryState())
         self.current = state
@@ -141,8 +142,8 @@ class TokenCacheController:
         state.last_timestep = t_value
         if step == 0:
             self.selector.reset()
-            state.grid = self.spec.token_grid(model, hidden_states)
-            state.cfg = self._is_cfg_batch(hidden_states)
+            state.grid = self.spec.token_grid(model, inputs)
+            state.cfg = self._is_cfg_batch(inputs["hidden_states"])
 
     def _too_many_steps(self) -> ScheduleError:
         return ScheduleError(
