@@ -61,10 +61,13 @@ class Reference:
     num_classes: int = NUM_CLASSES
     vae: torch.nn.Module | None = None
     null_conditions: dict | None = None
+    shape: tuple[int, ...] | None = None  # latents of one sample, when the config does not say (FLUX, Wan)
 
     @property
     def text_conditioned(self) -> bool:
-        return self.transformer.config.get("caption_channels") is not None
+        from .cache.backbones import backbone_for
+
+        return backbone_for(self.transformer).name != "dit"
 
     def scheduler(self, name: str = "ddim"):
         from .sampling import make_scheduler
@@ -74,16 +77,20 @@ class Reference:
     def probe_inputs(self, size: int | None = None) -> dict:
         """Forward keywords for one image at one step: a CFG pair (its condition and the null one) at timestep 500,
         zero inputs of the model's sample size (or `size` x `size`). MACs are counted on it."""
-        c, s = self.sample_shape[0], size or self.sample_shape[1]
+        from .calls import forward_kwargs
+
+        shape = self.sample_shape if size is None else (*self.sample_shape[:-2], size, size)
         dtype = next(self.transformer.parameters()).dtype
-        probe = dict(hidden_states=torch.zeros(2, c, s, s, dtype=dtype), timestep=torch.full((2,), 500))
+        x = torch.zeros(2, *shape, dtype=dtype)
         if not self.text_conditioned:
-            return {**probe, "class_labels": torch.tensor([0, self.num_classes])}
+            return forward_kwargs(self.transformer, x, torch.tensor(500), {"class_labels": torch.tensor([0, 10])})
         if self.null_conditions is None:
             raise ValueError("A text-conditional model needs null_conditions (its caption embeddings' empty prompt).")
-        text = {k: v.expand(2, *v.shape[1:]) for k, v in self.null_conditions.items()}
-        text["encoder_hidden_states"] = text["encoder_hidden_states"].to(dtype)
-        return {**probe, **text, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        text = {
+            k: v.expand(2, *v.shape[1:]).to(dtype if v.is_floating_point() else v.dtype)
+            for k, v in self.null_conditions.items()
+        }
+        return forward_kwargs(self.transformer, x, torch.tensor(500), text)
 
     def mac_table(self, size: int | None = None):
         """MACs per unit and level for one image: a CFG pair (its condition and the null one) at one step."""
@@ -95,10 +102,18 @@ class Reference:
         """Samples in image space, [-1, 1]: latents through the VAE, pixels as they are."""
         if self.vae is None:
             return x
-        return self.vae.decode(x / self.vae.config.scaling_factor).sample
+        cfg = self.vae.config
+        if cfg.get("latents_mean") is not None:  # Wan's VAE: per-channel normalised latents
+            view = (1, -1) + (1,) * (x.ndim - 2)
+            mean = torch.tensor(cfg.latents_mean, dtype=x.dtype, device=x.device).view(view)
+            std = torch.tensor(cfg.latents_std, dtype=x.dtype, device=x.device).view(view)
+            return self.vae.decode(x * std + mean).sample
+        return self.vae.decode(x / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)).sample
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def sample_shape(self) -> tuple[int, ...]:
+        if self.shape is not None:
+            return tuple(self.shape)
         c = self.transformer.config
         return (c.in_channels, c.sample_size, c.sample_size)
 
@@ -126,6 +141,8 @@ def load_model(name: str) -> Reference:
     - `tiny`: a random 2-block DiT of the same shape (for tests);
     - `tiny-pixart`: a random 2-block PixArt on 4 x 8 x 8 latents with a tiny random VAE (text-conditional: its
       conditions come from caption embeddings, `diffsparse.captions`);
+    - `tiny-flux`, `tiny-wan`: random one-block FLUX (4 x 8 x 8 latents) and two-block Wan2.1 (4 x 2 x 8 x 8
+      latents) from `diffsparse.flow_models`' tiny pipelines, flow matching, text-conditional;
     - a folder written by `train_reference`, or a saved stock DiT / PixArt-alpha pipeline (with `model_index.json`).
     """
     if name == "tiny":
@@ -138,22 +155,54 @@ def load_model(name: str) -> Reference:
 
         transformer = build_transformer("pixart", "tiny").requires_grad_(False)
         return Reference(transformer, dict(NOISE_SCHEDULE), vae=tiny_vae().requires_grad_(False))
+    if name in TINY_FLOW_MODELS:
+        return _tiny_flow(name)
     if name != "reference" and (Path(name).expanduser() / "model_index.json").is_file():
         return _from_pipeline(Path(name).expanduser())
     return load_reference(None if name == "reference" else name)
 
 
+# Latents of one sample for the tiny flow-matching models (FLUX: 16 tokens; Wan: 2 frames of 16 tokens).
+TINY_FLOW_MODELS = {"tiny-flux": (4, 8, 8), "tiny-wan": (4, 2, 8, 8)}
+
+
+def _tiny_flow(name: str) -> Reference:
+    from .flow_models import tiny_flux_pipeline, tiny_wan_pipeline
+
+    pipe = tiny_flux_pipeline() if name == "tiny-flux" else tiny_wan_pipeline()
+    return _reference_of(pipe, "flux" if name == "tiny-flux" else "wan", TINY_FLOW_MODELS[name])
+
+
+def _reference_of(pipe, backbone: str, shape=None) -> Reference:
+    """The transformer, VAE and noise schedule of a stock pipeline."""
+    transformer = pipe.transformer.eval().requires_grad_(False)
+    if backbone in ("flux", "wan"):
+        noise_schedule = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+        noise_schedule["_class_name"] = type(pipe.scheduler).__name__
+    else:
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas")
+        noise_schedule = {k: pipe.scheduler.config[k] for k in keys if k in pipe.scheduler.config}
+    num_classes = transformer.config.num_embeds_ada_norm if backbone == "dit" else 0
+    vae = pipe.vae.eval().requires_grad_(False)
+    return Reference(transformer, noise_schedule, num_classes=num_classes, vae=vae, shape=shape)
+
+
 def _from_pipeline(path: Path) -> Reference:
-    """The transformer, VAE and noise schedule of a saved stock pipeline (DiT or PixArt-alpha)."""
+    """The transformer, VAE and noise schedule of a saved stock pipeline (DiT, PixArt-alpha, FLUX or Wan2.1)."""
     from .pipelines import load_pipeline
 
-    backbone = "pixart" if "PixArt" in json.loads((path / "model_index.json").read_text())["_class_name"] else "dit"
+    pipeline_class = json.loads((path / "model_index.json").read_text())["_class_name"]
+    backbone = next((b for b in PIPELINE_BACKBONES if pipeline_class.startswith(PIPELINE_BACKBONES[b])), "dit")
     pipe = load_pipeline(str(path), backbone=backbone)
-    transformer = pipe.transformer.eval().requires_grad_(False)
-    num_classes = 0 if backbone == "pixart" else transformer.config.num_embeds_ada_norm
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas")
-    noise_schedule = {k: pipe.scheduler.config[k] for k in keys if k in pipe.scheduler.config}
-    return Reference(transformer, noise_schedule, num_classes=num_classes, vae=pipe.vae.eval().requires_grad_(False))
+    shape = None
+    if backbone == "flux":  # 512 x 512 images: 64 x 64 latents of in_channels / 4 channels
+        shape = (pipe.transformer.config.in_channels // 4, 64, 64)
+    elif backbone == "wan":  # 33 frames of 480 x 832: 9 latent frames of 60 x 104
+        shape = (pipe.transformer.config.in_channels, 9, 60, 104)
+    return _reference_of(pipe, backbone, shape)
+
+
+PIPELINE_BACKBONES = {"pixart": "PixArt", "flux": "Flux", "wan": "Wan", "dit": "DiT"}
 
 
 def build_reference_transformer(seed: int = 0) -> torch.nn.Module:

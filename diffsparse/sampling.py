@@ -1,4 +1,5 @@
-"""Class-conditional sampling loops over diffusers schedulers, with classifier-free guidance.
+"""Sampling loops over diffusers schedulers, with classifier-free guidance: class- or text-conditional, noise
+prediction (DDIM, DPM-Solver++) or flow matching (Euler: FLUX, Wan2.1).
 
 The stock `DiTPipeline` hard-codes ImageNet's null class (1000), guides only the first three channels and always
 decodes through a VAE, so a pixel-space model with its own classes (the reference DiT) is sampled here instead.
@@ -9,21 +10,33 @@ Each transformer call is wrapped in a diffusers `CacheContext` with the step ind
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import HookRegistry
 from diffusers.models.cache_utils import CacheMixin
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .cache import trajectory_replay
+from .calls import predict, set_steps
 
-SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "flow": FlowMatchEulerDiscreteScheduler}
+
+
+def is_flow_matching(train_config: dict) -> bool:
+    """Whether a model's noise schedule is flow matching (a `shift`), not DDPM betas."""
+    return "shift" in train_config or train_config.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__
 
 
 def make_scheduler(name: str, train_config: dict):
-    """A sampler (`ddim` or `dpm` = DPM-Solver++) on the noise schedule the model was trained with."""
+    """A sampler on the noise schedule the model was trained with: `ddim` or `dpm` (DPM-Solver++) for DDPM
+    models, `flow` (flow-matching Euler) for flow-matching ones (FLUX, Wan2.1)."""
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown sampler {name!r}; choose one of {sorted(SCHEDULERS)}.")
+    if (name == "flow") != is_flow_matching(train_config):
+        kind = "flow-matching" if is_flow_matching(train_config) else "DDPM"
+        raise ValueError(
+            f"Sampler {name!r} does not fit a {kind} model: use {'flow' if kind[0] == 'f' else 'ddim or dpm'}."
+        )
     return SCHEDULERS[name].from_config(train_config)
 
 
@@ -56,7 +69,9 @@ def sample(
 
     Args:
         conditions: class ids (B,) for class-conditional models (DiT), or the transformer's conditioning keyword
-            arguments as a dict of batch-first tensors (PixArt: `encoder_hidden_states`, `encoder_attention_mask`).
+            arguments as a dict of batch-first tensors (PixArt: `encoder_hidden_states`, `encoder_attention_mask`;
+            FLUX: `encoder_hidden_states`, `pooled_projections`; Wan: `encoder_hidden_states`). `noise` is
+            (B, C, F, H, W) for video models.
         guidance_scale: with `!= 1` each call runs a batch of 2B: the conditional half, then the unconditional half.
         null_class: the unconditional class (default: the model's `num_embeds_ada_norm`).
         null_conditions: the unconditional half for a dict of conditions (PixArt: the empty prompt's embedding),
@@ -70,19 +85,20 @@ def sample(
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.invalidate_child_registries_cache()  # hooks may have been added or removed since the last call
     registry.reset_stateful_hooks(recurse=True)
-    scheduler.set_timesteps(num_steps)
-    x = noise * scheduler.init_noise_sigma
+    set_steps(transformer, scheduler, num_steps, noise)
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     steps = scheduler.timesteps
     checkpointed = checkpoint_steps and torch.is_grad_enabled()
     for i, t in enumerate(tqdm(steps, desc="sampling", leave=False) if progress else steps):
-        x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        x_in = torch.cat([x, x]) if guided else x
+        if hasattr(scheduler, "scale_model_input"):
+            x_in = scheduler.scale_model_input(x_in, t)
 
         def denoise(x_in, i=i, t=t):
             with cache_context(transformer, step_index=i, num_inference_steps=num_steps, timestep=t):
-                return transformer(x_in, timestep=t.expand(x_in.shape[0]), **kwargs).sample
+                return predict(transformer, x_in, t, kwargs)
 
         out = _checkpointed(denoise, x_in, transformer) if checkpointed else denoise(x_in)
-        out = out[:, : x.shape[1]]  # drop a learned-variance half, if the model has one
         if guided:
             cond, uncond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
@@ -117,8 +133,6 @@ def _guided_conditions(transformer, conditions, null_class, null_conditions, gui
             null_class = transformer.config.num_embeds_ada_norm
         return {"class_labels": torch.cat([conditions, torch.full_like(conditions, null_class)])}
     kwargs = dict(conditions)
-    if type(transformer).__name__ == "PixArtTransformer2DModel":
-        kwargs.setdefault("added_cond_kwargs", {"resolution": None, "aspect_ratio": None})
     if not guided:
         return kwargs
     tensors = {k for k, v in conditions.items() if isinstance(v, torch.Tensor)}

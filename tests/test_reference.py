@@ -86,7 +86,9 @@ def test_second_call_does_not_see_the_first_calls_cache(tiny):
 
 def test_guidance_scale_one_runs_a_single_batch(tiny):
     calls = []
-    handle = tiny.register_forward_pre_hook(lambda m, a, k: calls.append(a[0].shape[0]), with_kwargs=True)
+    handle = tiny.register_forward_pre_hook(
+        lambda m, a, k: calls.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
+    )
     try:
         _sample(tiny, steps=2, guidance=1.0)
         _sample(tiny, steps=2, guidance=3.0)

@@ -1,0 +1,159 @@
+"""FLUX and Wan2.1 sizes and tiny stock pipelines: forwards on the example inputs, deterministic pipeline calls and
+save / load round trips, all offline."""
+
+import pytest
+import torch
+from diffusers import FluxPipeline, WanPipeline, WanTransformer3DModel
+
+from diffsparse.flow_models import (
+    FLUX_SIZES,
+    WAN_SIZES,
+    build_flux,
+    build_wan,
+    flux_example_inputs,
+    tiny_flux_pipeline,
+    tiny_wan_pipeline,
+    wan_example_inputs,
+)
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    pipe = tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def wan_pipe():
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_flux(pipe) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(
+        prompt="a photo of a cat",
+        height=16,
+        width=16,
+        num_inference_steps=3,
+        max_sequence_length=8,
+        guidance_scale=0.0,
+        generator=generator,
+        output_type="pt",
+    )
+    return out.images
+
+
+def call_wan(pipe, guidance_scale: float = 1.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(
+        prompt="a photo of a cat",
+        height=16,
+        width=16,
+        num_frames=5,
+        num_inference_steps=3,
+        max_sequence_length=8,
+        guidance_scale=guidance_scale,
+        generator=generator,
+        output_type="pt",
+    )
+    return out.frames
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (4, 6)])
+def test_flux_example_inputs_run(grid):
+    model = build_flux("tiny")
+    height, width = grid
+    inputs = flux_example_inputs(model, batch=2, height=height, width=width, text_tokens=5)
+    rows, cols = inputs["img_ids"][:, 1], inputs["img_ids"][:, 2]
+    assert rows.reshape(height, width)[:, 0].tolist() == list(range(height))
+    assert cols.reshape(height, width)[0].tolist() == list(range(width))
+    assert inputs["txt_ids"].shape == (5, 3) and not inputs["txt_ids"].any()
+    with torch.no_grad():
+        out = model(**inputs).sample
+    assert out.shape == (2, height * width, model.config.in_channels)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_wan_example_inputs_run(frames):
+    model = build_wan("tiny")
+    inputs = wan_example_inputs(model, batch=2, frames=frames, height=8, width=6)
+    with torch.no_grad():
+        out = model(**inputs).sample
+    assert out.shape == (2, model.config.out_channels, frames, 8, 6)
+    assert torch.isfinite(out).all()
+
+
+def test_seed_sets_the_weights():
+    a, b, c = build_flux(seed=0), build_flux(seed=0), build_flux(seed=1)
+    inputs = flux_example_inputs(a)
+    with torch.no_grad():
+        assert torch.equal(a(**inputs).sample, b(**inputs).sample)
+        assert not torch.equal(a(**inputs).sample, c(**inputs).sample)
+
+
+def test_sizes_fit_their_rope():
+    for cfg in FLUX_SIZES.values():
+        assert sum(cfg["axes_dims_rope"]) == cfg["attention_head_dim"]
+    for cfg in WAN_SIZES.values():  # Wan splits each head into t / h / w rope parts, each even and non-empty
+        h_dim = 2 * (cfg["attention_head_dim"] // 6)
+        t_dim = cfg["attention_head_dim"] - 2 * h_dim
+        assert h_dim > 0 and t_dim > 0 and t_dim % 2 == 0
+
+
+def test_unknown_size_names_the_sizes():
+    with pytest.raises(ValueError, match="tiny.*bench.*schnell"):
+        build_flux("nope")
+    with pytest.raises(ValueError, match="tiny.*bench.*1.3B"):
+        build_wan("nope")
+
+
+def test_overrides_replace_size_arguments():
+    assert build_flux("tiny", num_single_layers=2).config.num_single_layers == 2
+    assert build_wan("tiny", num_layers=1).config.num_layers == 1
+
+
+def test_flux_pipeline_is_deterministic(flux_pipe):
+    images = call_flux(flux_pipe)
+    assert images.shape == (1, 3, 16, 16)
+    assert torch.isfinite(images).all() and images.std() > 0
+    assert torch.equal(images, call_flux(flux_pipe))
+
+
+def test_flux_pipeline_round_trip(flux_pipe, tmp_path):
+    flux_pipe.save_pretrained(tmp_path)
+    loaded = FluxPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.tokenizer.model_max_length == flux_pipe.tokenizer.model_max_length
+    assert torch.equal(call_flux(loaded), call_flux(flux_pipe))
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_wan_pipeline_is_deterministic(wan_pipe, guidance_scale):
+    frames = call_wan(wan_pipe, guidance_scale)
+    assert frames.shape == (1, 5, 3, 16, 16)
+    assert torch.isfinite(frames).all() and frames.std() > 0
+    assert torch.equal(frames, call_wan(wan_pipe, guidance_scale))
+
+
+def test_wan_guidance_changes_the_video(wan_pipe):
+    assert not torch.equal(call_wan(wan_pipe, 1.0), call_wan(wan_pipe, 5.0))
+
+
+def test_wan_pipeline_round_trip(wan_pipe, tmp_path):
+    wan_pipe.save_pretrained(tmp_path)
+    loaded = WanPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(call_wan(loaded), call_wan(wan_pipe))
+
+
+def test_wan_transformer_from_pretrained(tmp_path):
+    model = build_wan("tiny")
+    model.save_pretrained(tmp_path)
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path).eval()
+    inputs = wan_example_inputs(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)

@@ -1,0 +1,275 @@
+"""The token cache on FLUX (joint and single-stream blocks) and Wan2.1 (rotary self-attention on a video grid)."""
+
+import pytest
+import torch
+from conftest import max_diff, run_loop
+
+from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
+from diffsparse.cache import SELECTORS, token_cache_controller
+from diffsparse.cache.backbones import find_units
+from diffsparse.cache.macs import flop_counter
+from diffsparse.cache.rows import flat_rows
+from diffsparse.cache.runners import joint_attention, rope_self_attention, single_stream_branch
+from diffsparse.cache.selector import spatial_bonus
+from diffsparse.flow_models import build_flux, build_wan, flux_example_inputs, wan_example_inputs
+
+# FLUX takes timesteps in [0, 1] (its pipeline divides by 1000); Wan the train timesteps.
+TIMESTEPS = {"flux": [0.9, 0.7, 0.5, 0.3, 0.1], "wan": [900, 700, 500, 300, 100]}
+
+
+@pytest.fixture(params=["flux", "wan"])
+def backbone(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(backbone):
+    return build_flux("tiny") if backbone == "flux" else build_wan("tiny")
+
+
+@pytest.fixture
+def inputs(model, backbone):
+    return flux_example_inputs(model) if backbone == "flux" else wan_example_inputs(model)
+
+
+def loop(model, inputs, backbone, steps=5):
+    return run_loop(model, inputs, TIMESTEPS[backbone][:steps])
+
+
+def test_units_follow_the_registry(model, backbone):
+    if backbone == "flux":
+        dual = [f"transformer_blocks.0.{c}" for c in ("attn", "attn_context", "ff", "ff_context")]
+        assert cacheable_units(model) == [*dual, "single_transformer_blocks.0"]
+    else:
+        assert cacheable_units(model) == [f"blocks.{b}.{c}" for b in range(2) for c in ("attn1", "attn2", "ffn")]
+
+
+@pytest.mark.parametrize("selector", SELECTORS)
+def test_sparsity_zero_is_exactly_dense_in_a_loop(model, inputs, backbone, selector):
+    sched = Schedule.uniform(cacheable_units(model), 5, 0.0)
+    if selector == "toca":  # attention maps of joint / rotary attention are not exposed: a clear refusal
+        with pytest.raises(ValueError, match="selector='norm'"):
+            apply_token_cache(model, sched, selector=selector)
+        return
+    dense = loop(model, inputs, backbone)
+    apply_token_cache(model, sched, selector=selector)
+    assert max_diff(dense, loop(model, inputs, backbone)) <= 1e-6
+
+
+def test_remove_gives_the_original_model_back(model, inputs, backbone):
+    before = {name: set(m.__dict__) for name, m in model.named_modules()}
+    dense = loop(model, inputs, backbone)
+    apply_token_cache(model, Schedule.uniform(cacheable_units(model), 5, 0.5))
+    assert max_diff(dense, loop(model, inputs, backbone)) > 1e-4
+    remove_token_cache(model)
+    assert {name: set(m.__dict__) for name, m in model.named_modules()} == before
+    assert not any(hasattr(m, "_diffusers_hook") for m in model.modules())
+    assert max_diff(dense, loop(model, inputs, backbone)) == 0.0
+
+
+def test_repeated_loops_agree_and_step_zero_is_dense(model, inputs, backbone):
+    dense = loop(model, inputs, backbone)
+    apply_token_cache(model, Schedule.uniform(cacheable_units(model), 5, 0.5))
+    a = loop(model, inputs, backbone)
+    b = loop(model, inputs, backbone)
+    assert max_diff(a, b) == 0.0
+    assert max_diff(dense[:1], a[:1]) <= 1e-6
+    assert all(torch.isfinite(x).all() for x in a)
+
+
+def _full_rows(b, n):
+    idx = torch.arange(n).expand(b, n)
+    return idx, flat_rows(idx, n)
+
+
+def _some_rows(b, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(b)])
+    return idx, flat_rows(idx, n)
+
+
+def _rows_of(x, idx):
+    return torch.stack([x[i, idx[i]] for i in range(len(idx))])
+
+
+def test_rotary_self_attention_gives_the_dense_rows_of_the_fresh_tokens():
+    model = build_wan("tiny")
+    inputs = wan_example_inputs(model)
+    attn = model.blocks[0].attn1
+    rotary = model.rope(inputs["hidden_states"])
+    n = rotary[0].shape[1]
+    x = torch.randn(2, n, attn.to_q.in_features)
+    with torch.no_grad():
+        dense = attn(x, None, None, rotary)
+        idx, rows = _some_rows(2, n, n // 3)
+        fresh = rope_self_attention(attn, x, idx, rows, rotary)
+    # Each fresh token keeps its own rotary position: its output is exactly its row of the dense output.
+    torch.testing.assert_close(fresh, _rows_of(dense, idx), rtol=1e-5, atol=1e-5)
+
+
+def _flux_rotary(model, inputs):
+    ids = torch.cat([inputs["txt_ids"], inputs["img_ids"]])
+    return model.pos_embed(ids)
+
+
+def test_joint_attention_gives_the_dense_rows_of_each_streams_fresh_tokens():
+    model = build_flux("tiny")
+    inputs = flux_example_inputs(model)
+    attn = model.transformer_blocks[0].attn
+    rotary = _flux_rotary(model, inputs)
+    n, m, d = inputs["img_ids"].shape[0], inputs["txt_ids"].shape[0], attn.to_q.in_features
+    img, txt = torch.randn(2, n, d), torch.randn(2, m, d)
+    with torch.no_grad():
+        dense_img, dense_txt = attn(img, txt, image_rotary_emb=rotary)
+        img_rows, txt_rows = _some_rows(2, n, n // 4), _some_rows(2, m, m // 2, seed=1)
+        out_img, out_txt = joint_attention(attn, img, txt, img_rows, txt_rows, rotary)
+        only_img, no_txt = joint_attention(attn, img, txt, _full_rows(2, n), None, rotary)
+    torch.testing.assert_close(out_img, _rows_of(dense_img, img_rows[0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_txt, _rows_of(dense_txt, txt_rows[0]), rtol=1e-5, atol=1e-5)
+    # Text queries dropped, text keys and values kept: the image stream is unchanged.
+    assert no_txt is None
+    torch.testing.assert_close(only_img, dense_img, rtol=1e-5, atol=1e-5)
+
+
+def test_single_stream_branch_gives_the_dense_rows():
+    model = build_flux("tiny")
+    inputs = flux_example_inputs(model)
+    block = model.single_transformer_blocks[0]
+    rotary = _flux_rotary(model, inputs)
+    n, m, d = inputs["img_ids"].shape[0], inputs["txt_ids"].shape[0], block.proj_mlp.in_features
+    img, txt, temb = torch.randn(2, n, d), torch.randn(2, m, d), torch.randn(2, d)
+    with torch.no_grad():
+        txt_out, img_out = block(img, txt, temb, image_rotary_emb=rotary)
+        idx, rows = _some_rows(2, n, n // 2)
+        txt_branch, img_branch = single_stream_branch(block, img, txt, temb, rotary, (idx, rows))
+        txt_only, nothing = single_stream_branch(block, img, txt, temb, rotary, None)
+    torch.testing.assert_close(txt + txt_branch, txt_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_rows_of(img, idx) + img_branch, _rows_of(img_out, idx), rtol=1e-5, atol=1e-5)
+    assert nothing is None
+    torch.testing.assert_close(txt + txt_only, txt_out, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_units_really_compute_fewer_tokens(model, inputs, backbone):
+    """The query projection of every unit sees only its fresh tokens (text tokens always, in single blocks)."""
+    seen: dict[str, list[int]] = {}
+    for u in find_units(model):
+        m = u.module
+        if u.kind == "parallel_block":
+            watch = m.proj_mlp
+        elif u.kind == "mlp":
+            watch = next(x for x in m.modules() if isinstance(x, torch.nn.Linear))
+        else:
+            watch = m.add_q_proj if u.stream == "text" else m.to_q
+        watch.register_forward_pre_hook(lambda mod, a, u=u: seen.setdefault(u.name, []).append(a[0].shape[1]))
+    apply_token_cache(model, Schedule.uniform(cacheable_units(model), 5, 0.75))
+    loop(model, inputs, backbone)
+    x = inputs["hidden_states"]
+    n = x.shape[1] if backbone == "flux" else x[0, 0].numel() // 4
+    m = inputs["encoder_hidden_states"].shape[1]
+    for u in find_units(model):
+        tokens = m if u.stream == "text" else n
+        extra = m if u.kind == "parallel_block" else 0
+        assert seen[u.name] == [tokens + extra] + [tokens // 4 + extra] * 4, (u.name, seen[u.name])
+
+
+def test_trajectory_macs_match_the_flop_counter(model, inputs, backbone):
+    sched = Schedule.uniform(cacheable_units(model), 5, 0.5)
+    predicted = sched.macs(model, **inputs)
+    apply_token_cache(model, sched)
+    with torch.no_grad(), flop_counter() as counter:
+        loop(model, inputs, backbone)
+    assert predicted["cached"] == pytest.approx(counter.get_total_flops() // 2, rel=0.02)
+    assert predicted["reduction"] > 1.3
+
+
+def test_spatial_bonus_tiles_each_frame_of_a_video_grid():
+    score = torch.zeros(1, 2 * 4 * 4)
+    score[0, 5] = 1.0  # frame 0, row 1, col 1: the winner of its 2 x 2 tile
+    boosted = spatial_bonus(score, (2, 4, 4), 2, 0.5)
+    # Frame 0: tile (0, 0) has one winner; the other tiles (all zero) tie, so all their tokens win.
+    assert boosted[0, 5] == 1.5 and boosted[0, 0] == 0.0 and boosted[0, 2] == 0.5
+    assert (boosted[0, 16:] == 0.5).all()  # frame 1 is tiled on its own
+
+
+def test_flux_grid_comes_from_the_position_ids(model, inputs, backbone):
+    controller = apply_token_cache(model, Schedule.uniform(cacheable_units(model), 5, 0.5))
+    loop(model, inputs, backbone, steps=2)
+    grid = next(iter(controller.states.values())).grid
+    if backbone == "flux":
+        assert grid == (int(inputs["img_ids"][:, 1].max()) + 1, int(inputs["img_ids"][:, 2].max()) + 1)
+    else:
+        assert grid == tuple(
+            s // p for s, p in zip(inputs["hidden_states"].shape[2:], model.config.patch_size, strict=True)
+        )
+    assert token_cache_controller(model) is controller
+
+
+def call_pipeline(pipe, steps: int = 4, seed: int = 0, **extra) -> torch.Tensor:
+    """One call of a tiny stock FLUX (no guidance, like schnell) or Wan (CFG 5, as separate calls) pipeline."""
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(prompt="a photo of a cat", height=16, width=16, num_inference_steps=steps, generator=generator)
+    common |= {"max_sequence_length": 8, "output_type": "pt", **extra}
+    if type(pipe).__name__ == "FluxPipeline":
+        return pipe(guidance_scale=0.0, **common).images
+    return pipe(num_frames=5, guidance_scale=5.0, **common).frames
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    from diffsparse.flow_models import tiny_flux_pipeline, tiny_wan_pipeline
+
+    pipes = {"flux": tiny_flux_pipeline(), "wan": tiny_wan_pipeline()}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def test_stock_pipelines_sparsity_zero_repeat_and_remove(pipelines, backbone):
+    pipe = pipelines[backbone]
+    units = cacheable_units(pipe.transformer)
+    dense = call_pipeline(pipe)
+    apply_token_cache(pipe.transformer, Schedule.uniform(units, 4, 0.0))
+    assert float((call_pipeline(pipe) - dense).abs().max()) <= 1e-6
+    remove_token_cache(pipe.transformer)
+    controller = apply_token_cache(pipe.transformer, Schedule.uniform(units, 4, 0.5))
+    contexts, begin = [], controller.begin_forward
+    controller.begin_forward = lambda *a: contexts.append(a[-1].name if a[-1] is not None else None) or begin(*a)
+    a, b = call_pipeline(pipe), call_pipeline(pipe)
+    assert torch.equal(a, b)  # the second call does not see the first one's cache
+    assert float((a - dense).abs().max()) > 1e-5
+    assert all(s.step == -1 and not s.cache for s in controller.states.values())
+    # Wan runs CFG as two calls per step, in the contexts "cond" and "uncond": one trajectory each (FLUX: "cond").
+    assert set(contexts) == ({"cond", "uncond"} if backbone == "wan" else {"cond"})
+    remove_token_cache(pipe.transformer)
+    assert torch.equal(call_pipeline(pipe), dense)
+
+
+def test_our_flow_matching_loop_gives_the_stock_pipelines_latents(pipelines, backbone):
+    """The trainer's rollouts follow the same trajectory as the stock pipeline (same sigmas, packing, CFG).
+
+    With the cache at sparsity 0: at partial levels Wan's pipeline runs the CFG halves as two calls, each with its
+    own token choices, where our loop batches them and lets both halves pick the same tokens."""
+    from diffsparse.calls import pack
+    from diffsparse.sampling import initial_noise, make_scheduler, sample
+
+    pipe = pipelines[backbone]
+    flux = backbone == "flux"
+    shape = (4, 8, 8) if flux else (4, 2, 8, 8)
+    noise = initial_noise(1, shape, seed=3)
+    apply_token_cache(pipe.transformer, Schedule.uniform(cacheable_units(pipe.transformer), 4, 0.0))
+    if flux:
+        embeds, pooled, _ = pipe.encode_prompt("a photo of a cat", prompt_2=None, max_sequence_length=8)
+        conditions, null, guidance = {"encoder_hidden_states": embeds, "pooled_projections": pooled}, None, 1.0
+        stock = call_pipeline(pipe, latents=pack(noise), output_type="latent")
+        stock = stock.view(1, 4, 4, 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, *shape)  # unpack
+    else:
+        embeds, negative = pipe.encode_prompt("a photo of a cat", negative_prompt="", max_sequence_length=8)
+        conditions, null, guidance = {"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative}, 5.0
+        stock = call_pipeline(pipe, latents=noise, output_type="latent")
+    config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
+    with torch.no_grad():
+        ours = sample(
+            pipe.transformer, make_scheduler("flow", config), conditions, noise, 4, guidance, null_conditions=null
+        )
+    remove_token_cache(pipe.transformer)
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
