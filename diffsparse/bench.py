@@ -3,6 +3,8 @@
     python -m diffsparse.bench                      # DiT-XL/2, 256 tokens, batch 2, 20 DDIM steps
     python -m diffsparse.bench --size B/2 --steps 10 --rounds 5 --json bench.json
     python -m diffsparse.bench --schedules uniform-0.5,pruned-0.3   # also a structurally pruned model (30 %)
+    python -m diffsparse.bench --model flux --steps 4   # FLUX (bench width), flow-matching Euler, no CFG
+    python -m diffsparse.bench --model wan --frames 4   # Wan2.1 (bench width), 4 latent frames, CFG pairs
 
 Each round runs dense, then every schedule, in the same order (A B C A B C ...), after a warm-up round. The
 speed-up of a schedule in a round is that round's dense time over its own time; the table gives the median and
@@ -28,30 +30,68 @@ from tqdm.auto import tqdm
 
 from . import baselines
 from .cache import apply_token_cache, cacheable_units, remove_token_cache
+from .cache.backbones import backbone_for
+from .calls import forward_kwargs, predict, set_steps, unpack
 from .files import atomic_path
+from .flow_models import FLUX_SIZES, WAN_SIZES, build_flux, build_wan, flux_example_inputs, wan_example_inputs
 from .models import SIZES, build_transformer, example_inputs
 from .prune.routing import apply_pruning, remove_pruning
 from .schedule import Schedule
 
 
-def sample(model, inputs: dict, num_steps: int, guidance: float = 4.0) -> torch.Tensor:
-    """A plain DDIM loop over the transformer; the batch is CFG pairs (cond half, uncond half, same latents)."""
-    from diffusers import DDIMScheduler
+def sample(model, latents: torch.Tensor, conditions: dict, num_steps: int, cfg: bool, guidance: float = 4.0):
+    """A plain sampling loop: DDIM for DiT / PixArt, flow-matching Euler for FLUX / Wan; with `cfg` each call is a
+    batch of CFG pairs (`conditions` hold the conditional half, then the unconditional half)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    scheduler = DDIMScheduler()
-    scheduler.set_timesteps(num_steps)
-    x = inputs["hidden_states"]
-    half = x.shape[0] // 2
-    latents = x[:half]
-    extra = {k: v for k, v in inputs.items() if k not in ("hidden_states", "timestep")}
+    flow = backbone_for(model).name in FLOW_MODELS
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0) if flow else DDIMScheduler()
+    set_steps(model, scheduler, num_steps, latents)
     with torch.inference_mode():
         for t in scheduler.timesteps:
-            model_in = torch.cat([latents, latents])
-            out = model(model_in, timestep=t.expand(model_in.shape[0]), **extra).sample
-            eps = out[:, : latents.shape[1]]
-            cond, uncond = eps[:half], eps[half:]
-            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+            out = predict(model, torch.cat([latents, latents]) if cfg else latents, t, conditions)
+            if cfg:
+                cond, uncond = out.chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            latents = scheduler.step(out, t, latents).prev_sample
     return latents
+
+
+FLOW_MODELS = ("flux", "wan")
+DEFAULT_SIZES = {"dit": "XL/2", "pixart": "XL/2", "flux": "bench", "wan": "bench"}
+
+
+def bench_model(model_name: str, size: str | None, tokens: int, batch: int, frames: int = 2):
+    """(model, initial latents, conditions, whether calls are CFG pairs) for a benchmark row.
+
+    DiT / PixArt / Wan: `batch` is CFG pairs (batch / 2 latents). FLUX (schnell is guidance-distilled): `batch`
+    independent samples, no CFG. `tokens` is the image tokens per frame, a square number.
+    """
+    side = int(round(tokens**0.5))
+    if side * side != tokens:
+        raise ValueError(f"--tokens must be a square number, got {tokens}.")
+    size = size or DEFAULT_SIZES[model_name]
+    if model_name == "flux":
+        model = build_flux(size)
+        inputs = flux_example_inputs(model, batch=batch, height=side, width=side, text_tokens=64)
+        latents = unpack(inputs["hidden_states"], 2 * side, 2 * side)
+        conditions = {k: inputs[k] for k in ("encoder_hidden_states", "pooled_projections")}
+        return model, latents, conditions, False
+    if batch % 2:
+        raise ValueError("--batch must be even: the batch is classifier-free-guidance pairs.")
+    half = batch // 2
+    if model_name == "wan":
+        model = build_wan(size)
+        inputs = wan_example_inputs(model, batch=batch, frames=frames, height=2 * side, width=2 * side, text_tokens=64)
+        return model, inputs["hidden_states"][:half], {"encoder_hidden_states": inputs["encoder_hidden_states"]}, True
+    if size not in SIZES:
+        raise ValueError(f"Unknown size {size!r} for {model_name}; choose one of {sorted(SIZES)}.")
+    model = build_transformer(model_name, size, sample_size=2 * side)
+    inputs = example_inputs(model, batch=batch)
+    conditions = {k: v for k, v in inputs.items() if k not in ("hidden_states", "timestep", "added_cond_kwargs")}
+    if "class_labels" in conditions:
+        conditions["class_labels"][half:] = model.config.num_embeds_ada_norm  # the null class
+    return model, inputs["hidden_states"][:half], conditions, True
 
 
 class _PeakRSS:
@@ -141,30 +181,31 @@ def pruned_row(model, inputs: dict, fraction: float, levels: int = 16):
 
 def run(
     model_name: str = "dit",
-    size: str = "XL/2",
+    size: str | None = None,
     tokens: int = 256,
     steps: int = 20,
     batch: int = 2,
     rounds: int = 3,
-    selector: str = "toca",
+    selector: str | None = None,
     threads: int | None = None,
     progress: bool = True,
     schedule_names=DEFAULT_SCHEDULES,
+    frames: int = 2,
 ) -> list[dict]:
-    """Benchmark dense against the default schedules; returns one row per method (dense first)."""
-    if batch % 2:
-        raise ValueError("--batch must be even: the batch is classifier-free-guidance pairs.")
-    side = int(round(tokens**0.5))
-    if side * side != tokens:
-        raise ValueError(f"--tokens must be a square number, got {tokens}.")
+    """Benchmark dense against the default schedules; returns one row per method (dense first).
+
+    `size` defaults to `DEFAULT_SIZES[model_name]`, `selector` to the backbone's default (toca for DiT and PixArt,
+    norm for FLUX and Wan); `frames` (latent frames) is for Wan only.
+    """
     if threads:
         torch.set_num_threads(threads)
-    model = build_transformer(model_name, size, sample_size=2 * side)
-    inputs = example_inputs(model, batch=batch)
-    half = batch // 2
-    inputs["hidden_states"] = torch.cat([inputs["hidden_states"][:half]] * 2)
-    if "class_labels" in inputs:
-        inputs["class_labels"][half:] = model.config.num_embeds_ada_norm  # the null class
+    size = size or DEFAULT_SIZES[model_name]
+    model, latents, conditions, cfg = bench_model(model_name, size, tokens, batch, frames)
+    selector_name = selector or backbone_for(model).selector_defaults.get("name", "toca")
+    probe = torch.cat([latents, latents]) if cfg else latents
+    inputs = forward_kwargs(model, probe, torch.tensor(500), conditions)
+    if model_name in FLOW_MODELS and any(n.startswith("pruned-") for n in schedule_names):
+        raise ValueError("pruned-<fraction> rows are for DiT and PixArt only.")
     units = cacheable_units(model)
     pruned_names = [n for n in schedule_names if n.startswith("pruned-")]
     schedules = make_schedules([n for n in schedule_names if n not in pruned_names], units, steps)
@@ -176,12 +217,12 @@ def run(
     def timed(name: str) -> float:
         schedule = schedules.get(name)
         if schedule is not None:
-            apply_token_cache(model, schedule, selector=selector, cfg=True)
+            apply_token_cache(model, schedule, selector=selector_name, cfg=cfg)
         if name in pruned:
             apply_pruning(model, pruned[name][0], [pruned[name][0].max_level])
         try:
             start = time.perf_counter()
-            sample(model, inputs, steps)
+            sample(model, latents, conditions, steps, cfg)
             return time.perf_counter() - start
         finally:
             if schedule is not None:
@@ -213,7 +254,7 @@ def run(
                 tokens=tokens,
                 batch=batch,
                 steps=steps,
-                selector=selector if n in schedules else "-",
+                selector=selector_name if n in schedules else "-",
                 gmacs=cached / 1e9,
                 mac_reduction=reduction,
                 speedup=speedup,
@@ -249,13 +290,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         description="Dense vs token-cached sampling speed on a random-weight diffusion transformer "
         "(speed does not depend on the weights). Dense and cached runs alternate in one process.",
     )
-    parser.add_argument("--model", default="dit", choices=["dit", "pixart"], help="backbone (default: dit)")
-    parser.add_argument("--size", default="XL/2", choices=sorted(SIZES), help="architecture size (default: XL/2)")
-    parser.add_argument("--tokens", type=int, default=256, help="image tokens, a square number (default: 256)")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
-    parser.add_argument("--batch", type=int, default=2, help="transformer batch, CFG pairs (default: 2)")
+    parser.add_argument("--model", default="dit", choices=sorted(DEFAULT_SIZES), help="backbone (default: dit)")
+    parser.add_argument(
+        "--size",
+        default=None,
+        help=f"architecture size: DiT/PixArt {sorted(SIZES)}, FLUX {sorted(FLUX_SIZES)}, Wan {sorted(WAN_SIZES)} "
+        "(default: XL/2 for DiT and PixArt, bench for FLUX and Wan)",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=256, help="image tokens (per frame for Wan), a square number (default: 256)"
+    )
+    parser.add_argument("--frames", type=int, default=2, help="latent frames, Wan only (default: 2)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps, DDIM or flow Euler (default: 20)")
+    parser.add_argument(
+        "--batch", type=int, default=2, help="transformer batch: CFG pairs; FLUX: samples, no CFG (default: 2)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up (default: 3)")
-    parser.add_argument("--selector", default="toca", help="token selector (default: toca)")
+    parser.add_argument("--selector", default=None, help="token selector (default: the backbone's: toca or norm)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--schedules",
@@ -276,11 +327,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.selector,
         args.threads,
         schedule_names=names,
+        frames=args.frames,
     )
     cmd = "python -m diffsparse.bench " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    frames = f" x {args.frames} frames" if args.model == "wan" else ""
     print(
-        f"\n{args.model}-{args.size}, {args.tokens} tokens, batch {args.batch}, {args.steps} DDIM steps, "
-        f"selector {args.selector}, {rows[0]['threads']} threads, {args.rounds} rounds  [{cmd.strip()}]"
+        f"\n{rows[0]['model']}, {args.tokens} tokens{frames}, batch {args.batch}, {args.steps} steps, "
+        f"selector {rows[1]['selector'] if len(rows) > 1 else '-'}, {rows[0]['threads']} threads, "
+        f"{args.rounds} rounds  [{cmd.strip()}]"
     )
     print(format_table(rows))
     if args.json:

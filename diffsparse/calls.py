@@ -33,9 +33,17 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return rearrange(tokens, "b (h w) (c p q) -> b c (h p) (w q)", h=height // 2, p=2, q=2)
 
 
+def _family(transformer: torch.nn.Module) -> str | None:
+    """The registry row's name, or None for wrappers that take DiT-style inputs (e.g. a stitched pruned model)."""
+    try:
+        return backbone_for(transformer).name
+    except TypeError:
+        return None
+
+
 def forward_kwargs(transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: dict) -> dict:
     """The keywords of `transformer.forward` for latents `x` at timestep `t` (a scalar) with `conditions`."""
-    family = backbone_for(transformer).name
+    family = _family(transformer)
     timestep = torch.as_tensor(t, device=x.device).expand(x.shape[0])
     if family == "flux":
         if transformer.config.guidance_embeds:
@@ -57,7 +65,7 @@ def forward_kwargs(transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tenso
 def predict(transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: dict) -> torch.Tensor:
     """The model's prediction (noise or velocity) for latents `x` at timestep `t`, in the shape of `x`."""
     out = transformer(**forward_kwargs(transformer, x, t, conditions)).sample
-    if backbone_for(transformer).name == "flux":
+    if _family(transformer) == "flux":
         return unpack(out, x.shape[-2], x.shape[-1])
     return out[:, : x.shape[1]]
 
@@ -65,7 +73,7 @@ def predict(transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond
 def set_steps(transformer: torch.nn.Module, scheduler, num_steps: int, x: torch.Tensor) -> None:
     """`scheduler.set_timesteps` as the backbone's stock pipeline calls it: FLUX's sigmas run linearly from 1 to
     1 / num_steps, shifted by the image's token count when the scheduler shifts dynamically (FLUX.1-dev)."""
-    if backbone_for(transformer).name != "flux":
+    if _family(transformer) != "flux":
         scheduler.set_timesteps(num_steps)
         return
     cfg = scheduler.config

@@ -1,7 +1,7 @@
 """Conditions to learn schedules on: class ids or caption embeddings, each with the seed of its initial noise.
 
 No images are needed: the teacher is the dense model itself. An item is a dict of the transformer's conditioning
-keywords (`class_labels`; or `encoder_hidden_states` and `encoder_attention_mask`) plus `seed`.
+keywords (`class_labels`; or `encoder_hidden_states` and the model's other text keywords) plus `seed`.
 
 Training and validation draw their noise from disjoint seed ranges, so a schedule is judged on noise it never saw
 (the evaluation harness uses seeds from 0; training starts at `TRAIN_SEED_OFFSET`). Captions are split too: the
@@ -32,22 +32,21 @@ class ClassConditions(Dataset):
 
 
 class CaptionConditions(Dataset):
-    """Item i: the embedding of caption `first + i` and its attention mask, noise seed offset + i."""
+    """Item i: the transformer keywords of caption `first + i` (its embedding; PixArt's attention mask, FLUX's
+    pooled embedding), noise seed offset + i."""
 
     def __init__(self, embeddings: dict, first: int, size: int, seed_offset: int):
-        self.embeds = embeddings["prompt_embeds"][first : first + size]
-        self.mask = embeddings["prompt_attention_mask"][first : first + size]
+        from .captions import forward_conditions
+
+        self.conditions = {k: v[first : first + size] for k, v in forward_conditions(embeddings).items()}
+        self.size = len(self.conditions["encoder_hidden_states"])
         self.seed_offset = seed_offset
 
     def __len__(self) -> int:
-        return len(self.embeds)
+        return self.size
 
     def __getitem__(self, i: int) -> dict:
-        return {
-            "encoder_hidden_states": self.embeds[i],
-            "encoder_attention_mask": self.mask[i],
-            "seed": self.seed_offset + i,
-        }
+        return {**{k: v[i] for k, v in self.conditions.items()}, "seed": self.seed_offset + i}
 
 
 class ConditionDataModule(L.LightningDataModule):

@@ -40,7 +40,7 @@ def run_inference(
     pipe,
     schedule: Schedule,
     conditions,
-    selector: str | dict = "toca",
+    selector: str | dict | None = None,
     seed: int = 0,
     rounds: int = 2,
     guidance_scale: float = 4.0,

@@ -7,7 +7,23 @@ from pathlib import Path
 
 import torch
 
-PIPELINE_CLASSES = {"dit": "DiTPipeline", "pixart": "PixArtAlphaPipeline"}
+PIPELINE_CLASSES = {
+    "dit": "DiTPipeline",
+    "pixart": "PixArtAlphaPipeline",
+    "flux": "FluxPipeline",
+    "wan": "WanPipeline",
+}
+
+
+def pipeline_backbone(path: Path) -> str:
+    """The backbone of a saved pipeline folder, from the class named in its `model_index.json`."""
+    import json
+
+    name = json.loads((Path(path) / "model_index.json").read_text())["_class_name"]
+    for backbone, cls in PIPELINE_CLASSES.items():
+        if name == cls or name.startswith(cls.removesuffix("Pipeline").removesuffix("Alpha")):
+            return backbone
+    raise ValueError(f"{path} holds a {name}; supported pipelines: {sorted(PIPELINE_CLASSES.values())}.")
 
 
 def load_pipeline(pretrained: str, backbone: str = "dit", dtype: str = "float32", device: str = "cpu"):

@@ -189,10 +189,9 @@ def _reference_of(pipe, backbone: str, shape=None) -> Reference:
 
 def _from_pipeline(path: Path) -> Reference:
     """The transformer, VAE and noise schedule of a saved stock pipeline (DiT, PixArt-alpha, FLUX or Wan2.1)."""
-    from .pipelines import load_pipeline
+    from .pipelines import load_pipeline, pipeline_backbone
 
-    pipeline_class = json.loads((path / "model_index.json").read_text())["_class_name"]
-    backbone = next((b for b in PIPELINE_BACKBONES if pipeline_class.startswith(PIPELINE_BACKBONES[b])), "dit")
+    backbone = pipeline_backbone(path)
     pipe = load_pipeline(str(path), backbone=backbone)
     shape = None
     if backbone == "flux":  # 512 x 512 images: 64 x 64 latents of in_channels / 4 channels
@@ -200,9 +199,6 @@ def _from_pipeline(path: Path) -> Reference:
     elif backbone == "wan":  # 33 frames of 480 x 832: 9 latent frames of 60 x 104
         shape = (pipe.transformer.config.in_channels, 9, 60, 104)
     return _reference_of(pipe, backbone, shape)
-
-
-PIPELINE_BACKBONES = {"pixart": "PixArt", "flux": "Flux", "wan": "Wan", "dit": "DiT"}
 
 
 def build_reference_transformer(seed: int = 0) -> torch.nn.Module:

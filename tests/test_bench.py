@@ -30,3 +30,12 @@ def test_bench_schedules_are_chosen_by_name():
 def test_bench_rejects_unknown_schedules():
     with pytest.raises(ValueError, match="Unknown schedule 'fora'"):
         bench.make_schedules(["fora"], ["transformer_blocks.0.ff"], 4)
+
+
+@pytest.mark.parametrize("model", ["flux", "wan"])
+def test_bench_rows_for_the_flow_models(model, capsys):
+    rows = bench.main(["--model", model, "--size", "tiny", "--tokens", "16", "--steps", "3", "--rounds", "1"])
+    assert [r["method"] for r in rows] == ["dense", "uniform-0.5", "uniform-0.75", "toca-like"]
+    assert rows[0]["model"] == f"{model}-tiny" and rows[1]["selector"] == "norm"
+    assert 1.0 < rows[1]["mac_reduction"] < rows[2]["mac_reduction"]
+    assert f"{model}-tiny, 16 tokens" in capsys.readouterr().out

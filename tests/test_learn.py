@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsparse import Schedule
+from diffsparse import Schedule, cacheable_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,3 +57,23 @@ def test_missing_lpips_weights_stop_with_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(LpipsWeightsMissing, match="loss=l2"):
         make_loss("lpips")
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_flow_matching_models_learn_a_schedule_end_to_end(family, tmp_path):
+    """Stage 1 then stage 2 on tiny FLUX / Wan: flow-matching rollouts through the VAE, captions from the tiny
+    pipeline's own text encoders."""
+    from diffsparse.captions import encode_captions, save_captions
+    from diffsparse.flow_models import tiny_flux_pipeline, tiny_wan_pipeline
+
+    pipe = tiny_flux_pipeline() if family == "flux" else tiny_wan_pipeline()
+    captions = [f"a {c} photo of a {a}" for c in ("red", "green", "blue", "black") for a in ("cat", "dog", "digit")]
+    path = save_captions(tmp_path / "captions.safetensors", encode_captions(pipe, captions, 8), captions)
+    s1 = train(tmp_path / "s1", f"experiment=tiny_{family}_stage1", f"learn.captions={path}")
+    schedule = Schedule.load(s1 / "schedule.json")
+    assert list(schedule.units) == cacheable_units(pipe.transformer)
+    budget = schedule.meta["budget"]
+    assert schedule.meta["saved_macs"] >= budget and schedule.grid[0].max() == 0.0  # step 0 computes everything
+    stage2 = [f"experiment=tiny_{family}_stage1", "learn.stage=2", f"learn.stage1_checkpoint={s1}/stage1.ckpt"]
+    s2 = Schedule.load(train(tmp_path / "s2", *stage2, f"learn.captions={path}") / "schedule.json")
+    assert s2.meta["stage"] == 2 and s2.meta["saved_macs"] >= budget

@@ -154,9 +154,11 @@ def spatial_bonus(score: torch.Tensor, grid: tuple[int, ...], k: int, bonus: flo
     return score + bonus * (s == tile_max).view(b, n).to(score.dtype)
 
 
-def make_selector(selector: str | SelectorConfig | dict, defaults: dict) -> TokenSelector:
-    """A `TokenSelector` from a name, a `SelectorConfig` or a dict of its fields."""
-    if isinstance(selector, str):
+def make_selector(selector: str | SelectorConfig | dict | None, defaults: dict) -> TokenSelector:
+    """A `TokenSelector` from a name, a `SelectorConfig`, a dict of its fields, or None (the backbone's default)."""
+    if selector is None:
+        selector = SelectorConfig()
+    elif isinstance(selector, str):
         selector = SelectorConfig(name=selector)
     elif isinstance(selector, dict):
         selector = SelectorConfig(**selector)

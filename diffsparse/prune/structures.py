@@ -77,7 +77,10 @@ def _mlp_layer(name: str, block: int, ff: nn.Module) -> PrunableLayer:
 
 def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
     """Every prunable layer of `model`, in execution order (the registry's units)."""
-    backbone_for(model)  # a clear error for unsupported models
+    if backbone_for(model).name not in ("dit", "pixart"):  # a clear error for unsupported models
+        raise NotImplementedError(
+            f"Structural pruning covers DiT and PixArt-alpha; {type(model).__name__} is token-cache only for now."
+        )
     return [
         _mlp_layer(u.name, u.block, u.module) if u.kind == MLP else _attention_layer(u.name, u.block, u.module)
         for u in find_units(model)
