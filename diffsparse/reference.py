@@ -83,7 +83,9 @@ class Reference:
         dtype = next(self.transformer.parameters()).dtype
         x = torch.zeros(2, *shape, dtype=dtype)
         if not self.text_conditioned:
-            return forward_kwargs(self.transformer, x, torch.tensor(500), {"class_labels": torch.tensor([0, 10])})
+            return forward_kwargs(
+                self.transformer, x, torch.tensor(500), {"class_labels": torch.tensor([0, self.num_classes])}
+            )
         if self.null_conditions is None:
             raise ValueError("A text-conditional model needs null_conditions (its caption embeddings' empty prompt).")
         text = {

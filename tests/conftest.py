@@ -69,3 +69,25 @@ def call_pipeline(pipe, steps: int = 4, seed: int = 0) -> torch.Tensor:
         use_resolution_binning=False,
     )
     return out.images
+
+
+@pytest.fixture(scope="session")
+def flow_pipelines() -> dict:
+    """Tiny random stock FLUX and Wan pipelines (offline), keyed by backbone."""
+    from diffsparse.flow_models import tiny_flux_pipeline, tiny_wan_pipeline
+
+    pipes = {"flux": tiny_flux_pipeline(), "wan": tiny_wan_pipeline()}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def call_flow_pipeline(pipe, steps: int = 4, guidance_scale: float | None = None, seed: int = 0, **extra):
+    """One call of a tiny stock FLUX pipeline (default: no guidance, like schnell) or Wan pipeline (default: CFG 5,
+    as two calls per step) on "a photo of a cat", 16 x 16 pixels (Wan: 5 frames); images or frames as a tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(prompt="a photo of a cat", height=16, width=16, num_inference_steps=steps, generator=generator)
+    common |= {"max_sequence_length": 8, "output_type": "pt", **extra}
+    if type(pipe).__name__ == "FluxPipeline":
+        return pipe(guidance_scale=0.0 if guidance_scale is None else guidance_scale, **common).images
+    return pipe(num_frames=5, guidance_scale=5.0 if guidance_scale is None else guidance_scale, **common).frames

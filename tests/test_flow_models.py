@@ -3,6 +3,7 @@ save / load round trips, all offline."""
 
 import pytest
 import torch
+from conftest import call_flow_pipeline
 from diffusers import FluxPipeline, WanPipeline, WanTransformer3DModel
 
 from diffsparse.flow_models import (
@@ -11,55 +12,26 @@ from diffsparse.flow_models import (
     build_flux,
     build_wan,
     flux_example_inputs,
-    tiny_flux_pipeline,
-    tiny_wan_pipeline,
     wan_example_inputs,
 )
 
 
-@pytest.fixture(scope="module")
-def flux_pipe():
-    pipe = tiny_flux_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+@pytest.fixture
+def flux_pipe(flow_pipelines):
+    return flow_pipelines["flux"]
 
 
-@pytest.fixture(scope="module")
-def wan_pipe():
-    pipe = tiny_wan_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+@pytest.fixture
+def wan_pipe(flow_pipelines):
+    return flow_pipelines["wan"]
 
 
 def call_flux(pipe) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    out = pipe(
-        prompt="a photo of a cat",
-        height=16,
-        width=16,
-        num_inference_steps=3,
-        max_sequence_length=8,
-        guidance_scale=0.0,
-        generator=generator,
-        output_type="pt",
-    )
-    return out.images
+    return call_flow_pipeline(pipe, steps=3)
 
 
 def call_wan(pipe, guidance_scale: float = 1.0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    out = pipe(
-        prompt="a photo of a cat",
-        height=16,
-        width=16,
-        num_frames=5,
-        num_inference_steps=3,
-        max_sequence_length=8,
-        guidance_scale=guidance_scale,
-        generator=generator,
-        output_type="pt",
-    )
-    return out.frames
+    return call_flow_pipeline(pipe, steps=3, guidance_scale=guidance_scale)
 
 
 @pytest.mark.parametrize("grid", [(8, 8), (4, 6)])

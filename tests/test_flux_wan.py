@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import max_diff, run_loop
+from conftest import call_flow_pipeline, max_diff, run_loop
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.cache import SELECTORS, token_cache_controller
@@ -204,47 +204,27 @@ def test_flux_grid_comes_from_the_position_ids(model, inputs, backbone):
     assert token_cache_controller(model) is controller
 
 
-def call_pipeline(pipe, steps: int = 4, seed: int = 0, **extra) -> torch.Tensor:
-    """One call of a tiny stock FLUX (no guidance, like schnell) or Wan (CFG 5, as separate calls) pipeline."""
-    generator = torch.Generator().manual_seed(seed)
-    common = dict(prompt="a photo of a cat", height=16, width=16, num_inference_steps=steps, generator=generator)
-    common |= {"max_sequence_length": 8, "output_type": "pt", **extra}
-    if type(pipe).__name__ == "FluxPipeline":
-        return pipe(guidance_scale=0.0, **common).images
-    return pipe(num_frames=5, guidance_scale=5.0, **common).frames
-
-
-@pytest.fixture(scope="module")
-def pipelines():
-    from diffsparse.flow_models import tiny_flux_pipeline, tiny_wan_pipeline
-
-    pipes = {"flux": tiny_flux_pipeline(), "wan": tiny_wan_pipeline()}
-    for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
-    return pipes
-
-
-def test_stock_pipelines_sparsity_zero_repeat_and_remove(pipelines, backbone):
-    pipe = pipelines[backbone]
+def test_stock_pipelines_sparsity_zero_repeat_and_remove(flow_pipelines, backbone):
+    pipe = flow_pipelines[backbone]
     units = cacheable_units(pipe.transformer)
-    dense = call_pipeline(pipe)
+    dense = call_flow_pipeline(pipe)
     apply_token_cache(pipe.transformer, Schedule.uniform(units, 4, 0.0))
-    assert float((call_pipeline(pipe) - dense).abs().max()) <= 1e-6
+    assert float((call_flow_pipeline(pipe) - dense).abs().max()) <= 1e-6
     remove_token_cache(pipe.transformer)
     controller = apply_token_cache(pipe.transformer, Schedule.uniform(units, 4, 0.5))
     contexts, begin = [], controller.begin_forward
     controller.begin_forward = lambda *a: contexts.append(a[-1].name if a[-1] is not None else None) or begin(*a)
-    a, b = call_pipeline(pipe), call_pipeline(pipe)
+    a, b = call_flow_pipeline(pipe), call_flow_pipeline(pipe)
     assert torch.equal(a, b)  # the second call does not see the first one's cache
     assert float((a - dense).abs().max()) > 1e-5
     assert all(s.step == -1 and not s.cache for s in controller.states.values())
     # Wan runs CFG as two calls per step, in the contexts "cond" and "uncond": one trajectory each (FLUX: "cond").
     assert set(contexts) == ({"cond", "uncond"} if backbone == "wan" else {"cond"})
     remove_token_cache(pipe.transformer)
-    assert torch.equal(call_pipeline(pipe), dense)
+    assert torch.equal(call_flow_pipeline(pipe), dense)
 
 
-def test_our_flow_matching_loop_gives_the_stock_pipelines_latents(pipelines, backbone):
+def test_our_flow_matching_loop_gives_the_stock_pipelines_latents(flow_pipelines, backbone):
     """The trainer's rollouts follow the same trajectory as the stock pipeline (same sigmas, packing, CFG).
 
     With the cache at sparsity 0: at partial levels Wan's pipeline runs the CFG halves as two calls, each with its
@@ -252,7 +232,7 @@ def test_our_flow_matching_loop_gives_the_stock_pipelines_latents(pipelines, bac
     from diffsparse.calls import pack
     from diffsparse.sampling import initial_noise, make_scheduler, sample
 
-    pipe = pipelines[backbone]
+    pipe = flow_pipelines[backbone]
     flux = backbone == "flux"
     shape = (4, 8, 8) if flux else (4, 2, 8, 8)
     noise = initial_noise(1, shape, seed=3)
@@ -260,12 +240,12 @@ def test_our_flow_matching_loop_gives_the_stock_pipelines_latents(pipelines, bac
     if flux:
         embeds, pooled, _ = pipe.encode_prompt("a photo of a cat", prompt_2=None, max_sequence_length=8)
         conditions, null, guidance = {"encoder_hidden_states": embeds, "pooled_projections": pooled}, None, 1.0
-        stock = call_pipeline(pipe, latents=pack(noise), output_type="latent")
+        stock = call_flow_pipeline(pipe, latents=pack(noise), output_type="latent")
         stock = stock.view(1, 4, 4, 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, *shape)  # unpack
     else:
         embeds, negative = pipe.encode_prompt("a photo of a cat", negative_prompt="", max_sequence_length=8)
         conditions, null, guidance = {"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative}, 5.0
-        stock = call_pipeline(pipe, latents=noise, output_type="latent")
+        stock = call_flow_pipeline(pipe, latents=noise, output_type="latent")
     config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
     with torch.no_grad():
         ours = sample(
