@@ -8,6 +8,7 @@ from .cache import (
     remove_token_cache,
     reset_token_cache,
 )
+from .loading import load_model
 from .schedule import SPARSITY_LEVELS, Schedule, ScheduleError
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "TokenCacheConfig",
     "apply_token_cache",
     "cacheable_units",
+    "load_model",
     "remove_token_cache",
     "reset_token_cache",
 ]

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     captions = [line.strip() for line in text.read_text().splitlines() if line.strip()]
     if not captions:
         parser.error(f"{text} holds no captions")
-    from .pipelines import load_pipeline, pipeline_backbone
+    from .loading import load_pipeline, pipeline_backbone
 
     pipe = load_pipeline(args.pipeline, backbone=pipeline_backbone(Path(args.pipeline)))
     out = save_captions(args.out, encode_captions(pipe, captions, args.max_length), captions)

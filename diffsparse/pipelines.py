@@ -1,56 +1,13 @@
-"""Loading stock diffusers pipelines, and calling them the same way for every backbone."""
+"""Sampling a model the same way for every backbone: a stock pipeline, or our own loop for the model handles that
+have none (the shipped digits DiT, a transformer folder)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
-PIPELINE_CLASSES = {
-    "dit": "DiTPipeline",
-    "pixart": "PixArtAlphaPipeline",
-    "flux": "FluxPipeline",
-    "wan": "WanPipeline",
-}
-
-
-def pipeline_backbone(path: Path) -> str:
-    """The backbone of a saved pipeline folder, from the class named in its `model_index.json`."""
-    import json
-
-    name = json.loads((Path(path) / "model_index.json").read_text())["_class_name"]
-    for backbone, cls in PIPELINE_CLASSES.items():
-        if name == cls or name.startswith(cls.removesuffix("Pipeline").removesuffix("Alpha")):
-            return backbone
-    raise ValueError(f"{path} holds a {name}; supported pipelines: {sorted(PIPELINE_CLASSES.values())}.")
-
-
-def load_pipeline(pretrained: str, backbone: str = "dit", dtype: str = "float32", device: str = "cpu"):
-    """`from_pretrained` of the stock pipeline for `backbone`, from a local folder or a hub id.
-
-    A hub id needs network access (or the hub cache); where it is missing the error says what to do.
-    """
-    import diffusers
-
-    if backbone not in PIPELINE_CLASSES:
-        raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(PIPELINE_CLASSES)}.")
-    cls = getattr(diffusers, PIPELINE_CLASSES[backbone])
-    local = Path(os.path.expanduser(pretrained))
-    if (pretrained.startswith((".", "/", "~")) or local.exists()) and not (local / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"No diffusers pipeline at {local} (no model_index.json). Save one with `pipe.save_pretrained(path)` "
-            "or download it with `huggingface-cli download <id> --local-dir <path>` on a machine with network."
-        )
-    try:
-        pipe = cls.from_pretrained(pretrained, dtype=getattr(torch, dtype))
-    except OSError as e:
-        raise OSError(
-            f"Could not load {pretrained!r} with {cls.__name__}.from_pretrained: {e}\n"
-            "Without network access, download the weights elsewhere (`huggingface-cli download "
-            f"{pretrained} --local-dir DIR`), copy DIR here and pass model.pretrained=DIR."
-        ) from e
-    return pipe.to(device)
+from .digits import to_unit_range
+from .reference import Reference
+from .sampling import initial_noise, is_flow_matching, sample
 
 
 def generate(pipe, conditions, num_steps: int, seed: int = 0, guidance_scale: float = 4.0) -> torch.Tensor:
@@ -61,24 +18,43 @@ def generate(pipe, conditions, num_steps: int, seed: int = 0, guidance_scale: fl
         conditions: class ids for class-conditional pipelines (DiT); prompts, or a dict of prompt-embedding
             keyword arguments (`prompt_embeds`, ...), for text-conditional ones (PixArt).
     """
-    from .reference import Reference
-
-    if isinstance(pipe, Reference):  # the shipped pixel-space digits model: our own sampling loop
-        from .digits import to_unit_range
-        from .sampling import initial_noise, sample
-
+    options = {}
+    if isinstance(pipe, Reference) and pipe.pipeline is not None:
+        pipe, options = pipe.pipeline, pipe.pipeline_options
+    if isinstance(pipe, Reference):  # no stock pipeline (the shipped digits DiT): our own sampling loop
+        if pipe.text_conditioned:
+            raise ValueError("A text-conditional model without its pipeline: load the saved pipeline folder instead.")
         labels = torch.as_tensor(list(conditions))
+        check_classes(labels, pipe.num_classes)
         noise = initial_noise(len(labels), pipe.sample_shape, seed)
+        sampler = "flow" if is_flow_matching(pipe.noise_schedule) else "ddim"
         with torch.no_grad():
-            x = sample(pipe.transformer, pipe.scheduler("ddim"), labels, noise, num_steps, guidance_scale)
-        return to_unit_range(x)
+            x = sample(pipe.transformer, pipe.scheduler(sampler), labels, noise, num_steps, guidance_scale)
+            return to_unit_range(pipe.decode(x))
     generator = torch.Generator().manual_seed(seed)
     common = dict(num_inference_steps=num_steps, generator=generator, output_type="pt", guidance_scale=guidance_scale)
+    common.update(options)
     name = type(pipe).__name__
     if name == "DiTPipeline":
+        check_classes(torch.as_tensor(list(conditions)), pipe.transformer.config.num_embeds_ada_norm)
         return pipe(class_labels=list(conditions), **common).images
     if isinstance(conditions, dict):
         return pipe(prompt=None, negative_prompt=None, use_resolution_binning=False, **conditions, **common).images
     if getattr(pipe, "text_encoder", None) is None:
         raise ValueError(f"{name} has no text encoder: pass prompt embeddings (a dict) instead of prompts.")
-    return pipe(prompt=list(conditions), **common).images
+    if not conditions or not all(isinstance(c, str) for c in conditions):
+        raise ValueError(f"{name} is text-conditional: pass conditions as a list of prompts, got {conditions!r}.")
+    out = pipe(prompt=list(conditions), **common)
+    return out.images if hasattr(out, "images") else out.frames[:, 0]  # video: its first frame
+
+
+def check_classes(labels: torch.Tensor, num_classes: int) -> None:
+    """Refuse class ids the model does not have (they would index past its class embedding)."""
+    if labels.dtype.is_floating_point or labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"conditions must be a non-empty list of class ids, got {labels.tolist()}.")
+    bad = [int(c) for c in labels if not 0 <= int(c) < num_classes]
+    if bad:
+        raise ValueError(
+            f"Class ids {bad} are out of range: this model has {num_classes} classes (0..{num_classes - 1}). "
+            f"Pass conditions=[...] with ids below {num_classes}."
+        )

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,16 +52,24 @@ class Reference:
     """A loaded model to sample and learn schedules on: the transformer (eval mode, frozen), its training noise
     schedule and, for latent models, the VAE that decodes its samples.
 
-    Class-conditional models (DiT) guide with the null class. Text-conditional ones (PixArt) guide with the empty
+    Made by `diffsparse.loading.load_model` (by name, folder or config). Class-conditional models (DiT) guide with
+    the null class (`num_classes`, from the model's config). Text-conditional ones (PixArt) guide with the empty
     prompt's embedding, `null_conditions` (the transformer's keywords, batch 1; see `diffsparse.captions`).
     """
 
     transformer: torch.nn.Module
     noise_schedule: dict
-    num_classes: int = NUM_CLASSES
     vae: torch.nn.Module | None = None
     null_conditions: dict | None = None
     shape: tuple[int, ...] | None = None  # latents of one sample, when the config does not say (FLUX, Wan)
+    pipeline: object | None = None  # the stock pipeline it came from, if any (`infer.py` samples with it)
+    pipeline_options: dict = field(default_factory=dict)  # its call's height / width / num_frames, if chosen
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional model, from its config (0 for text-conditional ones). The null class
+        of classifier-free guidance is this number (diffusers adds one embedding row past them)."""
+        return int(self.transformer.config.get("num_embeds_ada_norm") or 0) if not self.text_conditioned else 0
 
     @property
     def text_conditioned(self) -> bool:
@@ -134,73 +142,6 @@ def load_reference(path: str | Path | None = None) -> Reference:
     transformer = DiTTransformer2DModel.from_pretrained(path / "transformer").eval().requires_grad_(False)
     noise_schedule = json.loads((path / "noise_schedule.json").read_text())
     return Reference(transformer, noise_schedule)
-
-
-def load_model(name: str) -> Reference:
-    """A model by name:
-
-    - `reference`: the shipped digits DiT;
-    - `tiny`: a random 2-block DiT of the same shape (for tests);
-    - `tiny-pixart`: a random 2-block PixArt on 4 x 8 x 8 latents with a tiny random VAE (text-conditional: its
-      conditions come from caption embeddings, `diffsparse.captions`);
-    - `tiny-flux`, `tiny-wan`: random one-block FLUX (4 x 8 x 8 latents) and two-block Wan2.1 (4 x 2 x 8 x 8
-      latents) from `diffsparse.flow_models`' tiny pipelines, flow matching, text-conditional;
-    - a folder written by `train_reference`, or a saved stock DiT / PixArt-alpha pipeline (with `model_index.json`).
-    """
-    if name == "tiny":
-        from .models import build_transformer
-
-        transformer = build_transformer("dit", "tiny", sample_size=IMAGE_SIZE, in_channels=1, num_classes=NUM_CLASSES)
-        return Reference(transformer.requires_grad_(False), dict(NOISE_SCHEDULE))
-    if name == "tiny-pixart":
-        from .models import build_transformer, tiny_vae
-
-        transformer = build_transformer("pixart", "tiny").requires_grad_(False)
-        return Reference(transformer, dict(NOISE_SCHEDULE), vae=tiny_vae().requires_grad_(False))
-    if name in TINY_FLOW_MODELS:
-        return _tiny_flow(name)
-    if name != "reference" and (Path(name).expanduser() / "model_index.json").is_file():
-        return _from_pipeline(Path(name).expanduser())
-    return load_reference(None if name == "reference" else name)
-
-
-# Latents of one sample for the tiny flow-matching models (FLUX: 16 tokens; Wan: 2 frames of 16 tokens).
-TINY_FLOW_MODELS = {"tiny-flux": (4, 8, 8), "tiny-wan": (4, 2, 8, 8)}
-
-
-def _tiny_flow(name: str) -> Reference:
-    from .flow_models import tiny_flux_pipeline, tiny_wan_pipeline
-
-    pipe = tiny_flux_pipeline() if name == "tiny-flux" else tiny_wan_pipeline()
-    return _reference_of(pipe, "flux" if name == "tiny-flux" else "wan", TINY_FLOW_MODELS[name])
-
-
-def _reference_of(pipe, backbone: str, shape=None) -> Reference:
-    """The transformer, VAE and noise schedule of a stock pipeline."""
-    transformer = pipe.transformer.eval().requires_grad_(False)
-    if backbone in ("flux", "wan"):
-        noise_schedule = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-        noise_schedule["_class_name"] = type(pipe.scheduler).__name__
-    else:
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas")
-        noise_schedule = {k: pipe.scheduler.config[k] for k in keys if k in pipe.scheduler.config}
-    num_classes = transformer.config.num_embeds_ada_norm if backbone == "dit" else 0
-    vae = pipe.vae.eval().requires_grad_(False)
-    return Reference(transformer, noise_schedule, num_classes=num_classes, vae=vae, shape=shape)
-
-
-def _from_pipeline(path: Path) -> Reference:
-    """The transformer, VAE and noise schedule of a saved stock pipeline (DiT, PixArt-alpha, FLUX or Wan2.1)."""
-    from .pipelines import load_pipeline, pipeline_backbone
-
-    backbone = pipeline_backbone(path)
-    pipe = load_pipeline(str(path), backbone=backbone)
-    shape = None
-    if backbone == "flux":  # 512 x 512 images: 64 x 64 latents of in_channels / 4 channels
-        shape = (pipe.transformer.config.in_channels // 4, 64, 64)
-    elif backbone == "wan":  # 33 frames of 480 x 832: 9 latent frames of 60 x 104
-        shape = (pipe.transformer.config.in_channels, 9, 60, 104)
-    return _reference_of(pipe, backbone, shape)
 
 
 def build_reference_transformer(seed: int = 0) -> torch.nn.Module:

@@ -6,26 +6,70 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .cache import cacheable_units
 from .files import atomic_path
 from .inference import resolve_schedule, run_inference
+from .loading import load_model
 from .models import example_inputs
+from .pipelines import check_classes
+from .reference import SHIPPED_SCHEDULE, Reference
 
 log = logging.getLogger(__name__)
+
+# What to set for a mandatory (`???`) config value, by its key.
+MISSING_HINTS = {
+    "learn.stage1_checkpoint": "the stage1.ckpt a stage-1 run writes into its output_dir "
+    "(python train.py experiment=digits_stage1, then learn.stage1_checkpoint=<that output_dir>/stage1.ckpt)",
+    "learn.captions": "caption embeddings for a text-conditional model (python -m diffsparse.captions --help)",
+    "model.path": "the model's folder (a saved pipeline, or transformer/ with noise_schedule.json beside it)",
+}
+
+
+def check_complete(cfg: DictConfig) -> None:
+    """Refuse a config with mandatory values left unset (`???`), saying what to set."""
+    missing = sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))
+    if missing:
+        hints = "; ".join(f"{k}=... ({MISSING_HINTS[k]})" if k in MISSING_HINTS else f"{k}=..." for k in missing)
+        raise ValueError(f"Missing mandatory settings: {', '.join(missing)}. Set {hints}.")
+
+
+def _missing_keys(node, prefix: str = ""):
+    """Dotted keys whose value is the `???` marker, read without resolving interpolations."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if value == "???":
+            yield f"{prefix}{key}"
+        else:
+            yield from _missing_keys(value, f"{prefix}{key}.")
+
+
+def load_configured_model(cfg: DictConfig) -> Reference:
+    """The model of the `model` config group (`model=NAME`, or `model=local model.path=DIR`)."""
+    return load_model(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def _mac_inputs(ref: Reference) -> dict:
+    """Forward keywords to count one step's MACs on: the handle's probe (a CFG pair), or random text embeddings
+    for a text-conditional model whose empty prompt has not been encoded."""
+    if ref.text_conditioned and ref.null_conditions is None:
+        return example_inputs(ref.transformer, batch=2)
+    return ref.probe_inputs()
 
 
 def make_schedule(cfg: DictConfig) -> dict:
     """Build a schedule with the configured allocator, export it (JSON + heatmap PNG) and report its MACs."""
-    pipe = instantiate(cfg.model)
-    units = cacheable_units(pipe.transformer)
+    check_complete(cfg)
+    ref = load_configured_model(cfg)
+    units = cacheable_units(ref.transformer)
     schedule = instantiate(cfg.allocator)(units=units, num_steps=cfg.num_steps)
+    macs = schedule.macs(ref.transformer, **_mac_inputs(ref))
     out = Path(cfg.output_dir)
     path = schedule.save(out / "schedule.json")
     schedule.plot(out / "schedule.png")
-    macs = schedule.macs(pipe.transformer, **example_inputs(pipe.transformer, batch=2))
     metrics = {
         "schedule": str(path),
         "mean_sparsity": schedule.mean_sparsity(),
@@ -38,17 +82,21 @@ def make_schedule(cfg: DictConfig) -> dict:
 
 def infer(cfg: DictConfig) -> dict:
     """Load the model, apply the schedule, sample, and report MACs and the measured speed-up against dense."""
-    pipe = instantiate(cfg.model)
+    check_complete(cfg)
+    pipe = load_configured_model(cfg)
+    conditions = infer_conditions(cfg, pipe)
     if cfg.get("pruned"):
-        return infer_pruned(cfg, pipe)
+        return infer_pruned(cfg, pipe, conditions)
     units = cacheable_units(pipe.transformer)
     path = cfg.schedule
     if path == "shipped":
-        from .reference import SHIPPED_SCHEDULE
-
+        if cfg.model.get("name_or_path") != "reference":
+            raise ValueError(
+                "schedule=shipped is the reference model's learned schedule. For this model pass "
+                "schedule=PATH (from python train.py ...) or schedule=null sparsity=0.5 (uniform)."
+            )
         path = str(SHIPPED_SCHEDULE)
     schedule = resolve_schedule(path, units, cfg.num_steps, cfg.sparsity)
-    conditions = OmegaConf.to_container(cfg.conditions, resolve=True)
     metrics = run_inference(
         pipe,
         schedule,
@@ -69,13 +117,26 @@ def infer(cfg: DictConfig) -> dict:
     return metrics
 
 
-def infer_pruned(cfg: DictConfig, pipe) -> dict:
+def infer_conditions(cfg: DictConfig, ref: Reference) -> list:
+    """`conditions` of infer.py: as given, or one sample per class (at most 10) of a class-conditional model."""
+    conditions = OmegaConf.to_container(cfg.conditions, resolve=True) if cfg.conditions is not None else None
+    if conditions is None:
+        if ref.text_conditioned:
+            raise ValueError('This model is text-conditional: pass prompts, e.g. "conditions=[a photo of a cat]".')
+        return list(range(min(ref.num_classes, 10)))
+    if not isinstance(conditions, list) or not conditions:
+        raise ValueError(f"conditions must be a non-empty list (class ids or prompts), got {conditions!r}.")
+    if not ref.text_conditioned:
+        check_classes(torch.as_tensor(conditions), ref.num_classes)
+    return conditions
+
+
+def infer_pruned(cfg: DictConfig, pipe, conditions: list) -> dict:
     """`infer` for a stage-wise pruning plan (`pruned=DIR`, from `python train.py experiment=prune_*`)."""
     from .inference import run_pruned_inference
     from .prune.plan import PrunePlan
 
     plan = PrunePlan.load(cfg.pruned)
-    conditions = OmegaConf.to_container(cfg.conditions, resolve=True)
     metrics = run_pruned_inference(pipe, plan, conditions, cfg.seed, cfg.rounds, cfg.guidance_scale, cfg.output_dir)
     print(
         f"pruning plan {cfg.pruned}: {plan.store.method}, {plan.meta.get('schedule')}, stage levels "
@@ -132,13 +193,16 @@ def learn_schedule(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from .data import ConditionDataModule
     from .module import ScheduleLearner
 
+    check_complete(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
-    learner = ScheduleLearner(**OmegaConf.to_container(cfg.learn, resolve=True))
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    learner = ScheduleLearner(model=model, **OmegaConf.to_container(cfg.learn, resolve=True))
     data = ConditionDataModule(num_classes=learner._ref.num_classes, **cfg.data)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     # keep the costs with the lowest validation L2 (the hard schedule, on held-out conditions), and the last ones
@@ -147,16 +211,31 @@ def learn_schedule(cfg: DictConfig) -> dict:
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = L.Trainer(**trainer_args, logger=logger, default_root_dir=out, callbacks=[best, latest])
     start = time.perf_counter()
-    trainer.fit(learner, data, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(learner, data, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException as e:  # Lightning's is a SystemExit(None): exit status 0, as if it had finished
+        resume = out / "checkpoints" / "latest.ckpt"
+        hint = f" Resume with ckpt_path={resume}." if resume.is_file() else ""
+        raise SystemExit(f"Training was stopped (SIGTERM) before it finished; no schedule was exported.{hint}") from e
+    if trainer.interrupted:
+        raise SystemExit("Training was interrupted before it finished; no schedule was exported.")
     minutes = (time.perf_counter() - start) / 60
     if not trainer.is_global_zero:
         return {}
+    best_score = best.best_model_score
     if best.best_model_path:
-        learner.load_state_dict(torch.load(best.best_model_path, weights_only=False)["state_dict"])
+        checkpoint = torch.load(best.best_model_path, weights_only=False)
+        learner.load_state_dict(checkpoint["state_dict"])
         shutil.copy(best.best_model_path, out / f"stage{cfg.learn.stage}.ckpt")
+        if best_score is None:  # spawned processes (ddp_spawn) hand back the path only: the score is in the file
+            scores = [
+                v["best_model_score"] for v in checkpoint.get("callbacks", {}).values() if "best_model_score" in v
+            ]
+            best_score = next((s for s in scores if s is not None), None)
     metrics = learner.export(out)
-    metrics["best_val_l2"] = float(best.best_model_score) if best.best_model_score is not None else None
+    metrics["best_val_l2"] = float(best_score) if best_score is not None else None
     metrics.update(minutes=round(minutes, 2), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    _write_json(out / "metrics.json", metrics)
     log.info("learned schedule: %s", json.dumps(metrics, default=str))
     return metrics
 
@@ -169,13 +248,13 @@ def search_schedule(cfg: DictConfig) -> dict:
     generation's end), or when the search has converged (greedy). Exports the best schedule like `learn`.
     """
     from .fitness import SampleFitness
-    from .reference import load_model
     from .search import make_search
     from .stages import StageSpace
 
+    check_complete(cfg)
     s = cfg.search
     out = Path(cfg.output_dir)
-    ref = load_model(s.model)
+    ref = load_configured_model(cfg)
     scheduler = ref.scheduler(s.sampler)
     scheduler.set_timesteps(s.num_steps)
     table = ref.mac_table()
@@ -251,7 +330,7 @@ def run_search(search, s: DictConfig, state_path: Path, logger=None) -> float:
 
 def _write_json(path: Path, data: dict) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data))
+        tmp.write_text(json.dumps(data, default=str))
 
 
 def plot_progress(evaluated: list, path: Path, title: str) -> None:
@@ -277,6 +356,7 @@ def plot_progress(evaluated: list, path: Path, title: str) -> None:
 def prune_model(cfg: DictConfig) -> dict:
     from .prune.task import prune
 
+    check_complete(cfg)
     return prune(cfg)
 
 

@@ -132,8 +132,8 @@ def test_train_py_learns_a_pixart_schedule_with_dpm_solver(captions_file, tmp_pa
 
 def test_a_saved_stock_pipeline_is_a_model_to_learn_on(pipe, captions_file, tmp_path):
     """`learn.model=PIPELINE_DIR`: the transformer, VAE and noise schedule of a saved pipeline, from_pretrained."""
+    from diffsparse.loading import load_model
     from diffsparse.module import ScheduleLearner
-    from diffsparse.reference import load_model
 
     pipe.save_pretrained(tmp_path / "pixart")
     ref = load_model(str(tmp_path / "pixart"))

@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from diffsparse import Schedule, ScheduleError
+from diffsparse.loading import load_pipeline
 from diffsparse.models import tiny_pipeline
-from diffsparse.pipelines import load_pipeline
 from diffsparse.tasks import infer, make_schedule
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -31,7 +31,7 @@ def test_train_exports_a_schedule_for_every_allocator(tmp_path, allocator):
 
 
 def test_infer_runs_a_schedule_and_reports(tmp_path):
-    train_cfg = compose_cfg("train", ["num_steps=5", f"output_dir={tmp_path / 'train'}"])
+    train_cfg = compose_cfg("train", ["model=dit_tiny", "num_steps=5", f"output_dir={tmp_path / 'train'}"])
     make_schedule(train_cfg)
     path = tmp_path / "train" / "schedule.json"
     cfg = compose_cfg("infer", [f"schedule={path}", "rounds=1", "model=dit_tiny", f"output_dir={tmp_path / 'infer'}"])

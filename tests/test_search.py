@@ -133,8 +133,8 @@ def test_each_search_runs_two_generations_on_a_tiny_model_and_exports(algorithm,
 
 def test_fitness_is_best_for_the_dense_schedule_on_every_metric(tmp_path, monkeypatch):
     from diffsparse.fitness import METRICS, SampleFitness
+    from diffsparse.loading import load_model
     from diffsparse.losses import LpipsWeightsMissing
-    from diffsparse.reference import load_model
 
     ref = load_model("tiny")
     units = [u for u in UNITS if int(u.split(".")[1]) < 2]

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from ..loading import load_model
 from .calibration import step_boundaries
 from .plan import MOSAICDIFF_BOUNDARIES, PrunePlan, level_macs, mosaic_levels, saved_fraction, uniform_levels
 from .routing import apply_pruning, remove_pruning
@@ -28,7 +29,6 @@ SCHEDULES = ("uniform", "mosaic", "search")
 
 
 def prune(cfg: DictConfig) -> dict:
-    from ..reference import load_model
     from ..stages import StageSpace
 
     p = cfg.prune
@@ -39,7 +39,7 @@ def prune(cfg: DictConfig) -> dict:
     if not 0.0 < p.budget < 1.0:
         raise ValueError(f"prune.budget must be in (0, 1), got {p.budget}")
     out = Path(cfg.output_dir)
-    ref = load_model(p.model)
+    ref = load_model(OmegaConf.to_container(cfg.model, resolve=True))
     scheduler = ref.scheduler(p.sampler)
     scheduler.set_timesteps(p.num_steps)
     timesteps = [int(t) for t in scheduler.timesteps]
@@ -66,7 +66,7 @@ def prune(cfg: DictConfig) -> dict:
     saved = saved_fraction(levels, boundaries, timesteps, macs)
     meta = {
         "schedule": p.schedule,
-        "model": p.model,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
         "sampler": p.sampler,
         "num_steps": p.num_steps,
         "timesteps": timesteps,
