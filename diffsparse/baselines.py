@@ -24,6 +24,7 @@ import numpy as np
 from .cache.backbones import CROSS_ATTN, MLP, SELF_ATTN
 from .cache.macs import MacTable
 from .schedule import SPARSITY_LEVELS, Schedule
+from .solver import check_budget
 
 LEVELS = np.array(SPARSITY_LEVELS)
 # MosaicDiff's DiT stages are cut "at step T=450 and T=900" (its appendix Table 2). Read in sampling order on the
@@ -185,8 +186,13 @@ def at_budget(make: Callable[..., Schedule], knobs: Sequence[dict], table: MacTa
 
 
 def budget_schedules(table: MacTable, timesteps: Sequence[int], budget: float) -> dict[str, Schedule]:
-    """Every hand-made schedule family fitted to `budget` (fraction of dense MACs saved)."""
+    """Every hand-made schedule family fitted to `budget` (fraction of dense MACs saved).
+
+    A step count below 2 or a budget above what `len(timesteps)` steps can save (the first step is always full)
+    is refused with what to choose instead (`solver.check_budget`).
+    """
     units, n = list(table.units), len(timesteps)
+    check_budget(budget, n, table)
     ratios = [{"fresh_ratio": r} for r in np.linspace(0.0, 1.0, 201)]
     stage_levels = [
         {"sparsities": s}

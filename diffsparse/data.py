@@ -65,6 +65,20 @@ class ConditionDataModule(L.LightningDataModule):
         captions: str | None = None,
     ):
         super().__init__()
+        if train_size < 1:
+            raise ValueError(
+                f"data.train_size={train_size}: the costs are learned on the training conditions, and with none the "
+                "exported schedule would be the untrained start; set data.train_size >= 1."
+            )
+        if val_size < 1:
+            raise ValueError(
+                f"data.val_size={val_size}: validation chooses the exported schedule (the checkpoint with the lowest "
+                "val/l2), and with no validation conditions there is none to choose; set data.val_size >= 1."
+            )
+        if batch_size < 1:
+            raise ValueError(
+                f"data.batch_size={batch_size}: a batch needs at least one condition; set data.batch_size >= 1."
+            )
         self.num_classes, self.train_size, self.val_size, self.batch_size = (
             num_classes, train_size, val_size, batch_size
         )  # fmt: skip

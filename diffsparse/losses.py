@@ -40,7 +40,7 @@ def lpips_loss(net: str = "alex", min_size: int = 64):
         raise LpipsWeightsMissing(
             f"LPIPS needs torchvision's pretrained {net} backbone at {path}, and it is not there (no network here). "
             f"Copy {path.name} into {path.parent} from a machine with network access (torchvision downloads it "
-            "there), or train with `loss=l2` (or `loss=ssim`)."
+            "there), or train with `learn.loss=l2` (or `learn.loss=ssim`)."
         )
     import lpips
 

@@ -11,6 +11,8 @@ full steps are lowered by `delta` (eq. 9) and the unified layer costs are fine-t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 from torch import nn
@@ -18,19 +20,49 @@ from torch import nn
 from . import baselines
 from .cache import apply_token_cache, cacheable_units, remove_token_cache, set_soft_choice, token_cache_paused
 from .data import split_batch
+from .loading import load_model
 from .losses import make_loss
 from .predictor import CostPredictor, choose, schedule_from_levels, straight_through, tie_broken
-from .reference import DEFAULT_GUIDANCE, load_model
+from .reference import DEFAULT_GUIDANCE
 from .sampling import initial_noise, sample
 from .schedule import Schedule
-from .solver import pick_full_steps
+from .solver import check_budget, check_num_steps, pick_full_steps
+
+# The settings that define the learning problem: a run can only be resumed (`ckpt_path`) with the same ones.
+PROBLEM_SETTINGS = ("model", "sampler", "num_steps", "budget", "stage", "num_full", "loss", "selector", "guidance")
+STAGE1_HOWTO = (
+    "run stage 1 first (`python train.py experiment=digits_stage1` writes <output_dir>/stage1.ckpt) and pass "
+    "learn.stage1_checkpoint=PATH"
+)
+
+
+def _check_settings(num_steps, budget, stage, num_full, stage1_checkpoint) -> None:
+    """Refuse settings that cannot work, before the model is loaded, with what to set instead."""
+    if stage not in (1, 2):
+        raise ValueError(f"learn.stage={stage}: choose learn.stage=1 (step and layer costs) or 2 (from stage 1).")
+    check_num_steps(num_steps, "learn.num_steps")
+    if not 0.0 < budget < 1.0:
+        raise ValueError(
+            f"learn.budget={budget}: the budget is the fraction of the dense MACs to save, so it must lie strictly "
+            "between 0 and 1 (e.g. learn.budget=0.5)."
+        )
+    if num_full is not None and not 1 <= num_full <= num_steps:
+        raise ValueError(
+            f"learn.num_full={num_full}: the number of full steps must be in 1..learn.num_steps ({num_steps}); the "
+            "first step is always full, so at least 1. Leave learn.num_full=null for ToCa's count at this budget."
+        )
+    if stage == 2:
+        if stage1_checkpoint is None or stage1_checkpoint == "???":
+            raise ValueError(f"learn.stage=2 starts from a stage-1 checkpoint, and none was given: {STAGE1_HOWTO}.")
+        if not Path(stage1_checkpoint).is_file():
+            raise ValueError(f"learn.stage1_checkpoint={stage1_checkpoint} is not a file: {STAGE1_HOWTO}.")
 
 
 class ScheduleLearner(L.LightningModule):
     """Learns a (T x U) schedule for one model, sampler, step count and MAC budget.
 
     Args:
-        model: `reference`, `tiny` or a model folder (see `reference.load_model`).
+        model: a model name, folder or `model` config mapping (see `diffsparse.loading.load_model`).
         budget: fraction of the dense trajectory's MACs to save.
         stage: 1 (step and layer costs, `num_full` full steps) or 2 (unified layer costs, from `stage1_checkpoint`).
         num_full: full steps in stage 1 (the first step included); default: as many as the ToCa schedule that
@@ -50,7 +82,7 @@ class ScheduleLearner(L.LightningModule):
 
     def __init__(
         self,
-        model: str = "reference",
+        model: str | dict = "reference",
         sampler: str = "ddim",
         num_steps: int = 50,
         budget: float = 0.5,
@@ -70,8 +102,7 @@ class ScheduleLearner(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        _check_settings(num_steps, budget, stage, num_full, stage1_checkpoint)
         self._ref = load_model(model)  # not a submodule: frozen, and kept out of checkpoints
         self._dtype = getattr(torch, dtype)
         for part in (self._ref.transformer, self._ref.vae):
@@ -89,18 +120,32 @@ class ScheduleLearner(L.LightningModule):
         scheduler.set_timesteps(num_steps)
         self.timesteps = scheduler.timesteps.tolist()
         self.table = self._ref.mac_table()
+        check_budget(budget, num_steps, self.table, budget_name="learn.budget", steps_name="learn.num_steps")
         init = baselines.budget_schedules(self.table, self.timesteps, budget)["toca"]
         self.layer_costs = CostPredictor(num_steps, len(self.units), init=init).to(self._dtype)
-        self.num_full = num_full or len(init.full_steps)
+        self.num_full = len(init.full_steps) if num_full is None else num_full
         self.step_logits = None
         if stage == 1:
             logits = torch.zeros(num_steps, 2, dtype=self._dtype)
             logits[init.full_steps, 0] = -2.0  # ToCa's full steps start out cheap to keep full
             self.step_logits = nn.Parameter(logits)
-        elif stage1_checkpoint is not None:
+        else:
             self._warm_start(stage1_checkpoint)
         self.loss_fn = make_loss(loss)
         self._teacher: dict[int, torch.Tensor] = {}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to resume from a checkpoint of a different problem (`PROBLEM_SETTINGS`): its costs would be
+        continued at this run's settings, or not fit them at all."""
+        saved = checkpoint.get("hyper_parameters") or {}
+        differ = [k for k in PROBLEM_SETTINGS if k in saved and k in self.hparams and saved[k] != self.hparams[k]]
+        if differ:
+            key = {k: k if k == "model" else f"learn.{k}" for k in differ}
+            pairs = ", ".join(f"{key[k]}: {saved[k]!r} in the checkpoint, {self.hparams[k]!r} now" for k in differ)
+            raise ValueError(
+                f"The checkpoint was learned for another problem ({pairs}). Resume with the same settings, or "
+                "start a new run without ckpt_path."
+            )
 
     # --- costs -> schedule ----------------------------------------------------------------------------------------
     def _warm_start(self, checkpoint: str) -> None:

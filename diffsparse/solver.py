@@ -22,6 +22,8 @@ import numpy as np
 from .cache.macs import MacTable
 from .schedule import SPARSITY_LEVELS
 
+RESOLUTION = 8192  # MAC quanta the largest possible saving is split into (`solve_schedule`)
+
 
 class InfeasibleBudget(ValueError):
     """No choice of levels reaches the budget."""
@@ -89,7 +91,7 @@ def solve(costs: np.ndarray, savings: np.ndarray, budget: int, exact: bool = Fal
     return picked
 
 
-def solve_schedule(costs: np.ndarray, budget: float, table: MacTable | None = None, resolution: int = 8192):
+def solve_schedule(costs: np.ndarray, budget: float, table: MacTable | None = None, resolution: int = RESOLUTION):
     """Level indices (T, U) for a cost tensor (T, U, |S|): row 0 all zeros, the rest chosen by the DP.
 
     Args:
@@ -104,22 +106,75 @@ def solve_schedule(costs: np.ndarray, budget: float, table: MacTable | None = No
         raise ValueError(f"costs need {len(SPARSITY_LEVELS)} levels in the last axis, got {levels}")
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"budget must be in [0, 1], got {budget}")
+    if table is not None and len(table.units) != units:
+        raise ValueError(f"costs have {units} units, the MAC table {len(table.units)}")
+    check_budget(budget, steps, table, units, resolution=resolution)
     items = costs[1:].reshape(-1, levels)
-    if table is None:
-        # plain sparsity: level j saves j quarters of a unit; the budget counts every (t, u), the first row too
-        savings = np.tile(np.arange(levels, dtype=np.int64), (len(items), 1))
-        target = math.ceil(budget * (levels - 1) * steps * units - 1e-9)
-    else:
-        if len(table.units) != units:
-            raise ValueError(f"costs have {units} units, the MAC table {len(table.units)}")
-        macs = table.level_macs.astype(np.float64)
-        saved = macs[:, :1] - macs
-        dense_total = float(table.dense_step) * steps
-        quantum = max(saved.max(axis=1).sum() * (steps - 1) / resolution, 1e-12)
-        savings = np.tile(np.floor(saved / quantum + 1e-9).astype(np.int64), (steps - 1, 1))
-        target = math.ceil(budget * dense_total / quantum - 1e-9)
+    savings, target, _ = _discretised(budget, steps, table, units, resolution)
     picked = solve(items, savings, target)
     return np.concatenate([np.zeros((1, units), dtype=np.int64), picked.reshape(steps - 1, units)])
+
+
+def _discretised(budget: float, steps: int, table: MacTable | None, units: int, resolution: int):
+    """The DP's integer problem for a schedule of `steps` x `units`: each item's savings (one row per (step, unit)
+    after the first step), the integer target for `budget`, and the number of integer units per budget fraction."""
+    levels = len(SPARSITY_LEVELS)
+    items = (steps - 1) * units
+    if table is None:
+        # plain sparsity: level j saves j quarters of a unit; the budget counts every (t, u), the first row too
+        savings = np.tile(np.arange(levels, dtype=np.int64), (items, 1))
+        target = math.ceil(budget * (levels - 1) * steps * units - 1e-9)
+        return savings, target, float((levels - 1) * steps * units)
+    macs = table.level_macs.astype(np.float64)
+    saved = macs[:, :1] - macs
+    dense_total = float(table.dense_step) * steps
+    quantum = max(saved.max(axis=1).sum() * (steps - 1) / resolution, 1e-12)
+    savings = np.tile(np.floor(saved / quantum + 1e-9).astype(np.int64), (steps - 1, 1))
+    target = math.ceil(budget * dense_total / quantum - 1e-9)
+    return savings, target, dense_total / quantum
+
+
+def max_saving(num_steps: int, table: MacTable | None = None, num_units: int = 1, resolution: int = RESOLUTION):
+    """The largest fraction of the MACs (of the plain sparsity without a table) that `solve_schedule` can save
+    with `num_steps` steps: every unit reuses all its tokens after the first step, which always computes all."""
+    units = len(table.units) if table is not None else num_units
+    savings, _, scale = _discretised(0.0, num_steps, table, units, resolution)
+    return float(savings.max(axis=1).sum()) / scale if len(savings) else 0.0
+
+
+def check_num_steps(num_steps: int, steps_name: str = "steps") -> None:
+    """Refuse fewer than 2 steps: the first step always computes everything, so they could save nothing."""
+    if num_steps < 2:
+        raise InfeasibleBudget(
+            f"{steps_name}={num_steps}: a cached schedule needs at least 2 steps (the first step always computes "
+            f"everything, so {num_steps} step{'' if num_steps == 1 else 's'} can save nothing); "
+            f"choose {steps_name} >= 2."
+        )
+
+
+def check_budget(
+    budget: float,
+    num_steps: int,
+    table: MacTable | None = None,
+    num_units: int = 1,
+    *,
+    budget_name: str = "budget",
+    steps_name: str = "steps",
+    resolution: int = RESOLUTION,
+) -> None:
+    """Refuse a step count below 2 or a budget that no schedule of `num_steps` steps can meet, saying what to
+    choose instead (in fractions of the MACs, as the user gave the budget). `budget_name` and `steps_name` are the
+    settings' names in the caller's configuration, for the message."""
+    check_num_steps(num_steps, steps_name)
+    units = len(table.units) if table is not None else num_units
+    savings, target, _ = _discretised(budget, num_steps, table, units, resolution)
+    if target > int(savings.max(axis=1).sum()):
+        most = math.floor(max_saving(num_steps, table, units, resolution) * 100) / 100
+        most_saved = f"{most:.2f} of the MACs can be saved" if table is not None else f"{most:.2f} sparsity on average"
+        raise InfeasibleBudget(
+            f"{budget_name}={budget} cannot be met: with {num_steps} steps and the first one always full, at most "
+            f"{most_saved}; choose {budget_name} <= {most:.2f} or more steps ({steps_name})."
+        )
 
 
 def pick_full_steps(step_costs: np.ndarray, num_full: int) -> list[int]:

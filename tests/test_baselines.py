@@ -96,3 +96,20 @@ def test_saved_fraction_matches_schedule_macs(table):
     sched = baselines.toca(cacheable_units(model), 10, fresh_ratio=0.3)
     macs = sched.macs(model, **example_inputs(model, batch=2))
     assert table.saved_fraction(sched) == pytest.approx(1 - macs["cached"] / macs["dense"], rel=1e-12)
+
+
+@pytest.mark.parametrize("steps", [0, 1])
+def test_fewer_than_two_steps_are_refused_with_what_to_choose(table, steps):
+    with pytest.raises(ValueError, match=rf"steps={steps}: .*at least 2 steps.*choose steps >= 2"):
+        baselines.budget_schedules(table, list(range(999, 0, -1000 // max(steps, 1)))[:steps], 0.5)
+
+
+def test_an_unreachable_budget_is_refused_in_fractions_of_the_macs(table):
+    from diffsparse.solver import max_saving
+
+    timesteps = list(range(999, 0, -125))  # 8 steps
+    most = max_saving(8, table)
+    with pytest.raises(ValueError, match=r"budget=0.95 cannot be met: with 8 steps .* at most 0\.\d\d of the MACs"):
+        baselines.budget_schedules(table, timesteps, 0.95)
+    fitted = baselines.budget_schedules(table, timesteps, most)  # the largest one is still fitted
+    assert table.saved_fraction(fitted["uniform"]) >= most

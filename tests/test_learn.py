@@ -1,5 +1,6 @@
 """Learning a schedule end to end on a tiny model: both stages, resume, data-parallel equals one process."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,13 +50,15 @@ def test_two_process_ddp_gives_the_same_schedule_as_one_process(tmp_path):
     one = train(tmp_path / "one", *common, "data.batch_size=4")
     two = train(tmp_path / "two", *common, "data.batch_size=2", "trainer=ddp")  # 2 processes x 2 = one batch of 4
     assert Schedule.load(one / "schedule.json") == Schedule.load(two / "schedule.json")
+    scores = [json.loads((run / "metrics.json").read_text())["best_val_l2"] for run in (one, two)]
+    assert all(isinstance(score, float) for score in scores)  # spawned processes used to leave it null
 
 
 def test_missing_lpips_weights_stop_with_what_to_do(tmp_path, monkeypatch):
     from diffsparse.losses import LpipsWeightsMissing, make_loss
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(LpipsWeightsMissing, match="loss=l2"):
+    with pytest.raises(LpipsWeightsMissing, match="learn.loss=l2"):
         make_loss("lpips")
 
 

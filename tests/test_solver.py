@@ -97,3 +97,20 @@ def test_paper_sized_problem_solves_in_under_a_second():
     assert table.saved_fraction(Schedule.from_array(levels / 4, table.units)) >= 0.5
     print(f"DP T=50 U=84 |S|=5 at 50 %: {elapsed:.3f} s")
     assert elapsed < 5.0  # generous for a loaded CI machine; the measured time is printed
+
+
+def test_infeasible_schedule_budgets_are_reported_in_fractions():
+    from diffsparse.solver import max_saving
+
+    table = _table()
+    costs = np.random.default_rng(2).normal(size=(8, 4, 5))
+    most = max_saving(8, table)
+    levels = solve_schedule(costs, most, table)  # the largest budget is met...
+    assert table.saved_fraction(Schedule.from_array(levels / 4, table.units)) >= most
+    shown = f"{np.floor(most * 100) / 100:.2f}"
+    with pytest.raises(InfeasibleBudget, match=rf"budget=0.95 cannot be met: .*at most {shown} of the MACs"):
+        solve_schedule(costs, 0.95, table)  # ...and a larger one is refused in MAC fractions, not DP quanta
+    with pytest.raises(InfeasibleBudget, match=r"at most 0.87 sparsity on average; choose budget <= 0.87"):
+        solve_schedule(costs, 0.9, None)
+    with pytest.raises(InfeasibleBudget, match=r"steps=1: .*at least 2 steps"):
+        solve_schedule(costs[:1], 0.1, table)
