@@ -19,6 +19,7 @@ import argparse
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import statistics
 import threading
@@ -29,8 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import baselines
-from .cache import apply_token_cache, cacheable_units, remove_token_cache
+from .cache import BACKBONES, apply_token_cache, cacheable_units, remove_token_cache
 from .cache.backbones import backbone_for
+from .cache.selector import make_selector
 from .calls import forward_kwargs, predict, set_steps, unpack
 from .files import atomic_path
 from .flow_models import FLUX_SIZES, WAN_SIZES, build_flux, build_wan, flux_example_inputs, wan_example_inputs
@@ -59,6 +61,8 @@ def sample(model, latents: torch.Tensor, conditions: dict, num_steps: int, cfg: 
 
 FLOW_MODELS = ("flux", "wan")
 DEFAULT_SIZES = {"dit": "XL/2", "pixart": "XL/2", "flux": "bench", "wan": "bench"}
+MODEL_SIZES = {"dit": SIZES, "pixart": SIZES, "flux": FLUX_SIZES, "wan": WAN_SIZES}
+PRUNE_LEVELS = 16  # pruned-<fraction> rows prune to the nearest 1/16
 
 
 def bench_model(model_name: str, size: str | None, tokens: int, batch: int, frames: int = 2):
@@ -149,6 +153,39 @@ def _peak_memory(fn) -> int:
 DEFAULT_SCHEDULES = ("uniform-0.5", "uniform-0.75", "toca-like")
 
 
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def check_schedule_name(name: str, model_name: str = "dit") -> None:
+    """Raise a `ValueError` that says how to write `name` if it is not a row `run` can make for `model_name`."""
+    if name == "toca-like":
+        return
+    if name.startswith("uniform-"):
+        sparsity = _number(name.removeprefix("uniform-"))
+        if sparsity is None or not 0.0 <= sparsity <= 1.0:
+            raise ValueError(f"Schedule {name!r}: uniform-<sparsity> needs a sparsity from 0 to 1, e.g. uniform-0.5.")
+        return
+    if name.startswith("pruned-"):
+        if model_name in FLOW_MODELS:
+            raise ValueError(f"Schedule {name!r}: pruned-<fraction> rows are for DiT and PixArt only.")
+        fraction = _number(name.removeprefix("pruned-"))
+        if fraction is None or not 0 < round(fraction * PRUNE_LEVELS) < PRUNE_LEVELS:
+            raise ValueError(
+                f"Schedule {name!r}: pruned-<fraction> needs a fraction that rounds to k/{PRUNE_LEVELS} with "
+                f"0 < k < {PRUNE_LEVELS}, e.g. pruned-0.3."
+            )
+        return
+    raise ValueError(
+        f"Unknown schedule {name!r}: use uniform-<sparsity> (e.g. uniform-0.5), toca-like, or pruned-<fraction> "
+        "(e.g. pruned-0.3)."
+    )
+
+
 def make_schedules(names, units, num_steps: int) -> dict[str, Schedule]:
     """Schedules by name: `uniform-<sparsity>` (first step full) or `toca-like`."""
     schedules = {}
@@ -157,13 +194,14 @@ def make_schedules(names, units, num_steps: int) -> dict[str, Schedule]:
             # ToCa without a ramp: self-attention reuses 0.5, MLPs 0.75, full step every 3
             schedules[name] = baselines.toca(units, num_steps, fresh_ratio=0.25, interval=3, ramp=0.0)
         elif name.startswith("uniform-"):
+            check_schedule_name(name)
             schedules[name] = baselines.uniform(units, num_steps, float(name.removeprefix("uniform-")))
         else:
             raise ValueError(f"Unknown schedule {name!r}: use uniform-<sparsity> (e.g. uniform-0.5) or toca-like.")
     return schedules
 
 
-def pruned_row(model, inputs: dict, fraction: float, levels: int = 16):
+def pruned_row(model, inputs: dict, fraction: float, levels: int = PRUNE_LEVELS):
     """A one-stage structural pruning store that removes `fraction` (to the nearest 1/levels) of every layer's heads
     and MLP neurons (Wanda order, calibrated on the benchmark's own inputs: speed does not depend on which
     structures go), and the MAC reduction of one forward at that level (counted with `FlopCounterMode`)."""
@@ -284,6 +322,46 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """Refuse bad arguments with `parser.error` (usage and the reason on stderr, exit status 2) before any model is
+    built or anything is written; returns the schedule names."""
+    sizes = MODEL_SIZES[args.model]
+    if args.size is not None and args.size not in sizes:
+        parser.error(f"--size {args.size!r} is not a {args.model} size: choose one of {sorted(sizes)}.")
+    if args.tokens < 1 or math.isqrt(args.tokens) ** 2 != args.tokens:
+        parser.error(f"--tokens must be a positive square number of tokens (e.g. 256 = 16 x 16), got {args.tokens}.")
+    for flag in ("steps", "rounds", "batch", "frames"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.model != "flux" and args.batch % 2:
+        parser.error(
+            f"--batch must be even for {args.model}: the batch is classifier-free-guidance pairs (e.g. --batch 2), "
+            f"got {args.batch}."
+        )
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1 (leave it out for torch's choice), got {args.threads}.")
+    if args.selector is not None:
+        try:
+            make_selector(args.selector, BACKBONES[args.model].selector_defaults)
+        except ValueError as e:
+            parser.error(f"--selector {args.selector}: {e}")
+    names = [n.strip() for n in args.schedules.split(",") if n.strip()]
+    for name in names:
+        try:
+            check_schedule_name(name, args.model)
+        except ValueError as e:
+            parser.error(f"--schedules: {e}")
+    if args.json is not None:
+        folder = args.json.parent
+        if args.json.is_dir():
+            parser.error(f"--json {args.json} is a directory: give a file path, e.g. {args.json / 'bench.json'}.")
+        if not folder.is_dir():
+            parser.error(f"--json {args.json}: {folder} is not an existing folder; create it or choose another path.")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            parser.error(f"--json {args.json}: the folder {folder} is not writable; choose another path.")
+    return names
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         prog="python -m diffsparse.bench",
@@ -316,7 +394,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.schedules.split(",") if n.strip()]
+    names = check_args(parser, args)
     rows = run(
         args.model,
         args.size,

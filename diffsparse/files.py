@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
+def _new_file_beside(path: Path) -> Path:
+    """Create an empty file with a fresh name beside `path` and return its path.
+
+    Unlike `tempfile.mkstemp` (always mode 0600), the file is created with mode 0666 less the process umask, as
+    `open(path, "w")` would create `path` itself, so the file that replaces `path` has the usual permissions.
+    """
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}{path.suffix}"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"Could not find a free temporary name beside {path}.")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path` (same suffix, so writers that go by it still work), moved onto `path` when
-    the block ends; on an error it is deleted and `path` is left as it was.
+    the block ends; on an error it is deleted and `path` is left as it was. The file gets the usual mode of a new
+    file (0666 less the umask).
 
     Example:
         >>> with atomic_path("out/results.json") as tmp:
@@ -20,9 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_file_beside(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +31,12 @@ def _capture_forward_kwargs(transformer, fn) -> dict:
     return captured
 
 
+def _check_count(name: str, value, example: str) -> None:
+    """Raise a `ValueError` unless `value` is a whole number >= 1 (`rounds`, `num_steps`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1 (e.g. {name}={example}), got {value!r}.")
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [0, 1], over the whole batch."""
     mse = float(((a.float() - b.float()) ** 2).mean())
@@ -53,6 +60,7 @@ def run_inference(
         dict with `mac_reduction`, `speedup` (median dense/cached time ratio over `rounds`), `speedup_min`,
         `speedup_max`, `psnr_vs_dense`, `dense_gmacs`, `cached_gmacs`, and `grid` (path of the PNG, if saved).
     """
+    _check_count("rounds", rounds, "2")
     transformer = pipe.transformer
     schedule.check_units(cacheable_units(transformer))
     steps = schedule.num_steps
@@ -77,10 +85,11 @@ def run_inference(
 def compare_with_dense(dense, method, rounds: int, output_dir: str | Path | None = None) -> dict:
     """Time `dense()` and `method()` (each returns images in [0, 1]) alternately over `rounds` after a warm-up of
     `method`; the median, min and max time ratio, the PSNR of the method's images against dense, and (with
-    `output_dir`) a PNG of both (top row dense, bottom row the method)."""
+    `output_dir`) a PNG of both (top row dense, bottom row the method). `rounds` must be >= 1."""
+    _check_count("rounds", rounds, "2")
     method()  # warm-up
     ratios = []
-    for _ in range(max(1, rounds)):
+    for _ in range(rounds):
         start = time.perf_counter()
         dense_images = dense()
         t_dense = time.perf_counter() - start
@@ -112,6 +121,7 @@ def run_pruned_inference(pipe, plan, conditions, seed: int = 0, rounds: int = 2,
     from .prune.plan import stage_macs
     from .prune.routing import apply_pruning, remove_pruning
 
+    _check_count("rounds", rounds, "2")
     transformer, steps = pipe.transformer, int(plan.meta["num_steps"])
 
     def dense():
@@ -150,7 +160,10 @@ def run_pruned_inference(pipe, plan, conditions, seed: int = 0, rounds: int = 2,
 
 
 def resolve_schedule(path: str | None, units: list[str], num_steps: int | None, sparsity: float) -> Schedule:
-    """The schedule at `path` (checked against `num_steps` if given), or a uniform one at `sparsity`."""
+    """The schedule at `path` (checked against `num_steps` if given), or a uniform one at `sparsity` over
+    `num_steps` (default 20). `num_steps`, when given, must be >= 1."""
+    if num_steps is not None:
+        _check_count("num_steps", num_steps, "20")
     if path is None:
         return Schedule.uniform(units, num_steps or 20, sparsity)
     schedule = Schedule.load(path)

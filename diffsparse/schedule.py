@@ -143,6 +143,14 @@ class Schedule:
         units = tuple(units)
         if units == self.units:
             return
+        if len(units) == len(self.units) and set(units) == set(self.units):
+            i = next(i for i, (a, b) in enumerate(zip(units, self.units, strict=True)) if a != b)
+            raise ScheduleError(
+                f"Schedule has the model's {len(units)} units but in another order: the first difference is at "
+                f"column {i}, where the schedule has {self.units[i]!r} and the model has {units[i]!r}. Columns must "
+                "follow `cacheable_units(model)`: rebuild the grid in that order, e.g. "
+                "`Schedule(s.grid[:, [s.units.index(u) for u in cacheable_units(model)]], cacheable_units(model))`."
+            )
         missing = [u for u in units if u not in self.units][:3]
         extra = [u for u in self.units if u not in units][:3]
         raise ScheduleError(

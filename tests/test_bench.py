@@ -1,4 +1,8 @@
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +43,66 @@ def test_bench_rows_for_the_flow_models(model, capsys):
     assert rows[0]["model"] == f"{model}-tiny" and rows[1]["selector"] == "norm"
     assert 1.0 < rows[1]["mac_reduction"] < rows[2]["mac_reduction"]
     assert f"{model}-tiny, 16 tokens" in capsys.readouterr().out
+
+
+BAD_ARGUMENTS = [
+    (["--schedules", "uniform-abc"], r"uniform-<sparsity> needs a sparsity from 0 to 1"),
+    (["--schedules", "uniform-0.5,uniform-1.5"], r"'uniform-1.5'.*from 0 to 1"),
+    (["--schedules", "uniform-nan"], r"from 0 to 1"),
+    (["--schedules", "fora"], r"Unknown schedule 'fora'"),
+    (["--schedules", "pruned-x"], r"pruned-<fraction> needs a fraction"),
+    (["--schedules", "pruned-0.01"], r"pruned-<fraction> needs a fraction"),
+    (["--model", "wan", "--schedules", "pruned-0.3"], r"for DiT and PixArt only"),
+    (["--tokens", "0"], r"--tokens must be a positive square number"),
+    (["--tokens", "-4"], r"--tokens must be a positive square number"),
+    (["--tokens", "15"], r"--tokens must be a positive square number"),
+    (["--rounds", "0"], r"--rounds must be at least 1, got 0"),
+    (["--batch", "0"], r"--batch must be at least 1, got 0"),
+    (["--batch", "3"], r"--batch must be even for dit"),
+    (["--steps", "0"], r"--steps must be at least 1"),
+    (["--model", "wan", "--frames", "0"], r"--frames must be at least 1"),
+    (["--threads", "0"], r"--threads must be at least 1"),
+    (["--size", "huge"], r"--size 'huge' is not a dit size"),
+    (["--model", "flux", "--size", "XL/2"], r"not a flux size"),
+    (["--selector", "best"], r"--selector best: Unknown selector"),
+    (["--model", "flux", "--selector", "toca"], r"--selector toca: .*attention maps"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS, ids=[" ".join(argv) for argv, _ in BAD_ARGUMENTS])
+def test_bench_refuses_bad_arguments_before_building_anything(argv, message, monkeypatch, capsys):
+    def no_model(*a, **k):
+        raise AssertionError("a model was built for bad arguments")
+
+    monkeypatch.setattr(bench, "bench_model", no_model)
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--size", "tiny", *argv] if "--size" not in argv else argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m diffsparse.bench" in err
+    assert re.search(message, err), err
+
+
+def test_bench_refuses_json_paths_it_cannot_write(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "bench_model", lambda *a, **k: pytest.fail("a model was built for bad arguments"))
+    for path, message in [
+        (tmp_path, "is a directory: give a file path"),
+        (tmp_path / "missing" / "rows.json", "is not an existing folder"),
+        (tmp_path / "file.txt" / "rows.json", "is not an existing folder"),
+    ]:
+        (tmp_path / "file.txt").write_text("")
+        with pytest.raises(SystemExit) as info:
+            bench.main(["--size", "tiny", "--json", str(path)])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing created or half-written
+
+
+def test_bench_command_line_exits_nonzero_with_a_message():
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffsparse.bench", "--schedules", "uniform-abc"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 2
+    assert "uniform-<sparsity> needs a sparsity from 0 to 1" in proc.stderr and "Traceback" not in proc.stderr

@@ -141,3 +141,35 @@ def test_atomic_writes_leave_the_old_file_on_an_error_and_no_temporaries(tmp_pat
         assert tmp.suffix == ".json" and tmp.parent == tmp_path
         tmp.write_text("new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_check_units_says_when_only_the_order_differs():
+    s = Schedule.uniform(UNITS, 3, 0.5)
+    swapped = [UNITS[0], UNITS[2], UNITS[1]]
+    with pytest.raises(ScheduleError, match="in another order") as info:
+        s.check_units(swapped)
+    message = str(info.value)
+    assert "column 1" in message and f"schedule has {UNITS[1]!r}" in message and f"model has {UNITS[2]!r}" in message
+    assert "missing" not in message
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_written_files_get_the_usual_mode(tmp_path, umask):
+    import os
+    import stat
+
+    from diffsparse.files import atomic_path
+
+    old = os.umask(umask)
+    try:
+        s = Schedule.uniform(UNITS, 3, 0.5)
+        written = [s.save(tmp_path / "schedule.json"), s.plot(tmp_path / "schedule.png")]
+        with atomic_path(tmp_path / "other.txt") as tmp:
+            tmp.write_text("x")
+        written.append(tmp_path / "other.txt")
+        s.save(tmp_path / "schedule.json")  # replacing a file: same mode again
+    finally:
+        os.umask(old)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.txt", "schedule.json", "schedule.png"]

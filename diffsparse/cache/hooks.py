@@ -3,7 +3,10 @@
 Shape of `diffusers.hooks`: a config dataclass, a state object with `reset()` (`TrajectoryState`), hook classes
 registered in each module instance's `HookRegistry`, and public `apply_token_cache` / `remove_token_cache` /
 `reset_token_cache`. Pipelines that end their call with `maybe_free_model_hooks()` (all stock ones) reset the cache
-through the stateful trajectory hook, so a second call starts clean.
+through the stateful trajectory hook (models without diffusers' `CacheMixin`, DiT and PixArt, get the method it
+calls while the cache is applied), so a call frees its cache when it ends and a second call starts clean. A plain
+sampling loop has no such end: its cache is freed when the trajectory runs the schedule's last step, when the next
+trajectory starts, or by `reset_token_cache` / `remove_token_cache`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .state import TokenCacheController, TrajectoryState
 
 _TRAJECTORY_HOOK = "diffsparse_token_cache_trajectory"
 _UNIT_HOOK = "diffsparse_token_cache_unit"
+_PIPELINE_RESET = "_reset_stateful_cache"  # what `DiffusionPipeline.maybe_free_model_hooks` calls on components
 
 
 @dataclass
@@ -37,11 +41,22 @@ class TokenCacheConfig:
         selector: a selector name (`toca`, `norm`, `similarity`, `random`), a `SelectorConfig`, or a dict of
             its fields.
         cfg: whether the batch holds classifier-free-guidance halves that must pick the same tokens: `"auto"` (the
-            two halves of the first step's input are equal), `True` or `False`.
+            two halves of the first step's input are equal), `True` or `False`; anything else raises a ValueError.
     """
 
     selector: str | SelectorConfig | dict = field(default_factory=SelectorConfig)
     cfg: bool | str = "auto"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a `ValueError` for an option outside what is documented above."""
+        if not (isinstance(self.cfg, bool) or (isinstance(self.cfg, str) and self.cfg == "auto")):
+            raise ValueError(
+                f"Token-cache option cfg={self.cfg!r} is not valid: use cfg=True (the batch is classifier-free-"
+                "guidance halves), cfg=False (it is not), or cfg='auto' (detect it at the first step)."
+            )
 
 
 class _ContextReceiver(StateManager):
@@ -232,6 +247,17 @@ class TokenCacheUnitHook(ModelHook):
         return txt + txt_branch, img + img_branch
 
 
+class _PipelineReset:
+    """`model._reset_stateful_cache(recurse=True)` (the signature of diffusers' `CacheMixin`) for models without it:
+    frees the token cache at the end of a pipeline call."""
+
+    def __init__(self, controller: TokenCacheController):
+        self.controller = controller
+
+    def __call__(self, recurse: bool = True) -> None:
+        self.controller.reset()
+
+
 def _controller(model: torch.nn.Module) -> TokenCacheController | None:
     registry = getattr(model, "_diffusers_hook", None)
     hook = registry.get_hook(_TRAJECTORY_HOOK) if registry is not None else None
@@ -265,6 +291,8 @@ def apply_token_cache(
         config = TokenCacheConfig(**options)
     elif options:
         raise TypeError("Pass either a TokenCacheConfig or keyword options, not both.")
+    else:
+        config.validate()
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a diffsparse Schedule, got {type(schedule).__name__}.")
     if _controller(model) is not None:
@@ -291,13 +319,23 @@ def apply_token_cache(
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(TrajectoryHook(controller, signature), _TRAJECTORY_HOOK)
     registry.invalidate_child_registries_cache()
+    if not hasattr(model, _PIPELINE_RESET):
+        # Stock pipelines end each call with `maybe_free_model_hooks()`, which resets the stateful hooks only of
+        # components that have `_reset_stateful_cache` (diffusers' `CacheMixin`); DiT and PixArt models lack it, so
+        # give this instance one: a call that stops before the schedule's last step then frees its cache (and
+        # warns) at its end instead of holding it until the next call.
+        setattr(model, _PIPELINE_RESET, _PipelineReset(controller))
     return controller
 
 
 def remove_token_cache(model: torch.nn.Module) -> None:
     """Take the token cache off `model`: it is the original model again, with no hooks of ours left."""
-    if _controller(model) is None:
+    controller = _controller(model)
+    if controller is None:
         raise RuntimeError("No token cache is applied to this model.")
+    controller.reset()  # frees the cached tensors (the caller may still hold the controller); warns on a short run
+    if isinstance(model.__dict__.get(_PIPELINE_RESET), _PipelineReset):
+        del model.__dict__[_PIPELINE_RESET]
     _drop_hook(model, _TRAJECTORY_HOOK)
     for module in {id(u.module): u.module for u in find_units(model)}.values():
         _drop_hook(module, _UNIT_HOOK)

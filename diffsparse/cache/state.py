@@ -27,6 +27,7 @@ class TrajectoryState:
     finished: bool = False  # the schedule's last step ran; the cache is already freed
     grid: tuple[int, ...] | None = None
     cfg: bool = False
+    input_shape: tuple | None = None  # shapes the grid and `cfg` were worked out from (`_input_shape`)
     cache: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> its last output (B, N, D)
     last_fresh: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> step each token was last computed
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> input when each token was computed
@@ -74,6 +75,7 @@ class TokenCacheController:
         self.current: TrajectoryState | None = None
         self.paused = False
         self.choice: torch.Tensor | None = None  # (T, U, |S|) soft choice: training mode (see blend.py)
+        self._warned_short: set[int] = set()  # step counts of short trajectories already warned about
 
     def set_schedule(self, schedule: Schedule, choice: torch.Tensor | None = None) -> None:
         """Switch to `schedule` between trajectories; with `choice` (its straight-through one-hot), training mode."""
@@ -138,12 +140,26 @@ class TokenCacheController:
         if step >= self.schedule.num_steps:
             state.reset()
             raise self._too_many_steps()
+        shape = _input_shape(inputs)
+        changed = state.input_shape is not None and shape != state.input_shape
+        if step > 0 and changed and any(self.plan[step]):
+            old = state.input_shape
+            state.reset()
+            raise RuntimeError(
+                f"The model input changed shape at step {step} of a trajectory (from {old[0]} to {shape[0]}: a new "
+                "batch size or resolution) on a step that reuses cached tokens, which have the old shape. Call "
+                "reset_token_cache(model) before sampling with a new batch size or resolution."
+            )
         state.step = step
         state.last_timestep = t_value
         if step == 0:
             self.selector.reset()
+        if step == 0 or shape != state.input_shape:
+            # A new batch size or resolution at a full step recomputes every token: re-tile the token grid for
+            # the spatial bonus and look at the CFG halves again. Shapes are Python ints: no device sync per step.
             state.grid = self.spec.token_grid(model, inputs)
             state.cfg = self._is_cfg_batch(inputs["hidden_states"])
+            state.input_shape = shape
 
     def _too_many_steps(self) -> ScheduleError:
         return ScheduleError(
@@ -166,8 +182,10 @@ class TokenCacheController:
         return b % 2 == 0 and b > 0 and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
 
     def _end_trajectory(self, name: str, state: TrajectoryState) -> None:
+        """A trajectory ends before the schedule's last step: warn (once per step count), the caller frees it."""
         ran = state.step + 1
-        if 0 < ran < self.schedule.num_steps:
+        if 0 < ran < self.schedule.num_steps and ran not in self._warned_short:
+            self._warned_short.add(ran)
             logger.warning(
                 "diffsparse: a trajectory (%s) ran %d steps but the schedule has %d; the last %d rows were unused. "
                 "Make the schedule with num_steps=%d or use Schedule.resample(%d).",
@@ -206,6 +224,12 @@ class TokenCacheController:
         self.states.clear()
         self.current = None
         self.selector.reset()
+
+
+def _input_shape(inputs: dict) -> tuple:
+    """The shapes that fix the token grid and the batch: the image input's, and FLUX's image position ids'."""
+    ids = inputs.get("img_ids")
+    return tuple(inputs["hidden_states"].shape), None if ids is None else tuple(ids.shape)
 
 
 def _copied_dicts(state: TrajectoryState) -> dict:
