@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .digits import NUM_CLASSES, load_digits, split
+from .digits import IMAGE_SIZE, NUM_CLASSES, load_digits, split
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 class DigitClassifier(nn.Module):
     """Three 3 x 3 convolutions (16 -> 8 -> 4 px), a `features`-wide penultimate layer, and the class logits."""
+
+    input_shape = (1, IMAGE_SIZE, IMAGE_SIZE)  # the images it takes: one channel, 16 x 16 px
 
     def __init__(self, features: int = FEATURES, num_classes: int = NUM_CLASSES):
         super().__init__()
@@ -42,6 +44,10 @@ class DigitClassifier(nn.Module):
             nn.ReLU(),
         )
         self.head = nn.Linear(features, num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate features of images in [-1, 1], (B, 1, 16, 16) -> (B, features)."""
@@ -122,3 +128,11 @@ def load_feature_net(path: str | Path | None = None) -> DigitClassifier:
     model = DigitClassifier(config["features"], config["num_classes"])
     model.load_state_dict(load_file(path / WEIGHTS))
     return model.eval()
+
+
+def feature_net_and_data(spec: str) -> tuple[DigitClassifier, torch.Tensor]:
+    """The feature network of `spec` and the real images it compares samples with, in [-1, 1]: `digits` (the
+    shipped network and the digits) or the folder of a saved one (`train_feature_net`: trained on the digits)."""
+    net = load_feature_net(None if spec == "digits" else spec)
+    images, _ = load_digits(net.input_shape[-1])
+    return net, images

@@ -54,6 +54,9 @@ class Method:
         return self._stitched_model
 
 
+DIT_SELF_ATTENTION = r"transformer_blocks\.\d+\.attn1"
+
+
 def _apply_diffusers_cache(model: torch.nn.Module, config) -> None:
     from diffusers import hooks
 
@@ -119,17 +122,35 @@ def taylorseer(num_steps: int, interval: int, unit_pattern: str) -> Method:
     return Method("TaylorSeer", num_steps, diffusers_config=config, knobs={"cache_interval": interval})
 
 
-def pyramid_attention_broadcast(num_steps: int, skip_range: int, timestep_range=(0, 1000)) -> Method:
-    """PAB: self-attention outputs reused for `skip_range - 1` of every `skip_range` steps inside `timestep_range`."""
+def pyramid_attention_broadcast(
+    num_steps: int, skip_range: int, timestep_range=(0, 1000), attention_pattern: str = DIT_SELF_ATTENTION
+) -> Method:
+    """PAB: self-attention outputs reused for `skip_range - 1` of every `skip_range` steps inside `timestep_range`
+    (the attention modules whose names match `attention_pattern`: DiT's and PixArt's by default)."""
     from diffusers import PyramidAttentionBroadcastConfig
 
     config = PyramidAttentionBroadcastConfig(
         spatial_attention_block_skip_range=skip_range,
         spatial_attention_timestep_skip_range=timestep_range,
-        spatial_attention_block_identifiers=[r"transformer_blocks\.\d+\.attn1"],
+        spatial_attention_block_identifiers=[attention_pattern],
         current_timestep_callback=lambda: 500,
     )
     return Method("PAB", num_steps, diffusers_config=config, knobs={"skip_range": skip_range})
+
+
+def unit_patterns(transformer: torch.nn.Module) -> tuple[str, str]:
+    """Regexes (`re.fullmatch` on module names) of a model's cacheable units (TaylorSeer caches their outputs) and
+    of its image self-attention modules (PAB), from the backbone registry. DiT: each block's `attn1` and `ff`, and
+    its `attn1`; FLUX's single-stream blocks are units as a whole."""
+    from .cache.backbones import JOINT_ATTN, SELF_ATTN, backbone_for
+
+    units, attention = [], []
+    for blocks in backbone_for(transformer).block_lists:
+        prefix = rf"{blocks.attr}\.\d+"
+        children = list(dict.fromkeys(u.child for u in blocks.units))
+        units += [prefix + (rf"\.{c}" if c else "") for c in children]
+        attention += [rf"{prefix}\.{u.child}" for u in blocks.units if u.kind in (SELF_ATTN, JOINT_ATTN) and u.child]
+    return "|".join(units), "|".join(dict.fromkeys(attention))
 
 
 def fit_threshold(

@@ -148,8 +148,22 @@ def _guided_conditions(transformer, conditions, null_class, null_conditions, gui
 
 
 @torch.no_grad()
-def sample_batched(transformer, scheduler, class_labels, noise, num_steps, batch_size: int = 256, **kwargs):
-    """`sample` for class ids without gradients, `batch_size` samples at a time, with a progress bar."""
-    chunks = list(zip(class_labels.split(batch_size), noise.split(batch_size), strict=True))
+def sample_batched(transformer, scheduler, conditions, noise, num_steps, batch_size: int = 256, **kwargs):
+    """`sample` without gradients, `batch_size` samples at a time, with a progress bar. `conditions`: class ids
+    (B,) or a dict of the transformer's conditioning keywords, batch-first tensors (split with the noise)."""
+    chunks = list(zip(split_conditions(conditions, batch_size), noise.split(batch_size), strict=True))
     bar = tqdm(chunks, desc="batches", leave=False) if len(chunks) > 1 else chunks
     return torch.cat([sample(transformer, scheduler, y, z, num_steps, **kwargs) for y, z in bar])
+
+
+def split_conditions(conditions: torch.Tensor | dict, batch_size: int) -> list:
+    """Class ids, or a dict of batch-first tensors, in chunks of `batch_size` (a dict's other values go to every
+    chunk as they are)."""
+    if isinstance(conditions, torch.Tensor):
+        return list(conditions.split(batch_size))
+    sizes = {k: len(v) for k, v in conditions.items() if isinstance(v, torch.Tensor)}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"Conditions need batch-first tensors of one batch size, got {sizes}.")
+    tensors = {k: conditions[k].split(batch_size) for k in sizes}
+    chunks = len(next(iter(tensors.values())))
+    return [{k: tensors[k][i] if k in tensors else v for k, v in conditions.items()} for i in range(chunks)]

@@ -1,11 +1,15 @@
-"""The evaluation harness in --quick mode on a tiny random model: outputs, repeatability, MAC accounting."""
+"""The evaluation harness in --quick mode on a tiny random model: outputs, repeatability, MAC accounting, and
+settings that cannot work refused before anything is sampled."""
 
 import csv
 import json
+import logging
+import re
 
 import pytest
 
-from diffsparse.evaluate import ALL_METHODS, main, parse_args
+import diffsparse.evaluate as evaluate_module
+from diffsparse.evaluate import ALL_METHODS, EvalConfig, UsageError, evaluate, main, parse_args
 
 QUALITY = ("fd", "fd_low", "fd_high", "accuracy", "l2", "psnr", "ssim", "gmacs_per_image")
 
@@ -20,7 +24,7 @@ def two_runs(tmp_path_factory):
     outs = []
     for i in range(2):
         out = tmp_path_factory.mktemp(f"eval{i}")
-        main(["--model", "tiny", "--quick", "--threads", "1", "--out", str(out)])
+        main(["--model", "tiny", "--quick", "--threads", "1", "--feature-net", "digits", "--out", str(out)])
         outs.append(out)
     return outs
 
@@ -61,3 +65,98 @@ def test_bad_arguments_stop_before_any_work(capsys):
         with pytest.raises(SystemExit):
             parse_args(argv)
     assert parse_args(["--quick", "--steps", "7"]).steps == 7  # explicit values win over --quick
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Loading a model or sampling fails the test: the check under test must come first."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("got past the checks: a model was loaded or sampled")
+
+    for name in ("load_model", "sample", "sample_batched"):
+        monkeypatch.setattr(evaluate_module, name, fail)
+
+
+COUNTS = ("steps", "samples", "batch-size", "rounds", "timing-samples", "calibration-samples", "bootstrap-rounds")
+# (command line, the same as EvalConfig fields, what the refusal says); {schedule}: a schedule file, {file}: a
+# file that is not a folder, {tmp}: an empty folder
+BAD = {
+    "out-is-a-file": (["--out", "{file}"], {"output_dir": "{file}"}, "is a file, not a folder"),
+    "out-under-a-file": (["--out", "{file}/x"], {"output_dir": "{file}/x"}, "is a file, not a folder"),
+    "schedule-named-like-a-built-in-row": (["--schedule", "toca={schedule}"], {"schedules": ["toca={schedule}"]},
+                                           "built-in row"),
+    "schedule-named-like-a-diffusers-row": (["--schedule", "PAB={schedule}"], {"schedules": ["PAB={schedule}"]},
+                                            "built-in row"),
+    "schedule-name-leaving-out": (["--schedule", "../../x={schedule}"], {"schedules": ["../../x={schedule}"]},
+                                  "plain file name"),
+    "schedule-name-in-a-folder": (["--schedule", "a/b={schedule}"], {"schedules": ["a/b={schedule}"]},
+                                  "plain file name"),
+    "two-rows-of-one-name": (["--schedule", "mine={schedule}", "--schedule", "mine={schedule}"],
+                             {"schedules": ["mine={schedule}", "mine={schedule}"]}, "two extra rows"),
+    "compare-to-nonsense": (["--compare-to", "nonsense"], {"compare_to": "nonsense"}, "not a row"),
+    "compare-to-a-row-not-run": (["--methods", "dense", "fora", "--compare-to", "toca"],
+                                 {"methods": ["dense", "fora"], "compare_to": "toca"}, "not a row"),
+    "feature-net-nowhere": (["--feature-net", "{tmp}"], {"feature_net": "{tmp}"}, "saved feature network"),
+    "captions-nowhere": (["--captions", "{tmp}/c.safetensors"], {"captions": "{tmp}/c.safetensors"},
+                         "python -m diffsparse.captions"),
+    "budget-tolerance": (["--budget-tolerance", "-0.1"], {"budget_tolerance": -0.1}, "--budget-tolerance"),
+    **{f"{k}<1": ([f"--{k}", "0"], {k.replace("-", "_"): 0}, f"--{k} must be at least 1") for k in COUNTS},
+}  # fmt: skip
+
+
+def _filled(value, places: dict):
+    if isinstance(value, str):
+        return value.format(**places)
+    if isinstance(value, list):
+        return [_filled(v, places) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_settings_are_refused_before_anything_is_loaded_or_sampled(case, tmp_path, no_sampling, capsys):
+    (tmp_path / "schedule.json").write_text("{}")
+    (tmp_path / "results.md").write_text("")
+    places = {"schedule": tmp_path / "schedule.json", "file": tmp_path / "results.md", "tmp": tmp_path}
+    argv, fields, message = BAD[case]
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "tiny", *_filled(argv, places)])
+    assert message in capsys.readouterr().err
+    fields = {k: _filled(v, places) for k, v in fields.items()}
+    with pytest.raises(UsageError, match=re.escape(message)):  # the same checks without the command line
+        evaluate(EvalConfig(model="tiny", **fields))
+
+
+def test_compare_to_takes_a_row_or_a_method_key_and_defaults_to_toca_when_run(tmp_path):
+    schedule = tmp_path / "mine.json"
+    schedule.write_text("{}")
+    assert parse_args([]).compare_to == "toca"
+    assert parse_args(["--compare-to", "fbc"]).compare_to == "FirstBlockCache"
+    assert parse_args(["--compare-to", "none"]).compare_to is None
+    assert parse_args(["--methods", "dense", "fora"]).compare_to is None  # toca not run: no Δ columns, no error
+    assert parse_args(["--schedule", f"mine={schedule}", "--compare-to", "mine"]).compare_to == "mine"
+
+
+def test_rows_off_the_budget_are_flagged_in_the_table_and_the_log(tmp_path, caplog):
+    out = tmp_path / "eval"
+    with caplog.at_level(logging.WARNING, logger="diffsparse.evaluate"):
+        main(["--model", "tiny", "--quick", "--threads", "1", "--budget", "0.95", "--steps", "1",
+              "--methods", "dense", "fewer-steps", "pab", "--out", str(out)])  # fmt: skip
+    rows = {r["method"]: r for r in _rows(out)}
+    assert rows["dense"]["off_budget"] == "False"
+    for name in ("fewer-steps", "PAB"):  # one step cannot save anything
+        assert rows[name]["off_budget"] == "True" and float(rows[name]["saved_macs"]) < 0.9
+        assert f"{name} saves" in caplog.text
+    table = (out / "results.md").read_text()
+    assert "1.00x ⚠" in table and "⚠: the row's MAC saving is more than 5%" in table
+
+
+def test_a_budget_the_hand_made_schedules_cannot_meet_is_refused_before_sampling(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("sampled before refusing")
+
+    monkeypatch.setattr(evaluate_module, "sample_batched", fail)
+    with pytest.raises(UsageError, match="at least 2 steps"):
+        evaluate(
+            parse_args(["--model", "tiny", "--quick", "--budget", "0.95", "--steps", "1", "--out", str(tmp_path)])
+        )
