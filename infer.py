@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 def main(cfg: DictConfig) -> dict:
-    from diffsparse.tasks import infer
+    from diffsparse.tasks.infer import infer
 
     return infer(cfg)
 

@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from diffsparse import Schedule, apply_token_cache, remove_token_cache
-from diffsparse.baselines import budget_schedules
+from diffsparse.allocate.baselines import budget_schedules
+from diffsparse.evaluate.metrics import l2, paired_difference, psnr
 from diffsparse.files import atomic_path
-from diffsparse.metrics import l2, paired_difference, psnr
-from diffsparse.reference import DEFAULT_GUIDANCE, SHIPPED_SCHEDULE, load_reference
-from diffsparse.sampling import initial_noise, sample_batched
+from diffsparse.models.sampling import initial_noise, sample_batched
+from diffsparse.reference.model import DEFAULT_GUIDANCE, SHIPPED_SCHEDULE, load_reference
 
 
 def run(sizes, samples: int, steps: int, seed: int, schedule_path: Path) -> list[dict]:

@@ -1,6 +1,6 @@
 """diffsparse: learned token sparsity for diffusion transformers, on stock diffusers models."""
 
-from .cache import (
+from diffsparse.cache import (
     SelectorConfig,
     TokenCacheConfig,
     apply_token_cache,
@@ -8,8 +8,9 @@ from .cache import (
     remove_token_cache,
     reset_token_cache,
 )
-from .loading import load_model
-from .schedule import SPARSITY_LEVELS, Schedule, ScheduleError
+from diffsparse.levels import SPARSITY_LEVELS
+from diffsparse.models.loading import load_model
+from diffsparse.schedule import Schedule, ScheduleError
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterator
@@ -44,3 +45,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """`data` as JSON at `path`, whole or not at all (values JSON cannot hold are written as strings)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, default=str))

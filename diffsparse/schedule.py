@@ -9,22 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_path
-
-SPARSITY_LEVELS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-"""The candidate set S: fraction of a unit's tokens reused from the cache (0 = compute all, 1 = reuse all)."""
+from diffsparse.accounting.macs import schedule_macs
+from diffsparse.files import atomic_path
+from diffsparse.levels import SPARSITY_LEVELS
 
 _FORMAT = "diffsparse.schedule"
 _VERSION = 1
-
-
-def fresh_tokens(sparsity: float, num_tokens: int) -> int:
-    """How many of `num_tokens` a unit recomputes at `sparsity` (at least 1 and at most N-1 on a partial step)."""
-    if sparsity <= 0.0:
-        return num_tokens
-    if sparsity >= 1.0:
-        return 0
-    return min(max(num_tokens - int(round(sparsity * num_tokens)), 1), num_tokens - 1) if num_tokens > 1 else 1
 
 
 class ScheduleError(ValueError):
@@ -227,14 +217,12 @@ class Schedule:
         """Dense and cached multiply-accumulates of one trajectory with this schedule.
 
         Runs one dense forward of `transformer` with `forward_kwargs` (an example input of the batch you will
-        sample) to learn token counts, then counts each unit analytically. See `diffsparse.cache.macs`.
+        sample) to learn token counts, then counts each unit analytically. See `diffsparse.accounting.macs`.
 
         Returns:
             dict with `dense`, `cached` (MACs per trajectory for that batch), `reduction` (dense / cached),
             `per_step_cached` (list) and `other_per_step` (MACs outside the units, per step).
         """
-        from .cache.macs import schedule_macs
-
         return schedule_macs(self, transformer, **forward_kwargs)
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:

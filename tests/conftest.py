@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffsparse.models import build_transformer, example_inputs, tiny_pipeline
+from diffsparse.backbones.tiny import build_transformer, example_inputs, tiny_pipeline
 
 BACKBONES = ["dit", "pixart"]
 TIMESTEPS = [900, 700, 500, 300, 100]
@@ -74,7 +74,7 @@ def call_pipeline(pipe, steps: int = 4, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def flow_pipelines() -> dict:
     """Tiny random stock FLUX and Wan pipelines (offline), keyed by backbone."""
-    from diffsparse.flow_models import tiny_flux_pipeline, tiny_wan_pipeline
+    from diffsparse.backbones.flow_tiny import tiny_flux_pipeline, tiny_wan_pipeline
 
     pipes = {"flux": tiny_flux_pipeline(), "wan": tiny_wan_pipeline()}
     for pipe in pipes.values():

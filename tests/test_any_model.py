@@ -1,5 +1,5 @@
 """Any user's model, named one way for every task: `model=NAME` or `model=local model.path=DIR`, and
-`diffsparse.loading.load_model` in Python. Class counts and latent shapes come from the model, not from constants."""
+`diffsparse.load_model` in Python. Class counts and latent shapes come from the model, not from constants."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel, FluxPipeline
 from hydra import compose, initialize_config_dir
 
 from diffsparse import Schedule, cacheable_units
-from diffsparse.inference import run_inference
-from diffsparse.loading import MODELS, load_model
-from diffsparse.pipelines import generate
-from diffsparse.reference import REFERENCE_DIR
-from diffsparse.tasks import infer, learn_schedule, load_configured_model
+from diffsparse.evaluate.inference import run_inference
+from diffsparse.models.generate import generate
+from diffsparse.models.loading import MODELS, load_model
+from diffsparse.reference.model import REFERENCE_DIR
+from diffsparse.tasks.common import load_configured_model
+from diffsparse.tasks.infer import infer
+from diffsparse.tasks.learn import learn_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -75,7 +77,7 @@ def test_every_model_config_names_a_registered_model():
     names = {p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")} - {"local"}
     for name in names:
         cfg = compose_cfg("train", [f"model={name}"])
-        assert cfg.model._target_ == "diffsparse.loading.load_model"
+        assert cfg.model._target_ == "diffsparse.models.loading.load_model"
         assert cfg.model.name_or_path == name and name in MODELS
 
 
@@ -127,7 +129,7 @@ def test_train_learns_on_a_users_dit_and_infer_runs_it(eight_class_dit, tmp_path
 def _flux_pipeline_with_an_8x_vae(path: Path) -> Path:
     """The tiny FLUX pipeline with a 4-level VAE (8 pixels per latent, as FLUX's own), saved: 256 x 256 images are
     then 32 x 32 latents (256 tokens), 512 x 512 ones 64 x 64 (1024 tokens)."""
-    from diffsparse.flow_models import tiny_flux_pipeline
+    from diffsparse.backbones.flow_tiny import tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline()
     torch.manual_seed(0)

@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 
-from diffsparse import baselines
-from diffsparse.data import ConditionDataModule
-from diffsparse.module import ScheduleLearner
+from diffsparse.allocate import baselines
+from diffsparse.learn.data import ConditionDataModule
+from diffsparse.learn.module import ScheduleLearner
 
 
 def learner(**kwargs) -> ScheduleLearner:

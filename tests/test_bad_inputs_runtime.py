@@ -8,7 +8,7 @@ from conftest import call_pipeline, max_diff, run_loop
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.cache import TokenCacheConfig, token_cache_controller
-from diffsparse.inference import compare_with_dense, resolve_schedule, run_inference, run_pruned_inference
+from diffsparse.evaluate.inference import compare_with_dense, resolve_schedule, run_inference, run_pruned_inference
 
 
 def inputs_at(model, batch: int, side: int, same_halves: bool = False, seed: int = 0) -> dict:

@@ -3,17 +3,17 @@
 import numpy as np
 import pytest
 
-from diffsparse import baselines
+from diffsparse.accounting.macs import mac_table
+from diffsparse.allocate import baselines
 from diffsparse.cache import cacheable_units
-from diffsparse.cache.macs import mac_table
-from diffsparse.schedule import SPARSITY_LEVELS
+from diffsparse.levels import SPARSITY_LEVELS
 
 UNITS = [f"transformer_blocks.{i}.{leaf}" for i in range(2) for leaf in ("attn1", "ff")]
 
 
 @pytest.fixture(scope="module")
 def table():
-    from diffsparse.models import build_transformer, example_inputs
+    from diffsparse.backbones.tiny import build_transformer, example_inputs
 
     model = build_transformer("dit", "tiny", sample_size=16)
     return mac_table(model, **example_inputs(model, batch=2))
@@ -90,7 +90,7 @@ def test_every_family_lands_near_the_budget(table, budget):
 
 
 def test_saved_fraction_matches_schedule_macs(table):
-    from diffsparse.models import build_transformer, example_inputs
+    from diffsparse.backbones.tiny import build_transformer, example_inputs
 
     model = build_transformer("dit", "tiny", sample_size=16)
     sched = baselines.toca(cacheable_units(model), 10, fresh_ratio=0.3)
@@ -105,7 +105,7 @@ def test_fewer_than_two_steps_are_refused_with_what_to_choose(table, steps):
 
 
 def test_an_unreachable_budget_is_refused_in_fractions_of_the_macs(table):
-    from diffsparse.solver import max_saving
+    from diffsparse.allocate.solver import max_saving
 
     timesteps = list(range(999, 0, -125))  # 8 steps
     most = max_saving(8, table)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from diffsparse import bench
+from diffsparse.evaluate import bench
 
 
 def test_bench_runs_on_a_tiny_model_and_writes_rows(tmp_path, capsys):

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
-from diffsparse.baselines import toca
+from diffsparse.allocate.baselines import toca
+from diffsparse.backbones.tiny import build_transformer
 from diffsparse.cache import set_soft_choice
-from diffsparse.models import build_transformer
-from diffsparse.reference import NOISE_SCHEDULE
-from diffsparse.sampling import initial_noise, make_scheduler, sample
+from diffsparse.models.sampling import initial_noise, make_scheduler, sample
+from diffsparse.reference.model import NOISE_SCHEDULE
 
 STEPS = 6
 

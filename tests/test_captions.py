@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsparse.captions import encode_captions, load_captions, main, null_conditions, save_captions
-from diffsparse.models import TINY_VOCABULARY, tiny_pipeline
-from diffsparse.sampling import initial_noise, sample
+from diffsparse.backbones.tiny import TINY_VOCABULARY, tiny_pipeline
+from diffsparse.models.captions import encode_captions, load_captions, main, null_conditions, save_captions
+from diffsparse.models.sampling import initial_noise, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = TINY_VOCABULARY[TINY_VOCABULARY.index("zero") :][:10]
@@ -89,8 +89,8 @@ def test_our_loop_samples_like_the_stock_pixart_pipeline(pipe, captions_file):
 
 
 def test_a_learning_step_on_a_latent_text_model_reaches_only_the_costs(captions_file):
-    from diffsparse.data import ConditionDataModule
-    from diffsparse.module import ScheduleLearner
+    from diffsparse.learn.data import ConditionDataModule
+    from diffsparse.learn.module import ScheduleLearner
 
     learner = ScheduleLearner(
         model="tiny-pixart", sampler="dpm", num_steps=6, captions=str(captions_file), guidance=4.5
@@ -111,7 +111,7 @@ def test_a_learning_step_on_a_latent_text_model_reaches_only_the_costs(captions_
 
 
 def test_text_models_need_their_caption_embeddings():
-    from diffsparse.module import ScheduleLearner
+    from diffsparse.learn.module import ScheduleLearner
 
     with pytest.raises(ValueError, match="learn.captions"):
         ScheduleLearner(model="tiny-pixart")
@@ -132,8 +132,8 @@ def test_train_py_learns_a_pixart_schedule_with_dpm_solver(captions_file, tmp_pa
 
 def test_a_saved_stock_pipeline_is_a_model_to_learn_on(pipe, captions_file, tmp_path):
     """`learn.model=PIPELINE_DIR`: the transformer, VAE and noise schedule of a saved pipeline, from_pretrained."""
-    from diffsparse.loading import load_model
-    from diffsparse.module import ScheduleLearner
+    from diffsparse.learn.module import ScheduleLearner
+    from diffsparse.models.loading import load_model
 
     pipe.save_pretrained(tmp_path / "pixart")
     ref = load_model(str(tmp_path / "pixart"))

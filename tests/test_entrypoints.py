@@ -8,9 +8,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from diffsparse import Schedule, ScheduleError
-from diffsparse.loading import load_pipeline
-from diffsparse.models import tiny_pipeline
-from diffsparse.tasks import infer, make_schedule
+from diffsparse.backbones.tiny import tiny_pipeline
+from diffsparse.models.loading import load_pipeline
+from diffsparse.tasks.infer import infer
+from diffsparse.tasks.schedule import make_schedule
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -89,7 +90,7 @@ def test_the_readme_main_job_runs_from_the_command_line(tmp_path):
 
 
 def test_reference_config_trains_both_networks_and_writes_the_card(tmp_path):
-    from diffsparse.tasks import train_reference_model
+    from diffsparse.tasks.reference import train_reference_model
 
     overrides = [
         f"output_dir={tmp_path}", "steps=2", "batch_size=4", "warmup=1", "feature_net_epochs=1",

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-import diffsparse.evaluate as evaluate_module
-from diffsparse.evaluate import ALL_METHODS, EvalConfig, UsageError, evaluate, main, parse_args
+import diffsparse.evaluate.harness as evaluate_module
+from diffsparse.evaluate.harness import ALL_METHODS, EvalConfig, UsageError, evaluate, main, parse_args
 
 QUALITY = ("fd", "fd_low", "fd_high", "accuracy", "l2", "psnr", "ssim", "gmacs_per_image")
 
@@ -139,7 +139,7 @@ def test_compare_to_takes_a_row_or_a_method_key_and_defaults_to_toca_when_run(tm
 
 def test_rows_off_the_budget_are_flagged_in_the_table_and_the_log(tmp_path, caplog):
     out = tmp_path / "eval"
-    with caplog.at_level(logging.WARNING, logger="diffsparse.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="diffsparse.evaluate.harness"):
         main(["--model", "tiny", "--quick", "--threads", "1", "--budget", "0.95", "--steps", "1",
               "--methods", "dense", "fewer-steps", "pab", "--out", str(out)])  # fmt: skip
     rows = {r["method"]: r for r in _rows(out)}

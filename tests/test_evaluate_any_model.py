@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffsparse.evaluate as evaluate_module
-from diffsparse.captions import load_captions, save_captions
-from diffsparse.evaluate import UsageError, evaluate, main, parse_args
-from diffsparse.sampling import split_conditions
+import diffsparse.evaluate.harness as evaluate_module
+from diffsparse.evaluate.harness import UsageError, evaluate, main, parse_args
+from diffsparse.models.captions import load_captions, save_captions
+from diffsparse.models.sampling import split_conditions
 
 NOISE_SCHEDULE = Path(__file__).resolve().parents[1] / "diffsparse" / "assets" / "digits_dit" / "noise_schedule.json"
 
@@ -113,15 +113,15 @@ def test_a_text_conditional_model_without_captions_is_refused_with_how_to_make_t
 
 
 def test_a_text_conditional_model_samples_its_captions_in_turn(tmp_path, recorded, monkeypatch):
-    import diffsparse.sampling
+    import diffsparse.models.sampling
 
-    batches, inner = [], diffsparse.sampling.sample
+    batches, inner = [], diffsparse.models.sampling.sample
 
     def sample(model, scheduler, conditions, *args, **kwargs):  # each batch `sample_batched` samples
         batches.append(conditions)
         return inner(model, scheduler, conditions, *args, **kwargs)
 
-    monkeypatch.setattr(diffsparse.sampling, "sample", sample)
+    monkeypatch.setattr(diffsparse.models.sampling, "sample", sample)
     captions, out = _captions(tmp_path / "captions.safetensors"), tmp_path / "eval"
     main(["--model", "tiny-pixart", "--quick", "--threads", "1", "--captions", str(captions), "--methods", "dense",
           "toca", "fbc", "--batch-size", "8", "--out", str(out)])  # fmt: skip

@@ -8,7 +8,7 @@ import torch
 from conftest import call_flow_pipeline
 from diffusers import FluxPipeline, WanPipeline, WanTransformer3DModel
 
-from diffsparse.flow_models import (
+from diffsparse.backbones.flow_tiny import (
     FLUX_SIZES,
     WAN_SIZES,
     build_flux,

@@ -5,13 +5,13 @@ import torch
 from conftest import call_flow_pipeline, max_diff, run_loop
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
+from diffsparse.accounting.macs import flop_counter
+from diffsparse.backbones.flow_tiny import build_flux, build_wan, flux_example_inputs, wan_example_inputs
+from diffsparse.backbones.registry import find_units
 from diffsparse.cache import SELECTORS, token_cache_controller
-from diffsparse.cache.backbones import find_units
-from diffsparse.cache.macs import flop_counter
 from diffsparse.cache.rows import flat_rows
 from diffsparse.cache.runners import joint_attention, rope_self_attention, single_stream_branch
 from diffsparse.cache.selector import spatial_bonus
-from diffsparse.flow_models import build_flux, build_wan, flux_example_inputs, wan_example_inputs
 
 # FLUX takes timesteps in [0, 1] (its pipeline divides by 1000); Wan the train timesteps.
 TIMESTEPS = {"flux": [0.9, 0.7, 0.5, 0.3, 0.1], "wan": [900, 700, 500, 300, 100]}
@@ -229,8 +229,8 @@ def test_our_flow_matching_loop_gives_the_stock_pipelines_latents(flow_pipelines
 
     With the cache at sparsity 0: at partial levels Wan's pipeline runs the CFG halves as two calls, each with its
     own token choices, where our loop batches them and lets both halves pick the same tokens."""
-    from diffsparse.calls import pack
-    from diffsparse.sampling import initial_noise, make_scheduler, sample
+    from diffsparse.backbones.calls import pack
+    from diffsparse.models.sampling import initial_noise, make_scheduler, sample
 
     pipe = flow_pipelines[backbone]
     flux = backbone == "flux"

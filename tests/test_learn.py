@@ -55,7 +55,7 @@ def test_two_process_ddp_gives_the_same_schedule_as_one_process(tmp_path):
 
 
 def test_missing_lpips_weights_stop_with_what_to_do(tmp_path, monkeypatch):
-    from diffsparse.losses import LpipsWeightsMissing, make_loss
+    from diffsparse.learn.losses import LpipsWeightsMissing, make_loss
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(LpipsWeightsMissing, match="learn.loss=l2"):
@@ -66,8 +66,8 @@ def test_missing_lpips_weights_stop_with_what_to_do(tmp_path, monkeypatch):
 def test_flow_matching_models_learn_a_schedule_end_to_end(family, tmp_path):
     """Stage 1 then stage 2 on tiny FLUX / Wan: flow-matching rollouts through the VAE, captions from the tiny
     pipeline's own text encoders."""
-    from diffsparse.captions import encode_captions, save_captions
-    from diffsparse.flow_models import tiny_flux_pipeline, tiny_wan_pipeline
+    from diffsparse.backbones.flow_tiny import tiny_flux_pipeline, tiny_wan_pipeline
+    from diffsparse.models.captions import encode_captions, save_captions
 
     pipe = tiny_flux_pipeline() if family == "flux" else tiny_wan_pipeline()
     captions = [f"a {c} photo of a {a}" for c in ("red", "green", "blue", "black") for a in ("cat", "dog", "digit")]

@@ -3,10 +3,10 @@ import torch
 from conftest import run_loop
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units
-from diffsparse.baselines import toca
-from diffsparse.cache.backbones import find_units
-from diffsparse.cache.macs import flop_counter, unit_macs
-from diffsparse.models import build_transformer, example_inputs
+from diffsparse.accounting.macs import flop_counter, unit_macs
+from diffsparse.allocate.baselines import toca
+from diffsparse.backbones.registry import find_units
+from diffsparse.backbones.tiny import build_transformer, example_inputs
 
 
 def counted_macs(fn) -> int:

@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from diffsparse.metrics import bootstrap, fd_estimate, frechet_distance, mean_estimate, psnr, ssim
+from diffsparse.evaluate.metrics import bootstrap, fd_estimate, frechet_distance, mean_estimate, psnr, ssim
 
 
 def test_frechet_distance_matches_scipy_sqrtm():

@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from diffsparse.baselines import toca
-from diffsparse.cache.macs import MacTable
-from diffsparse.predictor import CostPredictor, choose, schedule_from_levels, straight_through
+from diffsparse.accounting.macs import MacTable
+from diffsparse.allocate.baselines import toca
+from diffsparse.learn.predictor import CostPredictor, choose, schedule_from_levels, straight_through
 
 UNITS = [f"transformer_blocks.{i}.{leaf}" for i in range(3) for leaf in ("attn1", "ff")]
 

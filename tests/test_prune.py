@@ -8,7 +8,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from diffsparse.loading import load_model
+from diffsparse.allocate.stages import StageSpace
+from diffsparse.models.loading import load_model
+from diffsparse.models.sampling import initial_noise, sample
 from diffsparse.prune.calibration import (
     calibration_batches,
     collect_statistics,
@@ -36,8 +38,6 @@ from diffsparse.prune.routing import (
 from diffsparse.prune.scores import damped_inverse, layerdrop_order, obs_prune, wanda_order
 from diffsparse.prune.store import PruneStore, build_store
 from diffsparse.prune.structures import prunable_layers, removed_count
-from diffsparse.sampling import initial_noise, sample
-from diffsparse.stages import StageSpace
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 BOUNDARIES = [600, 250]
@@ -327,7 +327,7 @@ def compose_prune(out: Path, *overrides: str):
 
 @pytest.mark.parametrize("schedule", ["uniform", "mosaic", "search"])
 def test_prune_task_exports_a_plan_that_runs(schedule, tmp_path):
-    from diffsparse.prune.task import prune
+    from diffsparse.tasks.prune import prune
 
     result = prune(compose_prune(tmp_path, f"prune.schedule={schedule}"))
     plan = PrunePlan.load(result["pruned"])
@@ -349,7 +349,7 @@ def test_prune_task_exports_a_plan_that_runs(schedule, tmp_path):
 
 
 def test_prune_task_refuses_bad_options_before_any_work(tmp_path):
-    from diffsparse.prune.task import prune
+    from diffsparse.tasks.prune import prune
 
     for override, message in (("prune.method=magnitude", "prune.method"), ("prune.schedule=every", "prune.schedule"),
                               ("prune.budget=1.5", "prune.budget")):  # fmt: skip
@@ -359,8 +359,8 @@ def test_prune_task_refuses_bad_options_before_any_work(tmp_path):
 
 
 def test_infer_runs_a_pruning_plan(tmp_path, capsys):
-    from diffsparse.prune.task import prune
-    from diffsparse.tasks import infer
+    from diffsparse.tasks.infer import infer
+    from diffsparse.tasks.prune import prune
 
     result = prune(compose_prune(tmp_path / "p", "prune.schedule=mosaic"))
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -373,7 +373,7 @@ def test_infer_runs_a_pruning_plan(tmp_path, capsys):
 
 
 def test_evaluate_refuses_a_missing_plan(tmp_path):
-    from diffsparse.evaluate import parse_args
+    from diffsparse.evaluate.harness import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--pruned", f"x={tmp_path}"])
@@ -386,8 +386,8 @@ def test_evaluate_refuses_a_missing_plan(tmp_path):
 def test_evaluate_rows_for_a_plan_routed_and_stitched(tmp_path):
     import csv
 
-    from diffsparse.evaluate import main
-    from diffsparse.prune.task import prune
+    from diffsparse.evaluate.harness import main
+    from diffsparse.tasks.prune import prune
 
     plan = prune(compose_prune(tmp_path / "p", "prune.schedule=mosaic", "prune.num_steps=5"))["pruned"]
     out = tmp_path / "eval"
@@ -406,7 +406,7 @@ def test_evaluate_rows_for_a_plan_routed_and_stitched(tmp_path):
 def test_pixart_cross_attention_heads_route_like_a_pruned_copy(method):
     """PixArt's units include cross-attention (`attn2`: queries from the image, keys and values from the text);
     its heads are routed like self-attention's. Calibrated here on random batches of its own inputs."""
-    from diffsparse.models import build_transformer, example_inputs
+    from diffsparse.backbones.tiny import build_transformer, example_inputs
     from diffsparse.prune.store import store_from_batches
 
     torch.manual_seed(0)

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
-from diffsparse.digits import load_digits, split, to_unit_range
-from diffsparse.featurenet import load_feature_net, train_feature_net
-from diffsparse.models import build_transformer
-from diffsparse.reference import DEFAULT_GUIDANCE, NOISE_SCHEDULE, load_reference, train_reference
-from diffsparse.sampling import initial_noise, make_scheduler, sample
+from diffsparse.backbones.tiny import build_transformer
+from diffsparse.models.sampling import initial_noise, make_scheduler, sample
+from diffsparse.reference.digits import load_digits, split, to_unit_range
+from diffsparse.reference.featurenet import load_feature_net, train_feature_net
+from diffsparse.reference.model import DEFAULT_GUIDANCE, NOISE_SCHEDULE, load_reference
+from diffsparse.reference.training import train_reference
 
 
 def test_digits_are_16px_in_range_and_split_stratified():

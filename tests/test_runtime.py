@@ -164,7 +164,7 @@ def test_bad_options_are_rejected(model):
 
 
 def test_dit_rejects_cross_attention_weight():
-    from diffsparse.models import build_transformer
+    from diffsparse.backbones.tiny import build_transformer
 
     model = build_transformer("dit", "tiny")
     sched = Schedule.uniform(cacheable_units(model), 5, 0.5)

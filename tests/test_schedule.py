@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from diffsparse import SPARSITY_LEVELS, Schedule, ScheduleError
-from diffsparse.schedule import fresh_tokens
+from diffsparse.levels import fresh_tokens
 
 UNITS = ["transformer_blocks.0.attn1", "transformer_blocks.0.ff", "transformer_blocks.1.attn1"]
 

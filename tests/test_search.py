@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffsparse import Schedule
-from diffsparse.search import ALGORITHMS, make_search
-from diffsparse.stages import StageSpace
-from diffsparse.tasks import search_schedule
+from diffsparse.allocate.search import ALGORITHMS, make_search
+from diffsparse.allocate.stages import StageSpace
+from diffsparse.tasks.search import search_schedule
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 UNITS = tuple(f"transformer_blocks.{b}.{k}" for b in range(4) for k in ("attn1", "ff"))
@@ -132,9 +132,9 @@ def test_each_search_runs_two_generations_on_a_tiny_model_and_exports(algorithm,
 
 
 def test_fitness_is_best_for_the_dense_schedule_on_every_metric(tmp_path, monkeypatch):
-    from diffsparse.fitness import METRICS, SampleFitness
-    from diffsparse.loading import load_model
-    from diffsparse.losses import LpipsWeightsMissing
+    from diffsparse.allocate.fitness import METRICS, SampleFitness
+    from diffsparse.learn.losses import LpipsWeightsMissing
+    from diffsparse.models.loading import load_model
 
     ref = load_model("tiny")
     units = [u for u in UNITS if int(u.split(".")[1]) < 2]

@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffsparse.backbones.registry import BACKBONES
+from diffsparse.backbones.tiny import build_transformer
 from diffsparse.cache.attention import attention_with_signals
-from diffsparse.cache.backbones import BACKBONES
 from diffsparse.cache.selector import SelectorConfig, make_selector, spatial_bonus
 from diffsparse.cache.state import TrajectoryState
-from diffsparse.models import build_transformer
 
 
 def test_attention_with_signals_matches_the_module():

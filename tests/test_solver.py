@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from diffsparse.cache.macs import MacTable
+from diffsparse.accounting.macs import MacTable
+from diffsparse.allocate.solver import InfeasibleBudget, pick_full_steps, solve, solve_schedule
 from diffsparse.schedule import Schedule
-from diffsparse.solver import InfeasibleBudget, pick_full_steps, solve, solve_schedule
 
 
 def brute_force(costs, savings, budget, exact=False):
@@ -100,7 +100,7 @@ def test_paper_sized_problem_solves_in_under_a_second():
 
 
 def test_infeasible_schedule_budgets_are_reported_in_fractions():
-    from diffsparse.solver import max_saving
+    from diffsparse.allocate.solver import max_saving
 
     table = _table()
     costs = np.random.default_rng(2).normal(size=(8, 4, 5))

@@ -1,7 +1,7 @@
 """The token-cache runtime: hooks, selectors, the backbone registry and MAC accounting."""
 
-from .backbones import BACKBONES, BackboneSpec, cacheable_units, find_units, supported_models
-from .hooks import (
+from diffsparse.backbones.registry import BACKBONES, BackboneSpec, cacheable_units, find_units, supported_models
+from diffsparse.cache.hooks import (
     TokenCacheConfig,
     apply_token_cache,
     remove_token_cache,
@@ -11,7 +11,7 @@ from .hooks import (
     token_cache_paused,
     trajectory_replay,
 )
-from .selector import SELECTORS, SelectorConfig
+from diffsparse.cache.selector import SELECTORS, SelectorConfig
 
 __all__ = [
     "BACKBONES",

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..schedule import SPARSITY_LEVELS, fresh_tokens
-from .attention import attention_with_signals
-from .backbones import SELF_ATTN
+from diffsparse.backbones.registry import SELF_ATTN
+from diffsparse.cache.attention import attention_with_signals
+from diffsparse.levels import SPARSITY_LEVELS, fresh_tokens
 
 
 def token_ranks(score: torch.Tensor, cfg: bool) -> torch.Tensor:

@@ -19,14 +19,22 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 
-from ..schedule import Schedule
-from .attention import attention_with_signals, check_standard_attention
-from .backbones import JOINT, ROPE_SELF, SELF_ATTN, SINGLE_STREAM, UnitInfo, backbone_for, find_units
-from .blend import blend_forward, blend_output
-from .rows import flat_rows, put_rows, take_rows
-from .runners import check_plain, joint_attention, rope_self_attention, single_stream_branch
-from .selector import SelectorConfig, make_selector
-from .state import TokenCacheController, TrajectoryState
+from diffsparse.backbones.registry import (
+    JOINT,
+    ROPE_SELF,
+    SELF_ATTN,
+    SINGLE_STREAM,
+    UnitInfo,
+    backbone_for,
+    find_units,
+)
+from diffsparse.cache.attention import attention_with_signals, check_standard_attention
+from diffsparse.cache.blend import blend_forward, blend_output
+from diffsparse.cache.rows import flat_rows, put_rows, take_rows
+from diffsparse.cache.runners import check_plain, joint_attention, rope_self_attention, single_stream_branch
+from diffsparse.cache.selector import SelectorConfig, make_selector
+from diffsparse.cache.state import TokenCacheController, TrajectoryState
+from diffsparse.schedule import Schedule
 
 _TRAJECTORY_HOOK = "diffsparse_token_cache_trajectory"
 _UNIT_HOOK = "diffsparse_token_cache_unit"
@@ -270,7 +278,7 @@ def apply_token_cache(
     """Make `model` recompute only part of its tokens per unit and step, as `schedule` says. In place.
 
     Args:
-        model: a supported diffusers transformer (see `diffsparse.cache.backbones.BACKBONES`).
+        model: a supported diffusers transformer (see `diffsparse.backbones.registry.BACKBONES`).
         schedule: made for `cacheable_units(model)` and for the pipeline's number of steps.
         config: a `TokenCacheConfig`; or pass its fields as keywords (`selector="norm"`, `cfg=True`).
 

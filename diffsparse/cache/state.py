@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..schedule import Schedule, ScheduleError, fresh_tokens
-from .backbones import CROSS_ATTN, SELF_ATTN, BackboneSpec, UnitInfo
-from .rows import put_rows
-from .selector import ENTROPY, INFLUENCE, TokenSelector
+from diffsparse.backbones.registry import CROSS_ATTN, SELF_ATTN, BackboneSpec, UnitInfo
+from diffsparse.cache.rows import put_rows
+from diffsparse.cache.selector import ENTROPY, INFLUENCE, TokenSelector
+from diffsparse.levels import fresh_tokens
+from diffsparse.schedule import Schedule, ScheduleError
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ apply_pruning(transformer, plan.store, plan.stage_levels)   # routes each stage'
 remove_pruning(transformer)                           # the dense model again, exactly
 """
 
-from .plan import PrunePlan
-from .routing import StitchedModel, WeightRouter, apply_pruning, pruned_copy, remove_pruning
-from .store import PruneStore, build_store
+from diffsparse.prune.plan import PrunePlan
+from diffsparse.prune.routing import StitchedModel, WeightRouter, apply_pruning, pruned_copy, remove_pruning
+from diffsparse.prune.store import PruneStore, build_store
 
 __all__ = [
     "PrunePlan",

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..cache.backbones import backbone_for
-from .structures import prunable_layers
+from diffsparse.backbones.registry import backbone_for
+from diffsparse.prune.structures import prunable_layers
 
 
 def stage_of_timestep(timesteps, boundaries) -> np.ndarray:
@@ -58,7 +58,7 @@ def calibration_batches(
     """Forward keyword batches for one stage: real digits noised to timesteps drawn from the stage, as CFG pairs."""
     from diffusers import DDPMScheduler
 
-    from ..digits import load_digits
+    from diffsparse.reference.digits import load_digits
 
     if ref.text_conditioned or ref.vae is not None:
         raise NotImplementedError(

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..baselines import MOSAICDIFF_DIT_BOUNDARIES
-from ..cache.macs import flop_counter
-from ..files import atomic_path
-from .calibration import stage_of_timestep
-from .routing import WeightRouter
-from .store import PruneStore
+from diffsparse.accounting.macs import flop_counter
+from diffsparse.allocate.baselines import MOSAICDIFF_DIT_BOUNDARIES
+from diffsparse.files import atomic_path
+from diffsparse.prune.calibration import stage_of_timestep
+from diffsparse.prune.routing import WeightRouter
+from diffsparse.prune.store import PruneStore
 
 # MosaicDiff's DiT allocation at overall sparsity 0.30 (appendix Table 2): stages in sampling order, noisy first.
 MOSAICDIFF_PATTERN = (0.60, 0.04, 0.10)

@@ -21,10 +21,10 @@ import inspect
 import torch
 from torch import nn
 
-from ..cache.backbones import backbone_for
-from .calibration import stage_of_timestep
-from .store import BLOCKS, PruneStore
-from .structures import HEADS, PrunableLayer, prunable_layers
+from diffsparse.backbones.registry import backbone_for
+from diffsparse.prune.calibration import stage_of_timestep
+from diffsparse.prune.store import BLOCKS, PruneStore
+from diffsparse.prune.structures import HEADS, PrunableLayer, prunable_layers
 
 _ROUTER = "_diffsparse_weight_router"
 

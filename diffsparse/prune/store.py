@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
-from ..files import atomic_path
-from .calibration import NEEDS, calibration_batches, check_boundaries, collect_statistics
-from .scores import layerdrop_order, obs_prune, wanda_order
-from .structures import num_blocks, prunable_layers, removed_count
+from diffsparse.files import atomic_path
+from diffsparse.prune.calibration import NEEDS, calibration_batches, check_boundaries, collect_statistics
+from diffsparse.prune.scores import layerdrop_order, obs_prune, wanda_order
+from diffsparse.prune.structures import num_blocks, prunable_layers, removed_count
 
 METHODS = ("obs", "wanda", "layerdrop")
 BLOCKS = "blocks"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..cache.backbones import MLP, backbone_for, find_units
+from diffsparse.backbones.registry import MLP, backbone_for, find_units
 
 HEADS = "heads"
 NEURONS = "neurons"

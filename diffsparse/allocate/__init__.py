@@ -1,0 +1,5 @@
+"""Allocators: ways to spend compute over a trajectory without learning: the hand-made rules (fewer steps, FORA,
+ToCa, DuCa, uniform, MosaicDiff's SNR stages) fitted to a budget, the exact budgeted DP (`solver`), Diff-ES's
+trajectory stage spaces, the searches over them and their fitness. May import `diffsparse.schedule`,
+`diffsparse.accounting`, `diffsparse.backbones`, `diffsparse.cache` and `diffsparse.models`.
+"""

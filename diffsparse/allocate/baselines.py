@@ -1,0 +1,210 @@
+"""Hand-made schedules: the ways users allocate compute over the trajectory today, each set to a MAC budget.
+
+Every family has a plain form with its own knob (`fora(..., interval=2)`) and is fitted to a budget with
+`at_budget(family, table, num_steps, budget)`, which sweeps the knob and keeps the schedule whose saved MAC
+fraction is closest to the budget. "Fewer steps" is a sampling-loop setting, not a schedule: `fewer_steps`.
+
+Sources of the shapes (our code, their published recipes):
+- FORA (Selvaraju et al., 2024): reuse whole units, full step every N (N = 2 in DiffSparse's Table 1).
+- ToCa (Zou et al., ICLR 2025): full step every N, a fixed fresh-token ratio per module type in between, and a
+  ratio that ramps along the trajectory (its DiT recipe: 50 DDIM steps, fresh ratio 0.07, ramped, N = 3-4).
+- DuCa (Zou et al., 2024): ToCa steps alternating with aggressive steps that reuse everything; norm or random
+  token selection (pass `selector="norm"` at runtime).
+- MosaicDiff (`shared/papers/mosaicdiff.md`): three stages from the noise schedule, sparsity high-low-high;
+  the paper's DiT boundaries are train timesteps 900 and 450 (its Table 2).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from diffsparse.accounting.macs import MacTable
+from diffsparse.allocate.solver import check_budget
+from diffsparse.backbones.registry import CROSS_ATTN, MLP, SELF_ATTN
+from diffsparse.levels import SPARSITY_LEVELS
+from diffsparse.schedule import Schedule
+
+LEVELS = np.array(SPARSITY_LEVELS)
+# MosaicDiff's DiT stages are cut "at step T=450 and T=900" (its appendix Table 2). Read in sampling order on the
+# 1000-step schedule, that is train timesteps 550 and 100: the stages then hold 45 %, 45 % and 10 % of the steps,
+# each Table 2 row's stage sparsities average to its overall sparsity (0.298 for 0.30), and our reading of its
+# eq. 6 (`snr_stage_boundaries`) gives (581, 108) for DiT's linear schedule. (Read as train timesteps 900 and 450,
+# Table 2 would average to 0.12.) Stage 1 is t >= 550, stage 2 is 100 <= t < 550, stage 3 is t < 100.
+MOSAICDIFF_DIT_BOUNDARIES = (550, 100)
+# ToCa's module weights on the fresh ratio: self-attention recomputes twice the share of the MLPs.
+TOCA_KIND_WEIGHTS = {SELF_ATTN: 2.0, CROSS_ATTN: 1.0, MLP: 1.0}
+
+
+def _kind_of(unit: str) -> str:
+    """Unit kind from its name, for the backbones in the registry (attn1 / attn2 / ff)."""
+    leaf = unit.rsplit(".", 1)[-1]
+    return {"attn1": SELF_ATTN, "attn2": CROSS_ATTN, "ff": MLP}.get(leaf, MLP)
+
+
+def _nearest_level(sparsity: np.ndarray) -> np.ndarray:
+    return LEVELS[np.abs(np.asarray(sparsity)[..., None] - LEVELS).argmin(-1)]
+
+
+def fewer_steps(num_steps: int, budget: float) -> int:
+    """The step count that saves `budget` of the MACs of `num_steps` dense steps (same sampler)."""
+    if not 0.0 <= budget < 1.0:
+        raise ValueError(f"budget must be in [0, 1), got {budget}")
+    return max(1, round(num_steps * (1.0 - budget)))
+
+
+def uniform(units: Sequence[str], num_steps: int, sparsity: float) -> Schedule:
+    """Every unit reuses `sparsity` of its tokens at every step after the first.
+
+    A sparsity between two levels of S alternates the two levels over the steps, spread evenly, so that the
+    mean is `sparsity` (e.g. 0.6 = 0.5 on 60 % of the steps and 0.75 on 40 %).
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    grid = np.zeros((num_steps, len(units)))
+    grid[1:] = alternated_levels(sparsity, num_steps - 1)[:, None]
+    return Schedule(grid, units, {"method": "uniform", "sparsity": sparsity})
+
+
+def alternated_levels(sparsity: float, n: int, centred: bool = False) -> np.ndarray:
+    """n levels of S whose mean is `sparsity` as nearly as n allows: the two levels around it, the upper one
+    spread evenly. Position i takes the upper level when the running count of upper positions falls behind
+    `frac * (i + 1)` (`centred`: behind it by half a position, which starts the pattern half a period later)."""
+    step = LEVELS[1] - LEVELS[0]
+    low = min(int(sparsity / step + 1e-9), len(LEVELS) - 1)
+    frac = sparsity / step - low
+    shift = 0.5 if centred else 0.0
+    upper = np.floor(frac * np.arange(1, n + 1) + shift) > np.floor(frac * np.arange(0, n) + shift)
+    if frac <= 1e-9:
+        upper[:] = False
+    return LEVELS[np.minimum(low + upper, len(LEVELS) - 1)]
+
+
+def fora(units: Sequence[str], num_steps: int, interval: int = 2) -> Schedule:
+    """A full step every `interval` steps; every unit reused whole in between."""
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    grid = np.ones((num_steps, len(units)))
+    grid[::interval] = 0.0
+    return Schedule(grid, units, {"method": "fora", "interval": interval})
+
+
+def _toca_rows(units: Sequence[str], num_steps: int, fresh_ratio: float, ramp: float, kind_weights: dict):
+    """(T, U) sparsities of ToCa's partial steps: fresh ratio x module weight x a linear ramp along the steps."""
+    weights = np.array([{**TOCA_KIND_WEIGHTS, **(kind_weights or {})}[_kind_of(u)] for u in units])
+    along = 1.0 + ramp - 2.0 * ramp * np.arange(num_steps) / max(num_steps - 1, 1)  # 1 + ramp ... 1 - ramp
+    fresh = np.clip(fresh_ratio * along[:, None] * weights[None], 0.0, 1.0)
+    return _nearest_level(1.0 - fresh)
+
+
+def toca(
+    units: Sequence[str],
+    num_steps: int,
+    fresh_ratio: float = 0.25,
+    interval: int = 3,
+    ramp: float = 0.5,
+    kind_weights: dict | None = None,
+) -> Schedule:
+    """ToCa: a full step every `interval` steps; in between each unit recomputes a fixed share of its tokens.
+
+    The share is `fresh_ratio` x the module weight (`TOCA_KIND_WEIGHTS`) x a ramp that falls linearly from
+    `1 + ramp` at the first step to `1 - ramp` at the last (more fresh tokens while the image is still forming).
+    """
+    grid = _toca_rows(units, num_steps, fresh_ratio, ramp, kind_weights)
+    grid[::interval] = 0.0
+    meta = {"method": "toca", "fresh_ratio": fresh_ratio, "interval": interval, "ramp": ramp}
+    return Schedule(grid, units, meta)
+
+
+def duca(
+    units: Sequence[str],
+    num_steps: int,
+    fresh_ratio: float = 0.25,
+    interval: int = 4,
+    ramp: float = 0.5,
+    kind_weights: dict | None = None,
+) -> Schedule:
+    """DuCa: full step every `interval`; after it, ToCa steps (odd offsets) alternate with reuse-all steps."""
+    grid = toca(units, num_steps, fresh_ratio, interval, ramp, kind_weights).grid.copy()
+    offset = np.arange(num_steps) % interval
+    grid[(offset > 0) & (offset % 2 == 0)] = 1.0
+    meta = {"method": "duca", "fresh_ratio": fresh_ratio, "interval": interval, "ramp": ramp}
+    return Schedule(grid, units, meta)
+
+
+def snr_stage_boundaries(alphas_cumprod: Sequence[float], threshold: float = 0.55, data_power: float = 1.0):
+    """MosaicDiff-style stage boundaries (train timesteps) from a noise schedule.
+
+    The expected per-step change of the image MSE (the paper's eq. 6, with E||x0||^2 / d = `data_power`) is
+    normalised to a maximum of 1; stage 2 (the fast-learning middle stage) is where it is >= `threshold`.
+    The paper combines this score with the SNR in a way its text does not spell out, so this rule is our
+    reading; `MOSAICDIFF_DIT_BOUNDARIES` are the paper's own numbers for DiT.
+    Returns `(upper, lower)`: stage 1 is t >= upper, stage 2 is lower <= t < upper, stage 3 is t < lower.
+    """
+    a = np.asarray(alphas_cumprod, dtype=np.float64)
+    delta = a[1:] - a[:-1]
+    grad = (delta + 2.0 * (np.sqrt(a[:-1]) - np.sqrt(a[1:]))) * data_power - delta
+    score = np.abs(grad) / np.abs(grad).max()
+    middle = np.nonzero(score >= threshold)[0] + 1
+    return int(middle.max()) + 1, int(middle.min())
+
+
+def snr_stages(
+    units: Sequence[str],
+    timesteps: Sequence[int],
+    sparsities: tuple[float, float, float] = (0.75, 0.25, 0.5),
+    boundaries: tuple[int, int] = MOSAICDIFF_DIT_BOUNDARIES,
+) -> Schedule:
+    """Three stages by train timestep (noisy, middle, clean) with one sparsity each; step 0 stays full.
+
+    Args:
+        timesteps: the sampler's timesteps, one per step (`scheduler.timesteps` after `set_timesteps`).
+        sparsities: levels of S for stages 1, 2, 3; MosaicDiff's pattern is high-low-high.
+        boundaries: `(upper, lower)` train timesteps, as from `snr_stage_boundaries`.
+    """
+    t = np.asarray([int(x) for x in timesteps])
+    upper, lower = boundaries
+    stage = np.where(t >= upper, 0, np.where(t >= lower, 1, 2))
+    grid = np.repeat(np.asarray(sparsities, dtype=float)[stage][:, None], len(units), axis=1)
+    grid[0] = 0.0
+    meta = {"method": "snr_stages", "sparsities": list(sparsities), "boundaries": list(boundaries)}
+    return Schedule(grid, units, meta)
+
+
+def at_budget(make: Callable[..., Schedule], knobs: Sequence[dict], table: MacTable, budget: float) -> Schedule:
+    """Of `make(**knob)` for each knob setting, the schedule whose saved MAC fraction is closest to `budget`."""
+    if not 0.0 <= budget < 1.0:
+        raise ValueError(f"budget must be in [0, 1), got {budget}")
+    best, best_gap = None, float("inf")
+    for knob in knobs:
+        schedule = make(**knob)
+        gap = abs(table.saved_fraction(schedule) - budget)
+        if gap < best_gap - 1e-12:
+            best, best_gap = schedule, gap
+    return best
+
+
+def budget_schedules(table: MacTable, timesteps: Sequence[int], budget: float) -> dict[str, Schedule]:
+    """Every hand-made schedule family fitted to `budget` (fraction of dense MACs saved).
+
+    A step count below 2 or a budget above what `len(timesteps)` steps can save (the first step is always full)
+    is refused with what to choose instead (`solver.check_budget`).
+    """
+    units, n = list(table.units), len(timesteps)
+    check_budget(budget, n, table)
+    ratios = [{"fresh_ratio": r} for r in np.linspace(0.0, 1.0, 201)]
+    stage_levels = [
+        {"sparsities": s}
+        for s in itertools.product(SPARSITY_LEVELS, repeat=3)
+        if s[1] <= min(s[0], s[2]) and s[0] >= s[2]
+    ]
+    return {
+        "uniform": at_budget(lambda **k: uniform(units, n, **k), [{"sparsity": s} for s in np.linspace(0, 1, 401)],
+                             table, budget),
+        "fora": at_budget(lambda **k: fora(units, n, **k), [{"interval": i} for i in range(1, n + 1)], table, budget),
+        "toca": at_budget(lambda **k: toca(units, n, **k), ratios, table, budget),
+        "duca": at_budget(lambda **k: duca(units, n, **k), ratios, table, budget),
+        "snr_stages": at_budget(lambda **k: snr_stages(units, timesteps, **k), stage_levels, table, budget),
+    }  # fmt: skip

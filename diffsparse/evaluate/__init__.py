@@ -1,0 +1,4 @@
+"""Measuring: the evaluation harness (`python -m diffsparse.evaluate`), its methods and metrics, the speed bench
+(`python -m diffsparse.bench`) and cached inference with a schedule. May import every library sub-package; only
+the Hydra tasks and the entry points import it.
+"""

@@ -1,0 +1,5 @@
+"""`python -m diffsparse.evaluate`."""
+
+from diffsparse.evaluate.harness import main
+
+main()

@@ -1,0 +1,427 @@
+"""`python -m diffsparse.evaluate`: every way of saving compute, side by side on one model, from the same noise.
+
+For a model, a sampler, a step count and a MAC budget, it builds the methods (dense, fewer steps, the hand-made
+schedules fitted to the budget, diffusers' own caches tuned to it), samples the same conditions (classes cycling
+through the model's own, or the captions of `--captions` for a text-conditional model) from the same noise with
+each, and writes one table (results.md, results.csv, results.json) with MACs per image (counted by
+`FlopCounterMode` over the real run), MAC reduction (rows more than `--budget-tolerance` off the budget flagged),
+wall-clock speed-up (dense and method alternated in this process), PSNR / SSIM / L2 (and LPIPS when its weights
+are present) of the decoded images against the dense samples, and, given a feature network for the data
+(`--feature-net`; the shipped digits one by default for the reference model), FD and class accuracy; every
+quality number with a 95 % bootstrap interval over the samples. Sample grids go to samples/<method>.png and an
+overview to overview.png. Every setting that cannot work is refused before any sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from diffsparse.accounting.macs import flop_counter
+from diffsparse.allocate import baselines
+from diffsparse.allocate.solver import InfeasibleBudget
+from diffsparse.backbones.registry import backbone_for
+from diffsparse.cache.selector import make_selector
+from diffsparse.evaluate.cli import (
+    ALL_METHODS,
+    EvalConfig,
+    UsageError,
+    check_config,
+    default_feature_net,
+    parse_args,
+    row_name,
+)
+from diffsparse.evaluate.methods import (
+    Method,
+    applied,
+    first_block_cache,
+    fit_threshold,
+    pyramid_attention_broadcast,
+    taylorseer,
+    unit_patterns,
+)
+from diffsparse.evaluate.metrics import (
+    fd_estimate,
+    frechet_distance,
+    l2,
+    lpips_metric,
+    mean_estimate,
+    paired_difference,
+    psnr,
+    ssim,
+)
+from diffsparse.evaluate.results import write_results
+from diffsparse.models.handle import ModelHandle
+from diffsparse.models.loading import load_model
+from diffsparse.models.sampling import initial_noise, is_flow_matching, sample, sample_batched
+from diffsparse.reference.digits import to_unit_range
+from diffsparse.reference.featurenet import feature_net_and_data
+from diffsparse.schedule import Schedule
+
+__all__ = ["ALL_METHODS", "EvalConfig", "UsageError", "evaluate", "main", "parse_args"]
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_METHODS = {"fora": "fora", "toca": "toca", "duca": "duca", "uniform": "uniform", "snr-stages": "snr_stages"}
+
+
+@dataclass
+class Conditions:
+    """What sample i is conditioned on: class i mod the model's classes, or caption i mod the captions."""
+
+    values: torch.Tensor | dict  # class ids (N,), or the transformer's text keywords as batch-first tensors
+    guidance: dict  # `sample`'s unconditional half: `null_class`, or `null_conditions` (the empty prompt)
+    labels: torch.Tensor | None  # class ids, for class accuracy
+    distinct: int  # classes or captions (the sample grids' columns, when few)
+    description: str
+
+    def first(self, n: int) -> torch.Tensor | dict:
+        if isinstance(self.values, torch.Tensor):
+            return self.values[:n]
+        return {k: v[:n] for k, v in self.values.items()}
+
+
+def make_conditions(ref: ModelHandle, cfg: EvalConfig) -> Conditions:
+    """`cfg.samples` conditions: the model's classes in turn, or (text-conditional) the captions of `cfg.captions`."""
+    if ref.text_conditioned:
+        if cfg.captions is None:
+            raise UsageError(
+                f"{cfg.model} is text-conditional: pass --captions PATH, caption embeddings made with its own text "
+                "encoder by `python -m diffsparse.captions PIPELINE_DIR captions.txt OUT.safetensors` (one caption "
+                "per line)."
+            )
+        from diffsparse.models.captions import forward_conditions, load_captions, null_conditions
+
+        tensors, _ = load_captions(cfg.captions)
+        text = forward_conditions(tensors)
+        dtype = next(ref.transformer.parameters()).dtype
+        text = {k: v.to(dtype) if v.is_floating_point() else v for k, v in text.items()}
+        count = len(text["encoder_hidden_states"])
+        index = torch.arange(cfg.samples) % count
+        ref.null_conditions = null_conditions(tensors)
+        values = {k: v[index] for k, v in text.items()}
+        return Conditions(values, {"null_conditions": ref.null_conditions}, None, count,
+                          f"the {count} captions of {Path(cfg.captions).name} in turn")  # fmt: skip
+    if cfg.captions is not None:
+        raise UsageError(f"--captions: {cfg.model} is class-conditional ({ref.num_classes} classes), not text.")
+    n = ref.num_classes
+    if n < 1:
+        raise UsageError(f"{cfg.model} has no classes to sample (num_classes {n}) and is not text-conditional.")
+    labels = torch.arange(cfg.samples) % n
+    return Conditions(labels, {"null_class": n}, labels, n, f"{cfg.samples // n} per class")
+
+
+def as_images(x: torch.Tensor) -> torch.Tensor:
+    """Decoded samples as (N, C, H, W) images; a video's frames side by side."""
+    if x.ndim == 5:
+        n, c, f, h, w = x.shape
+        return x.permute(0, 1, 3, 2, 4).reshape(n, c, h, f * w)
+    return x
+
+
+def decoded_shape(ref: ModelHandle) -> tuple[int, ...]:
+    """(C, H, W) of the model's decoded images (one decode of zero latents for a latent model)."""
+    x = torch.zeros(1, *ref.sample_shape)
+    if ref.vae is not None:
+        with torch.no_grad():
+            x = ref.decode(x.to(next(ref.vae.parameters()).dtype))
+    return tuple(as_images(x).shape[1:])
+
+
+class Runner:
+    """Samples a method over a set of conditions and counts its MACs."""
+
+    def __init__(self, ref: ModelHandle, cfg: EvalConfig, conditions: Conditions | None = None):
+        self.ref, self.cfg = ref, cfg
+        self.conditions = conditions if conditions is not None else make_conditions(ref, cfg)
+        self.labels = self.conditions.labels
+        self.noise = initial_noise(cfg.samples, ref.sample_shape, cfg.seed)
+
+    def run(self, method: Method, count: int | None = None) -> tuple[torch.Tensor, float]:
+        """x0 for the first `count` conditions (default: all), and the MACs per image counted while sampling."""
+        n = count or self.cfg.samples
+        scheduler = self.ref.scheduler(self.cfg.sampler)
+        kwargs = dict(batch_size=self.cfg.batch_size, guidance_scale=self.cfg.guidance, **self.conditions.guidance)
+        with applied(method, self.ref.transformer) as model, flop_counter() as counter:
+            x = sample_batched(model, scheduler, self.conditions.first(n), self.noise[:n], method.num_steps, **kwargs)
+        return x, counter.get_total_flops() / 2 / n
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as images in [-1, 1] (N, C, H, W): latents through the VAE, `batch_size` at a time."""
+        if self.ref.vae is None:
+            return as_images(x)
+        with torch.no_grad():
+            return as_images(torch.cat([self.ref.decode(c).float() for c in x.split(self.cfg.batch_size)]))
+
+    def seconds(self, method: Method, count: int) -> float:
+        scheduler = self.ref.scheduler(self.cfg.sampler)
+        c, noise = self.conditions, self.noise[:count]
+        with applied(method, self.ref.transformer) as model, torch.no_grad():
+            start = time.perf_counter()
+            sample(model, scheduler, c.first(count), noise, method.num_steps, self.cfg.guidance, **c.guidance)
+            return time.perf_counter() - start
+
+
+def build_methods(cfg: EvalConfig, runner: Runner) -> list[Method]:
+    """The requested methods, each fitted to `cfg.budget` (hand-made schedules analytically, diffusers' caches by
+    measuring their MACs on `calibration_samples` conditions)."""
+    ref, steps = runner.ref, cfg.steps
+    unknown = sorted(set(cfg.methods) - set(ALL_METHODS))
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; choose from {list(ALL_METHODS)}.")
+    scheduler = ref.scheduler(cfg.sampler)
+    scheduler.set_timesteps(steps)
+    table = ref.mac_table()
+    schedules, families = {}, [m for m in cfg.methods if m in SCHEDULE_METHODS]
+    if families:  # fitted before anything is sampled: a budget they cannot meet is refused here
+        try:
+            schedules = baselines.budget_schedules(table, scheduler.timesteps.tolist(), cfg.budget)
+        except InfeasibleBudget as e:
+            raise UsageError(f"--budget {cfg.budget}, --steps {steps}: {e} The hand-made schedules {families} are "
+                             "fitted to these; or leave them out of --methods.") from e  # fmt: skip
+    calib = min(cfg.calibration_samples, cfg.samples)
+    dense_macs = None
+
+    def saved(method: Method) -> float:
+        nonlocal dense_macs
+        if dense_macs is None:
+            dense_macs = runner.run(Method("dense", steps), calib)[1]
+        return 1.0 - runner.run(method, calib)[1] / dense_macs
+
+    methods = []
+    for name in cfg.methods:
+        if name == "dense":
+            methods.append(Method("dense", steps))
+        elif name == "fewer-steps":
+            n = baselines.fewer_steps(steps, cfg.budget)
+            methods.append(Method("fewer-steps", n, note=f"{n} steps", knobs={"steps": n}))
+        elif name in SCHEDULE_METHODS:
+            sched = schedules[SCHEDULE_METHODS[name]]
+            selector = "norm" if name == "duca" else cfg.selector
+            knobs = {k: v for k, v in sched.meta.items() if k != "method"}
+            methods.append(Method(name, steps, sched, selector, note=_describe(knobs), knobs=knobs))
+        elif name == "fbc":
+            threshold = fit_threshold(lambda t: saved(first_block_cache(steps, t)), cfg.budget)
+            methods.append(first_block_cache(steps, threshold))
+        elif name == "taylorseer":
+            options = [taylorseer(steps, n, unit_patterns(ref.transformer)[0]) for n in range(2, 7)]
+            methods.append(min(options, key=lambda m: abs(saved(m) - cfg.budget)))
+        elif name == "pab":
+            attention = unit_patterns(ref.transformer)[1]
+            methods.append(pyramid_attention_broadcast(steps, 2, attention_pattern=attention))
+    for m in methods:
+        if m.diffusers_config is not None:
+            m.note = _describe(m.knobs)
+    for item in cfg.schedules:
+        name, path = item.split("=", 1)
+        sched = Schedule.load(path)
+        if sched.num_steps != steps:
+            sched = sched.resample(steps)
+        sched.check_units(table.units)
+        note = f"{Path(path).name}, saves {table.saved_fraction(sched):.1%}"
+        methods.append(Method(name, steps, sched, cfg.selector, note=note))
+    for item in cfg.pruned:
+        methods.extend(pruned_methods(item, cfg, scheduler.timesteps.tolist()))
+    return methods
+
+
+def pruned_methods(item: str, cfg: EvalConfig, timesteps) -> list[Method]:
+    """The row(s) of a pruning plan `NAME=DIR`: weights routed in, and (if `cfg.stitched` asks) stitched copies."""
+    from diffsparse.prune.plan import PrunePlan
+
+    name, path = item.split("=", 1)
+    plan = PrunePlan.load(path)
+    if plan.meta.get("sampler", cfg.sampler) != cfg.sampler or int(plan.meta.get("num_steps", cfg.steps)) != cfg.steps:
+        log.warning("%s was planned for %s %s steps; evaluated with %s %d steps", name, plan.meta.get("sampler"),
+                    plan.meta.get("num_steps"), cfg.sampler, cfg.steps)  # fmt: skip
+    m = plan.meta
+    prep = m.get("calibration_minutes", 0) + m.get("pruning_minutes", 0) + m.get("search_minutes", 0)
+    note = f"{plan.store.method}, {m.get('schedule')}, levels {'/'.join(map(str, plan.stage_levels))}"
+    knobs = {"prep_minutes": prep, "calibration_minutes": m.get("calibration_minutes"),
+             "pruning_minutes": m.get("pruning_minutes"), "search_minutes": m.get("search_minutes")}  # fmt: skip
+    rows = [Method(name, cfg.steps, note=note, knobs=knobs, pruning=plan)]
+    if cfg.stitched is not None and (not cfg.stitched or name in cfg.stitched):
+        rows.append(Method(f"{name} (stitched)", cfg.steps, note=note + ", stitched copies", knobs=knobs,
+                           pruning=plan, stitched=True))  # fmt: skip
+    return rows
+
+
+def _describe(knobs: dict) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(
+        f"{k}={fmt(v) if not isinstance(v, list) else '/'.join(fmt(x) for x in v)}" for k, v in knobs.items()
+    )
+
+
+def speedup(runner: Runner, method: Method, dense: Method, rounds: int, count: int) -> tuple[float, float, float]:
+    """Median, min and max of dense time / method time over `rounds` alternating runs, after one warm-up each."""
+    runner.seconds(dense, count)
+    runner.seconds(method, count)
+    ratios = []
+    for _ in range(rounds):
+        t_dense = runner.seconds(dense, count)
+        ratios.append(t_dense / runner.seconds(method, count))
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def prepare(ref: ModelHandle, cfg: EvalConfig):
+    """The checks that need the model, before any sampling: the sampler and the token selector fit it, its
+    conditions, and the feature network's image size. Returns the conditions and (feature network, features of
+    the real images), or None without a feature network."""
+    if cfg.sampler is None:
+        cfg.sampler = "flow" if is_flow_matching(ref.noise_schedule) else "ddim"
+    try:
+        ref.scheduler(cfg.sampler)
+    except ValueError as e:
+        raise UsageError(f"--sampler {cfg.sampler}: {e}") from e
+    defaults = backbone_for(ref.transformer).selector_defaults
+    cfg.selector = cfg.selector or defaults.get("name", "toca")
+    try:
+        make_selector(cfg.selector, defaults)
+    except ValueError as e:
+        raise UsageError(f"--selector {cfg.selector}: {e}") from e
+    conditions = make_conditions(ref, cfg)
+    if cfg.feature_net == "none":
+        return conditions, None
+    shape = decoded_shape(ref)
+    net, real_images = feature_net_and_data(cfg.feature_net)
+    if shape != tuple(net.input_shape):
+        wanted, got = " x ".join(map(str, net.input_shape)), " x ".join(map(str, shape))
+        raise UsageError(
+            f"--feature-net {cfg.feature_net}: it takes {wanted} images, {cfg.model} decodes to {got}; FD and class "
+            "accuracy need a feature network for this model's data: pass one (a folder) or --feature-net none."
+        )
+    if conditions.labels is not None and net.num_classes != conditions.distinct:
+        log.warning("No class accuracy: the model has %d classes, the feature network %d.", conditions.distinct,
+                    net.num_classes)  # fmt: skip
+        conditions.labels = None
+    with torch.no_grad():
+        real_features = net.features(real_images).numpy()
+    return conditions, (net, real_features)
+
+
+def evaluate(cfg: EvalConfig, command: str = "") -> list[dict]:
+    """Run the evaluation described by `cfg`; write the table, samples and overview to `cfg.output_dir`."""
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if "dense" not in cfg.methods:
+        cfg.methods = ["dense", *cfg.methods]
+    if cfg.compare_to is not None:
+        cfg.compare_to = row_name(cfg.compare_to)
+    if cfg.feature_net is None:
+        cfg.feature_net = default_feature_net(cfg.model)
+    out = Path(cfg.output_dir)
+    ref = load_model(cfg.model)
+    conditions, metric = prepare(ref, cfg)
+    runner = Runner(ref, cfg, conditions)
+    methods = build_methods(cfg, runner)
+    lpips_fn = lpips_metric()
+    rows, images, features_of, l2_of = [], {}, {}, {}
+    for method in tqdm(methods, desc="methods"):
+        x, macs = runner.run(method)
+        decoded = runner.decode(x)
+        images[method.name] = to_unit_range(decoded)
+        row = {"method": method.name, "steps": method.num_steps, "setting": method.note, "gmacs_per_image": macs / 1e9,
+               "weights_mb": method.weight_bytes(ref.transformer) / 2**20}  # fmt: skip
+        if method.pruning is not None:
+            row["prep_minutes"] = method.knobs["prep_minutes"]
+        if metric is not None:
+            net, real_features = metric
+            with torch.no_grad():
+                features = net.features(decoded.clamp(-1, 1))
+                logits = net.head(features)
+            features_of[method.name] = features.numpy()
+            row["fd"] = fd_estimate(features.numpy(), real_features, rounds=max(cfg.bootstrap_rounds // 5, 20))
+            if conditions.labels is not None:
+                correct = (logits.argmax(1) == conditions.labels).double()
+                row["accuracy"] = mean_estimate(correct, cfg.bootstrap_rounds)
+        if method.name != "dense":
+            dense_images = images["dense"]
+            l2_of[method.name] = l2(images[method.name], dense_images).numpy()
+            row["l2"] = mean_estimate(l2_of[method.name], cfg.bootstrap_rounds)
+            row["psnr"] = mean_estimate(psnr(images[method.name], dense_images), cfg.bootstrap_rounds)
+            row["ssim"] = mean_estimate(ssim(images[method.name], dense_images), cfg.bootstrap_rounds)
+            if lpips_fn is not None:
+                row["lpips"] = mean_estimate(lpips_fn(images[method.name], dense_images), cfg.bootstrap_rounds)
+        rows.append(row)
+    if cfg.compare_to is not None:
+        add_paired_differences(rows, features_of, l2_of, metric[1] if metric else None, cfg)
+    dense_macs = rows[0]["gmacs_per_image"]
+    budget = budget_check(rows, dense_macs, cfg)
+    timing_count = min(cfg.timing_samples, cfg.samples)
+    for method, row in zip(tqdm(methods, desc="timing"), rows, strict=True):
+        row["mac_reduction"] = dense_macs / row["gmacs_per_image"]
+        if method.name == "dense":
+            row["speedup"], row["speedup_min"], row["speedup_max"] = 1.0, 1.0, 1.0
+        else:
+            row["speedup"], row["speedup_min"], row["speedup_max"] = speedup(
+                runner, method, methods[0], cfg.rounds, timing_count
+            )
+    for row, (saved, off) in zip(rows, budget, strict=True):
+        row["saved_macs"], row["off_budget"] = saved, off
+    columns = conditions.distinct if conditions.distinct <= 16 else 8
+    write_results(rows, images, cfg, command, out, conditions.description, columns)
+    return rows
+
+
+def budget_check(rows: list[dict], dense_macs: float, cfg: EvalConfig) -> list[tuple[float, bool]]:
+    """Each row's measured fraction of dense MACs saved, and whether it is further than `cfg.budget_tolerance`
+    from the budget (logged: such a row is not compared at the budget)."""
+    checked = []
+    for row in rows:
+        saved = 1.0 - row["gmacs_per_image"] / dense_macs
+        off = row["method"] != "dense" and abs(saved - cfg.budget) > cfg.budget_tolerance
+        if off:
+            log.warning("%s saves %.1f%% of the dense MACs, off the %.0f%% budget by more than %.0f%% (flagged %s)",
+                        row["method"], 100 * saved, 100 * cfg.budget, 100 * cfg.budget_tolerance, "⚠")  # fmt: skip
+        checked.append((saved, off))
+    return checked
+
+
+def add_paired_differences(rows, features_of: dict, l2_of: dict, real_features, cfg: EvalConfig) -> None:
+    """Columns `dfd` (with a feature network) and `dl2`: each row's FD and L2 minus those of `cfg.compare_to`, on
+    the same samples, with paired bootstrap intervals (an interval below 0 means: better than that row, beyond
+    sampling noise)."""
+    base = cfg.compare_to
+    for row in rows:
+        name = row["method"]
+        if name == base:
+            continue
+        if name in features_of and base in features_of:
+            a, b = features_of[name], features_of[base]
+
+            def dfd(i, a=a, b=b):
+                return frechet_distance(a[i], real_features) - frechet_distance(b[i], real_features)
+
+            rounds = max(cfg.bootstrap_rounds // 5, 20)
+            row["dfd"] = paired_difference(dfd, len(a), rounds, cfg.seed, normal=True)
+        if name in l2_of and base in l2_of:
+            la, lb = l2_of[name], l2_of[base]
+            row["dl2"] = paired_difference(lambda i, la=la, lb=lb: float((la[i] - lb[i]).mean()), len(la),
+                                           cfg.bootstrap_rounds, cfg.seed)  # fmt: skip
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        evaluate(cfg, command=shlex.join(["python", "-m", "diffsparse.evaluate", *args]))
+    except UsageError as e:  # found before any sampling: said as argparse says its errors
+        print(f"python -m diffsparse.evaluate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

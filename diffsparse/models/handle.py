@@ -1,0 +1,85 @@
+"""The model handle: one loaded model to sample, learn schedules on and evaluate, whatever its backbone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from diffsparse.accounting.macs import mac_table
+from diffsparse.backbones.calls import forward_kwargs
+from diffsparse.backbones.registry import backbone_for
+from diffsparse.models.sampling import make_scheduler
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model to sample and learn schedules on: the transformer (eval mode, frozen), its training noise
+    schedule and, for latent models, the VAE that decodes its samples.
+
+    Made by `diffsparse.load_model` (by name, folder or config). Class-conditional models (DiT) guide with
+    the null class (`num_classes`, from the model's config). Text-conditional ones (PixArt) guide with the empty
+    prompt's embedding, `null_conditions` (the transformer's keywords, batch 1; see `diffsparse.models.captions`).
+    """
+
+    transformer: torch.nn.Module
+    noise_schedule: dict
+    vae: torch.nn.Module | None = None
+    null_conditions: dict | None = None
+    shape: tuple[int, ...] | None = None  # latents of one sample, when the config does not say (FLUX, Wan)
+    pipeline: object | None = None  # the stock pipeline it came from, if any (`infer.py` samples with it)
+    pipeline_options: dict = field(default_factory=dict)  # its call's height / width / num_frames, if chosen
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional model, from its config (0 for text-conditional ones). The null class
+        of classifier-free guidance is this number (diffusers adds one embedding row past them)."""
+        return int(self.transformer.config.get("num_embeds_ada_norm") or 0) if not self.text_conditioned else 0
+
+    @property
+    def text_conditioned(self) -> bool:
+        return backbone_for(self.transformer).name != "dit"
+
+    def scheduler(self, name: str = "ddim"):
+        return make_scheduler(name, self.noise_schedule)
+
+    def probe_inputs(self, size: int | None = None) -> dict:
+        """Forward keywords for one image at one step: a CFG pair (its condition and the null one) at timestep 500,
+        zero inputs of the model's sample size (or `size` x `size`). MACs are counted on it."""
+        shape = self.sample_shape if size is None else (*self.sample_shape[:-2], size, size)
+        dtype = next(self.transformer.parameters()).dtype
+        x = torch.zeros(2, *shape, dtype=dtype)
+        if not self.text_conditioned:
+            return forward_kwargs(
+                self.transformer, x, torch.tensor(500), {"class_labels": torch.tensor([0, self.num_classes])}
+            )
+        if self.null_conditions is None:
+            raise ValueError("A text-conditional model needs null_conditions (its caption embeddings' empty prompt).")
+        text = {
+            k: v.expand(2, *v.shape[1:]).to(dtype if v.is_floating_point() else v.dtype)
+            for k, v in self.null_conditions.items()
+        }
+        return forward_kwargs(self.transformer, x, torch.tensor(500), text)
+
+    def mac_table(self, size: int | None = None):
+        """MACs per unit and level for one image: a CFG pair (its condition and the null one) at one step."""
+        return mac_table(self.transformer, **self.probe_inputs(size))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples in image space, [-1, 1]: latents through the VAE, pixels as they are."""
+        if self.vae is None:
+            return x
+        cfg = self.vae.config
+        if cfg.get("latents_mean") is not None:  # Wan's VAE: per-channel normalised latents
+            view = (1, -1) + (1,) * (x.ndim - 2)
+            mean = torch.tensor(cfg.latents_mean, dtype=x.dtype, device=x.device).view(view)
+            std = torch.tensor(cfg.latents_std, dtype=x.dtype, device=x.device).view(view)
+            return self.vae.decode(x * std + mean).sample
+        return self.vae.decode(x / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)).sample
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        if self.shape is not None:
+            return tuple(self.shape)
+        c = self.transformer.config
+        return (c.in_channels, c.sample_size, c.sample_size)
