@@ -3,11 +3,11 @@
 import hydra
 from omegaconf import DictConfig
 
+from diffsparse.tasks.infer import infer
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 def main(cfg: DictConfig) -> dict:
-    from diffsparse.tasks.infer import infer
-
     return infer(cfg)
 
 

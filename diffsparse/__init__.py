@@ -3,10 +3,15 @@
 from diffsparse.cache import (
     SelectorConfig,
     TokenCacheConfig,
+    TokenCacheSummary,
     apply_token_cache,
     cacheable_units,
+    disable_token_cache,
+    enable_token_cache,
+    register_selector,
     remove_token_cache,
     reset_token_cache,
+    token_cache_summary,
 )
 from diffsparse.levels import SPARSITY_LEVELS
 from diffsparse.models.loading import load_model
@@ -20,9 +25,14 @@ __all__ = [
     "ScheduleError",
     "SelectorConfig",
     "TokenCacheConfig",
+    "TokenCacheSummary",
     "apply_token_cache",
     "cacheable_units",
+    "disable_token_cache",
+    "enable_token_cache",
     "load_model",
+    "register_selector",
     "remove_token_cache",
     "reset_token_cache",
+    "token_cache_summary",
 ]

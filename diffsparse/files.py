@@ -42,9 +42,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _new_file_beside(path)
     try:
         yield tmp
+        # writers that replace the file they are given (safetensors' save_file) leave mode 0600: restore the usual
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, data) -> None:

@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from diffsparse.accounting.macs import schedule_macs
+from diffsparse.backbones.registry import cacheable_units
 from diffsparse.files import atomic_path
 from diffsparse.levels import SPARSITY_LEVELS
 
@@ -73,8 +75,23 @@ class Schedule:
 
     # --- constructors -------------------------------------------------------------------------------------------
     @classmethod
-    def uniform(cls, units: Sequence[str], num_steps: int, sparsity: float, meta: dict | None = None) -> Schedule:
-        """The same sparsity for every unit at every step after the first (row 0 is forced to 0)."""
+    def uniform(
+        cls, units: Sequence[str] | torch.nn.Module, num_steps: int, sparsity: float, meta: dict | None = None
+    ) -> Schedule:
+        """The same sparsity for every unit at every step after the first (row 0 is forced to 0).
+
+        Args:
+            units: the unit names, or the transformer itself (its `cacheable_units`).
+            num_steps: the pipeline's number of denoising steps.
+            sparsity: a level of `SPARSITY_LEVELS`.
+            meta: saved with the schedule.
+
+        Example:
+            >>> Schedule.uniform(pipe.transformer, num_steps=20, sparsity=0.5)
+            Schedule(num_steps=20, num_units=56, mean_sparsity=0.475, full_steps=[0])
+        """
+        if isinstance(units, torch.nn.Module) or hasattr(units, "transformer"):
+            units = cacheable_units(units)  # a pipeline gets the registry's "pass pipe.transformer" error
         if num_steps < 1:
             raise ScheduleError(f"num_steps must be >= 1, got {num_steps}.")
         grid = np.full((num_steps, len(units)), float(sparsity))

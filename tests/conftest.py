@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffsparse.backbones.tiny import build_transformer, example_inputs, tiny_pipeline
+from diffsparse.backbones import backbone_for, build_transformer, example_inputs, tiny_pipeline
 
 BACKBONES = ["dit", "pixart"]
 TIMESTEPS = [900, 700, 500, 300, 100]
@@ -48,7 +48,7 @@ def pipeline(backbone):
 def call_pipeline(pipe, steps: int = 4, seed: int = 0) -> torch.Tensor:
     """One call of a tiny stock pipeline (CFG on), returning the images as a tensor."""
     generator = torch.Generator().manual_seed(seed)
-    if type(pipe).__name__ == "DiTPipeline":
+    if not backbone_for(pipe.transformer).text_conditioned:  # DiT
         out = pipe(class_labels=[1, 3], num_inference_steps=steps, generator=generator, output_type="pt")
         return out.images
     channels = pipe.transformer.config.caption_channels
@@ -74,9 +74,7 @@ def call_pipeline(pipe, steps: int = 4, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def flow_pipelines() -> dict:
     """Tiny random stock FLUX and Wan pipelines (offline), keyed by backbone."""
-    from diffsparse.backbones.flow_tiny import tiny_flux_pipeline, tiny_wan_pipeline
-
-    pipes = {"flux": tiny_flux_pipeline(), "wan": tiny_wan_pipeline()}
+    pipes = {name: tiny_pipeline(name) for name in ("flux", "wan")}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     return pipes
@@ -88,6 +86,8 @@ def call_flow_pipeline(pipe, steps: int = 4, guidance_scale: float | None = None
     generator = torch.Generator().manual_seed(seed)
     common = dict(prompt="a photo of a cat", height=16, width=16, num_inference_steps=steps, generator=generator)
     common |= {"max_sequence_length": 8, "output_type": "pt", **extra}
-    if type(pipe).__name__ == "FluxPipeline":
-        return pipe(guidance_scale=0.0 if guidance_scale is None else guidance_scale, **common).images
-    return pipe(num_frames=5, guidance_scale=5.0 if guidance_scale is None else guidance_scale, **common).frames
+    spec = backbone_for(pipe.transformer)
+    common["guidance_scale"] = (5.0 if spec.guided else 0.0) if guidance_scale is None else guidance_scale
+    if spec.video:
+        return pipe(num_frames=5, **common).frames
+    return pipe(**common).images

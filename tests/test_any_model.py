@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel, FluxPipeline
 from hydra import compose, initialize_config_dir
 
 from diffsparse import Schedule, cacheable_units
+from diffsparse.backbones.flux import tiny_flux_pipeline
 from diffsparse.evaluate.inference import run_inference
 from diffsparse.models.generate import generate
 from diffsparse.models.loading import MODELS, load_model
@@ -129,8 +130,6 @@ def test_train_learns_on_a_users_dit_and_infer_runs_it(eight_class_dit, tmp_path
 def _flux_pipeline_with_an_8x_vae(path: Path) -> Path:
     """The tiny FLUX pipeline with a 4-level VAE (8 pixels per latent, as FLUX's own), saved: 256 x 256 images are
     then 32 x 32 latents (256 tokens), 512 x 512 ones 64 x 64 (1024 tokens)."""
-    from diffsparse.backbones.flow_tiny import tiny_flux_pipeline
-
     pipe = tiny_flux_pipeline()
     torch.manual_seed(0)
     pipe.vae = AutoencoderKL(
@@ -189,9 +188,9 @@ def test_a_killed_training_run_exits_non_zero(tmp_path):
          f"hydra.run.dir={tmp_path}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    latest = tmp_path / "checkpoints" / "latest.ckpt"
+    last = tmp_path / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
-    while not latest.is_file() and proc.poll() is None and time.monotonic() < deadline:
+    while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert proc.poll() is None, "training ended before it could be stopped"
     proc.send_signal(signal.SIGTERM)
@@ -209,3 +208,19 @@ def test_model_local_without_a_path_says_what_to_set(tmp_path):
 def test_noise_schedule_file_is_read_as_saved(eight_class_dit):
     saved = json.loads((eight_class_dit / "noise_schedule.json").read_text())
     assert load_model(path=eight_class_dit).noise_schedule == saved
+
+
+def test_options_a_loader_does_not_take_are_refused(eight_class_dit):
+    with pytest.raises(ValueError, match=r"load_model\('tiny'\) does not take the options \['heigth'\]"):
+        load_model("tiny", heigth=32)
+    with pytest.raises(ValueError, match="does not take the options"):
+        load_model("reference", height=32)  # the shipped model has one size
+    with pytest.raises(ValueError, match="positive number of pixels"):
+        load_model(path=eight_class_dit, height=-16)
+    with pytest.raises(ValueError, match="frames"):
+        load_model(path=eight_class_dit, frames=5)
+
+
+def test_model_local_takes_a_size_as_the_readme_says(eight_class_dit):
+    cfg = compose_cfg("train", ["model=local", f"model.path={eight_class_dit}", "model.height=32", "model.width=32"])
+    assert load_configured_model(cfg).sample_shape == (1, 32, 32)  # a pixel model: latents are the pixels

@@ -7,7 +7,8 @@ import torch
 from conftest import call_pipeline, max_diff, run_loop
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
-from diffsparse.cache import TokenCacheConfig, token_cache_controller
+from diffsparse.cache import TokenCacheConfig
+from diffsparse.cache.hooks import token_cache_controller
 from diffsparse.evaluate.inference import compare_with_dense, resolve_schedule, run_inference, run_pruned_inference
 
 
@@ -42,10 +43,10 @@ def test_cfg_option_takes_only_true_false_or_auto(model, cfg):
     assert not any(hasattr(m, "_diffusers_hook") for m in model.modules())  # nothing half-applied
     with pytest.raises(ValueError, match="cfg="):
         TokenCacheConfig(cfg=cfg)
-    config = TokenCacheConfig()
+    config = TokenCacheConfig(schedule=sched)
     config.cfg = cfg  # changed after construction: still refused when applied
     with pytest.raises(ValueError, match="cfg="):
-        apply_token_cache(model, sched, config)
+        apply_token_cache(model, config)
 
 
 @pytest.mark.parametrize("cfg", [True, False, "auto"])

@@ -13,7 +13,7 @@ UNITS = [f"transformer_blocks.{i}.{leaf}" for i in range(2) for leaf in ("attn1"
 
 @pytest.fixture(scope="module")
 def table():
-    from diffsparse.backbones.tiny import build_transformer, example_inputs
+    from diffsparse.backbones import build_transformer, example_inputs
 
     model = build_transformer("dit", "tiny", sample_size=16)
     return mac_table(model, **example_inputs(model, batch=2))
@@ -90,7 +90,7 @@ def test_every_family_lands_near_the_budget(table, budget):
 
 
 def test_saved_fraction_matches_schedule_macs(table):
-    from diffsparse.backbones.tiny import build_transformer, example_inputs
+    from diffsparse.backbones import build_transformer, example_inputs
 
     model = build_transformer("dit", "tiny", sample_size=16)
     sched = baselines.toca(cacheable_units(model), 10, fresh_ratio=0.3)

@@ -5,8 +5,8 @@ import torch
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.allocate.baselines import toca
-from diffsparse.backbones.tiny import build_transformer
-from diffsparse.cache import set_soft_choice
+from diffsparse.backbones import build_transformer
+from diffsparse.cache.control import set_soft_choice
 from diffsparse.models.sampling import initial_noise, make_scheduler, sample
 from diffsparse.reference.model import NOISE_SCHEDULE
 

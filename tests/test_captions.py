@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsparse.backbones.tiny import TINY_VOCABULARY, tiny_pipeline
+from diffsparse.backbones import tiny_pipeline
+from diffsparse.backbones.tiny_parts import TINY_VOCABULARY
 from diffsparse.models.captions import encode_captions, load_captions, main, null_conditions, save_captions
 from diffsparse.models.sampling import initial_noise, sample
 
@@ -43,6 +44,20 @@ def test_bad_inputs_say_what_to_do_and_write_nothing(pipe, tmp_path):
     with pytest.raises(ValueError, match="3 captions for 2"):
         save_captions(tmp_path / "out.safetensors", tensors, CAPTIONS[:3])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pipeline_of_no_registered_backbone_is_refused(pipe):
+    """No fallback to another backbone's encoder: the error names the pipelines that have one."""
+
+    class OtherPipeline:
+        tokenizer, text_encoder, transformer = pipe.tokenizer, pipe.text_encoder, torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match=r"OtherPipeline: its transformer \(Linear\) is not a registered backbone"):
+        encode_captions(OtherPipeline(), CAPTIONS[:1])
+    dit = tiny_pipeline("dit")
+    dit.tokenizer, dit.text_encoder = pipe.tokenizer, pipe.text_encoder
+    with pytest.raises(ValueError, match="dit model, which is class-conditional.*PixArtAlphaPipeline"):
+        encode_captions(dit, CAPTIONS[:1])
 
 
 def test_command_line_encodes_a_saved_pipeline(pipe, tmp_path, capsys):

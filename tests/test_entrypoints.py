@@ -2,13 +2,20 @@
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
 
 from diffsparse import Schedule, ScheduleError
-from diffsparse.backbones.tiny import tiny_pipeline
+from diffsparse.backbones import tiny_pipeline
+from diffsparse.evaluate.metrics import PSNR_CAP
+from diffsparse.learn.data import ConditionDataModule
+from diffsparse.learn.export import ScheduleExport
+from diffsparse.learn.module import ScheduleLearner
 from diffsparse.models.loading import load_pipeline
 from diffsparse.tasks.infer import infer
 from diffsparse.tasks.schedule import make_schedule
@@ -31,6 +38,25 @@ def test_train_exports_a_schedule_for_every_allocator(tmp_path, allocator):
     assert metrics["mac_reduction"] > 1.0
 
 
+def test_the_learn_task_is_built_from_its_configs(tmp_path):
+    """Learner, data, callbacks and Trainer are `_target_`s; the learner's model is the `model` group's."""
+    cfg = compose_cfg("train", ["experiment=tiny_stage1", "logger=csv", f"output_dir={tmp_path}"])
+    learner = instantiate(cfg.learn, _partial_=True)(model=OmegaConf.to_container(cfg.model, resolve=True))
+    assert isinstance(learner, ScheduleLearner) and learner.hparams.num_steps == 8
+    assert learner.transformer.config.num_layers == 2  # model=tiny, from the experiment's model group
+    data = instantiate(cfg.data, num_classes=learner.num_classes)
+    assert isinstance(data, ConditionDataModule) and (data.num_classes, data.train_size) == (10, 8)
+    callbacks = {name: instantiate(node) for name, node in cfg.callbacks.items()}
+    checkpoint, export = callbacks["model_checkpoint"], callbacks["schedule_export"]
+    assert isinstance(checkpoint, ModelCheckpoint) and isinstance(export, ScheduleExport)
+    assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val/l2", "min", True)
+    assert checkpoint.dirpath == str(tmp_path / "checkpoints") and export.metrics_path == tmp_path / "metrics.json"
+    trainer = instantiate(cfg.trainer, _partial_=True)(callbacks=list(callbacks.values()), logger=False)
+    assert isinstance(trainer, L.Trainer) and trainer.checkpoint_callback is checkpoint and trainer.max_epochs == 1
+    ddp = compose_cfg("train", ["trainer=ddp", f"output_dir={tmp_path}"]).trainer
+    assert (ddp._target_, ddp.strategy, ddp.devices, ddp.max_epochs) == ("lightning.Trainer", "ddp_spawn", 2, 4)
+
+
 def test_infer_runs_a_schedule_and_reports(tmp_path):
     train_cfg = compose_cfg("train", ["model=dit_tiny", "num_steps=5", f"output_dir={tmp_path / 'train'}"])
     make_schedule(train_cfg)
@@ -51,7 +77,7 @@ def test_infer_with_sparsity_zero_reproduces_dense(tmp_path):
     overrides = ["schedule=null", "sparsity=0.0", "num_steps=4", "rounds=1", "model=dit_tiny"]
     overrides.append(f"output_dir={tmp_path}")
     cfg = compose_cfg("infer", overrides)
-    assert infer(cfg)["psnr_vs_dense"] == float("inf")
+    assert infer(cfg)["psnr_vs_dense"] == PSNR_CAP  # identical images: the cap of the one PSNR definition
 
 
 def test_model_configs_load_from_a_saved_pipeline(tmp_path):

@@ -2,6 +2,7 @@
 settings that cannot work refused before anything is sampled."""
 
 import csv
+import dataclasses
 import json
 import logging
 import re
@@ -58,6 +59,18 @@ def test_counted_macs_of_fora_match_the_analytic_table(two_runs):
     # 5 steps, FORA interval 2 or 3: the units cost nothing at reuse steps; only "other" MACs remain there
     assert 1.0 < float(rows["fora"]["mac_reduction"]) < 5.0
     assert float(rows["fewer-steps"]["mac_reduction"]) == pytest.approx(5 / int(rows["fewer-steps"]["steps"]))
+
+
+def test_the_command_line_is_made_from_the_config_fields(capsys):
+    cfg, default = parse_args([]), EvalConfig()
+    differs = {f.name for f in dataclasses.fields(EvalConfig) if getattr(cfg, f.name) != getattr(default, f.name)}
+    assert differs == {"sampler"}  # on the command line the model's noise schedule picks it
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(EvalConfig):
+        assert (f.metadata["flag"] or "--" + f.name.replace("_", "-")) in text
+        assert f.metadata["help"] is None or f.metadata["help"][:30] in " ".join(text.split())
 
 
 def test_bad_arguments_stop_before_any_work(capsys):

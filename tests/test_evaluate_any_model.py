@@ -13,8 +13,9 @@ import diffsparse.evaluate.harness as evaluate_module
 from diffsparse.evaluate.harness import UsageError, evaluate, main, parse_args
 from diffsparse.models.captions import load_captions, save_captions
 from diffsparse.models.sampling import split_conditions
+from diffsparse.reference.model import REFERENCE_DIR
 
-NOISE_SCHEDULE = Path(__file__).resolve().parents[1] / "diffsparse" / "assets" / "digits_dit" / "noise_schedule.json"
+NOISE_SCHEDULE = REFERENCE_DIR / "noise_schedule.json"
 
 
 def _rows(path):

@@ -8,14 +8,8 @@ import torch
 from conftest import call_flow_pipeline
 from diffusers import FluxPipeline, WanPipeline, WanTransformer3DModel
 
-from diffsparse.backbones.flow_tiny import (
-    FLUX_SIZES,
-    WAN_SIZES,
-    build_flux,
-    build_wan,
-    flux_example_inputs,
-    wan_example_inputs,
-)
+from diffsparse.backbones.flux import FLUX_SIZES, build_flux, flux_example_inputs
+from diffsparse.backbones.wan import WAN_SIZES, build_wan, wan_example_inputs
 
 
 @pytest.fixture

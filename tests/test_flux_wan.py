@@ -6,12 +6,15 @@ from conftest import call_flow_pipeline, max_diff, run_loop
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.accounting.macs import flop_counter
-from diffsparse.backbones.flow_tiny import build_flux, build_wan, flux_example_inputs, wan_example_inputs
-from diffsparse.backbones.registry import find_units
-from diffsparse.cache import SELECTORS, token_cache_controller
+from diffsparse.backbones import find_units
+from diffsparse.backbones.flux import build_flux, flux_example_inputs, pack
+from diffsparse.backbones.wan import build_wan, wan_example_inputs
+from diffsparse.cache import SELECTORS
+from diffsparse.cache.hooks import token_cache_controller
 from diffsparse.cache.rows import flat_rows
 from diffsparse.cache.runners import joint_attention, rope_self_attention, single_stream_branch
-from diffsparse.cache.selector import spatial_bonus
+from diffsparse.cache.selectors import spatial_bonus
+from diffsparse.models.sampling import initial_noise, make_scheduler, sample
 
 # FLUX takes timesteps in [0, 1] (its pipeline divides by 1000); Wan the train timesteps.
 TIMESTEPS = {"flux": [0.9, 0.7, 0.5, 0.3, 0.1], "wan": [900, 700, 500, 300, 100]}
@@ -19,17 +22,8 @@ TIMESTEPS = {"flux": [0.9, 0.7, 0.5, 0.3, 0.1], "wan": [900, 700, 500, 300, 100]
 
 @pytest.fixture(params=["flux", "wan"])
 def backbone(request) -> str:
+    """The flow-matching backbones; `model` and `inputs` come from conftest's factory."""
     return request.param
-
-
-@pytest.fixture
-def model(backbone):
-    return build_flux("tiny") if backbone == "flux" else build_wan("tiny")
-
-
-@pytest.fixture
-def inputs(model, backbone):
-    return flux_example_inputs(model) if backbone == "flux" else wan_example_inputs(model)
 
 
 def loop(model, inputs, backbone, steps=5):
@@ -229,9 +223,6 @@ def test_our_flow_matching_loop_gives_the_stock_pipelines_latents(flow_pipelines
 
     With the cache at sparsity 0: at partial levels Wan's pipeline runs the CFG halves as two calls, each with its
     own token choices, where our loop batches them and lets both halves pick the same tokens."""
-    from diffsparse.backbones.calls import pack
-    from diffsparse.models.sampling import initial_noise, make_scheduler, sample
-
     pipe = flow_pipelines[backbone]
     flux = backbone == "flux"
     shape = (4, 8, 8) if flux else (4, 2, 8, 8)

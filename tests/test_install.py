@@ -35,7 +35,8 @@ def _imported_top_level_names() -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    own = {p.name for p in ROOT.iterdir() if p.is_dir()} | {p.stem for p in ROOT.glob("*.py")} | {"conftest"}
+    own = {p.name for p in ROOT.iterdir() if p.is_dir()} | {p.stem for p in ROOT.glob("*.py")}
+    own |= {p.stem for p in (ROOT / "tests").glob("*.py")}  # test helpers next to the tests (conftest, ...)
     return {n for n in names if n not in sys.stdlib_module_names and n not in own}
 
 

@@ -38,9 +38,9 @@ def test_both_stages_export_a_schedule_within_budget(stage1, tmp_path):
 
 
 def test_resume_from_a_checkpoint_continues_the_run(stage1, tmp_path):
-    latest = f"ckpt_path={stage1}/checkpoints/latest.ckpt"
-    out = train(tmp_path, "experiment=tiny_stage1", "trainer.max_epochs=3", latest)
-    resumed = torch.load(out / "checkpoints" / "latest.ckpt", weights_only=False)
+    last = f"ckpt_path={stage1}/checkpoints/last.ckpt"
+    out = train(tmp_path, "experiment=tiny_stage1", "trainer.max_epochs=3", last)
+    resumed = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 6  # 2 epochs from the checkpoint, one more here
     assert (out / "stage1.ckpt").is_file()  # the best of them by validation L2, which the export used
 
@@ -66,7 +66,8 @@ def test_missing_lpips_weights_stop_with_what_to_do(tmp_path, monkeypatch):
 def test_flow_matching_models_learn_a_schedule_end_to_end(family, tmp_path):
     """Stage 1 then stage 2 on tiny FLUX / Wan: flow-matching rollouts through the VAE, captions from the tiny
     pipeline's own text encoders."""
-    from diffsparse.backbones.flow_tiny import tiny_flux_pipeline, tiny_wan_pipeline
+    from diffsparse.backbones.flux import tiny_flux_pipeline
+    from diffsparse.backbones.wan import tiny_wan_pipeline
     from diffsparse.models.captions import encode_captions, save_captions
 
     pipe = tiny_flux_pipeline() if family == "flux" else tiny_wan_pipeline()

@@ -5,8 +5,7 @@ from conftest import run_loop
 from diffsparse import Schedule, apply_token_cache, cacheable_units
 from diffsparse.accounting.macs import flop_counter, unit_macs
 from diffsparse.allocate.baselines import toca
-from diffsparse.backbones.registry import find_units
-from diffsparse.backbones.tiny import build_transformer, example_inputs
+from diffsparse.backbones import build_transformer, example_inputs, find_units
 
 
 def counted_macs(fn) -> int:

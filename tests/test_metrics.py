@@ -5,7 +5,17 @@ import pytest
 import scipy.linalg
 import torch
 
-from diffsparse.evaluate.metrics import bootstrap, fd_estimate, frechet_distance, mean_estimate, psnr, ssim
+from diffsparse.evaluate.inference import compare_with_dense
+from diffsparse.evaluate.metrics import (
+    PSNR_CAP,
+    bootstrap,
+    fd_estimate,
+    frechet_distance,
+    mean_estimate,
+    psnr,
+    resampled,
+    ssim,
+)
 
 
 def test_frechet_distance_matches_scipy_sqrtm():
@@ -43,3 +53,19 @@ def test_bootstrap_interval_covers_the_mean_of_normal_data():
     assert e.low < 3.0 < e.high
     assert e.high - e.low == pytest.approx(2 * 1.96 / 20, rel=0.25)
     assert bootstrap(lambda i: 1.0, 10, rounds=5) == (1.0, 1.0)
+
+
+def test_scipy_resamples_the_indices_the_former_loop_drew():
+    v = np.random.default_rng(3).normal(size=37)
+    rng = np.random.default_rng(0)
+    by_hand = [float(v[rng.integers(0, 37, 37)].mean()) for _ in range(200)]
+    assert np.array_equal(resampled(lambda i: float(v[i].mean()), 37, 200, seed=0), by_hand)
+
+
+def test_infer_reports_the_evaluation_s_psnr():
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    noisy = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    noisy[0] = x[0]  # one identical image: capped, so the mean stays finite
+    result = compare_with_dense(lambda: x, lambda: noisy, rounds=1)
+    assert result["psnr_vs_dense"] == float(psnr(noisy, x).mean()) < PSNR_CAP
+    assert compare_with_dense(lambda: x, lambda: x.clone(), rounds=1)["psnr_vs_dense"] == PSNR_CAP

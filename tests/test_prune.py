@@ -1,13 +1,11 @@
-"""Stage-wise structural pruning: calibration, OBS / Wanda / LayerDrop orders, weight routing against physically
-pruned copies and stitching, the presets, and the Hydra task end to end on a tiny model."""
-
-from pathlib import Path
+"""Stage-wise structural pruning: calibration, OBS / Wanda / LayerDrop orders, weight routing (a removable hook)
+against physically pruned copies and stitching, and the presets. The Hydra task end to end: test_prune_task.py."""
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from diffsparse import Schedule, apply_token_cache, remove_token_cache
 from diffsparse.allocate.stages import StageSpace
 from diffsparse.models.loading import load_model
 from diffsparse.models.sampling import initial_noise, sample
@@ -33,13 +31,13 @@ from diffsparse.prune.routing import (
     apply_pruning,
     parameter_bytes,
     pruned_copy,
+    pruning_router,
     remove_pruning,
 )
 from diffsparse.prune.scores import damped_inverse, layerdrop_order, obs_prune, wanda_order
 from diffsparse.prune.store import PruneStore, build_store
 from diffsparse.prune.structures import prunable_layers, removed_count
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 BOUNDARIES = [600, 250]
 
 
@@ -148,6 +146,7 @@ def test_level_0_is_the_dense_model_exactly_and_removal_restores_it(ref, stores)
         apply_pruning(model, store, [0, 0, 0])
         with torch.no_grad():
             assert torch.equal(sample(model, ref.scheduler(), labels, noise, 6, 1.25), dense_sample)
+        remove_pruning(model)
         apply_pruning(model, store, [2, 1, 1] if store.method == "layerdrop" else [3, 2, 1])
         assert not torch.allclose(run(model, kwargs), dense)
         remove_pruning(model)
@@ -225,13 +224,38 @@ def test_a_failed_route_leaves_the_dense_model(ref, stores):
     router.restore()
 
 
+def test_pruning_is_one_removable_hook_and_a_second_apply_is_refused(ref, stores):
+    model, store, kwargs = ref.transformer, stores["obs"], inputs(ref)
+    dense, before = run(model, kwargs), set(model.__dict__)
+    router = apply_pruning(model, store, [3, 2, 1])
+    assert pruning_router(model) is router and model._diffusers_hook.get_hook("diffsparse_weight_routing")
+    with pytest.raises(RuntimeError, match=r"already applied.*remove_pruning"):
+        apply_pruning(model, store, [1, 1, 1])
+    assert pruning_router(model) is router  # the first one is kept as it was
+    pruned = run(model, kwargs)
+    remove_pruning(model)
+    assert set(model.__dict__) == before and not hasattr(model, "_diffusers_hook")
+    assert torch.equal(run(model, kwargs), dense)
+    with pytest.warns(UserWarning, match="No pruning is applied"):
+        remove_pruning(model)
+    # Next to the token cache, in the same HookRegistry: each comes off on its own.
+    apply_token_cache(model, Schedule.uniform(model, num_steps=2, sparsity=0.0))
+    apply_pruning(model, store, [3, 2, 1])
+    assert torch.equal(run(model, kwargs), pruned)
+    remove_token_cache(model)
+    assert torch.equal(run(model, kwargs), pruned)
+    remove_pruning(model)
+    assert set(model.__dict__) == before and not any(hasattr(m, "_diffusers_hook") for m in model.modules())
+    assert torch.equal(run(model, kwargs), dense)
+
+
 def test_routing_switches_at_the_stage_boundaries_and_stitching_gives_the_same_samples(ref, stores):
     model, store = ref.transformer, stores["obs"]
     levels = [5, 1, 3]
     seen = []
 
     def record(module, args, kwargs, output):
-        seen.append((int(kwargs["timestep"][0]), module._diffsparse_weight_router.current))
+        seen.append((int(kwargs["timestep"][0]), pruning_router(module).current))
 
     handle = model.register_forward_hook(record, with_kwargs=True)
     labels, noise = torch.tensor([3, 7]), initial_noise(2, ref.sample_shape, 0)
@@ -319,94 +343,11 @@ def test_step_boundaries_cut_where_the_stages_change():
     assert space.upper().tolist() == [[6], [6]]
 
 
-def compose_prune(out: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="train", overrides=["experiment=tiny_prune", "logger=csv", f"output_dir={out}",
-                                                       *overrides])  # fmt: skip
-
-
-@pytest.mark.parametrize("schedule", ["uniform", "mosaic", "search"])
-def test_prune_task_exports_a_plan_that_runs(schedule, tmp_path):
-    from diffsparse.tasks.prune import prune
-
-    result = prune(compose_prune(tmp_path, f"prune.schedule={schedule}"))
-    plan = PrunePlan.load(result["pruned"])
-    assert plan.stage_levels == result["stage_levels"] and plan.meta["schedule"] == schedule
-    assert len(plan.stage_levels) == {"uniform": 1, "mosaic": 3, "search": 4}[schedule]
-    assert 0.1 < result["saved_macs"] < 0.6
-    assert (tmp_path / "pruned" / "plan.png").is_file()
-    metrics = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()  # logged (search: per generation)
-    assert ("search/best" if schedule == "search" else "prune/saved_macs") in metrics
-    if schedule == "search":
-        assert result["generations"] == 2 and sum(plan.stage_levels) == result["level_sum"]
-        assert (tmp_path / "search_state.json").is_file() and (tmp_path / "search.png").is_file()
-    macs = plan.meta["level_gmacs"]  # counted on the full store; the plan's store keeps only its levels
-    with pytest.raises(ValueError, match="not in this store"):
-        level_macs(load_model("tiny").transformer, plan.store, load_model("tiny").probe_inputs())
-    assert saved_fraction(plan.stage_levels, plan.store.boundaries, plan.meta["timesteps"], macs) == pytest.approx(
-        result["saved_macs"]
-    )
-
-
-def test_prune_task_refuses_bad_options_before_any_work(tmp_path):
-    from diffsparse.tasks.prune import prune
-
-    for override, message in (("prune.method=magnitude", "prune.method"), ("prune.schedule=every", "prune.schedule"),
-                              ("prune.budget=1.5", "prune.budget")):  # fmt: skip
-        with pytest.raises(ValueError, match=message):
-            prune(compose_prune(tmp_path, override))
-    assert not (tmp_path / "pruned").exists()
-
-
-def test_infer_runs_a_pruning_plan(tmp_path, capsys):
-    from diffsparse.tasks.infer import infer
-    from diffsparse.tasks.prune import prune
-
-    result = prune(compose_prune(tmp_path / "p", "prune.schedule=mosaic"))
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="infer", overrides=[f"pruned={result['pruned']}", "model=tiny",
-                                                      f"output_dir={tmp_path}", "rounds=1"])  # fmt: skip
-    metrics = infer(cfg)
-    assert metrics["mac_reduction"] == pytest.approx(1 / (1 - result["saved_macs"]), rel=1e-6)
-    assert 0 < metrics["psnr_vs_dense"] < 100 and (tmp_path / "samples.png").is_file()
-    assert "pruned" in capsys.readouterr().out
-
-
-def test_evaluate_refuses_a_missing_plan(tmp_path):
-    from diffsparse.evaluate.harness import parse_args
-
-    with pytest.raises(SystemExit):
-        parse_args(["--pruned", f"x={tmp_path}"])
-    with pytest.raises(SystemExit):
-        parse_args(["--pruned", "nothing"])
-    with pytest.raises(SystemExit):
-        parse_args(["--stitched", "x"])  # not a --pruned plan
-
-
-def test_evaluate_rows_for_a_plan_routed_and_stitched(tmp_path):
-    import csv
-
-    from diffsparse.evaluate.harness import main
-    from diffsparse.tasks.prune import prune
-
-    plan = prune(compose_prune(tmp_path / "p", "prune.schedule=mosaic", "prune.num_steps=5"))["pruned"]
-    out = tmp_path / "eval"
-    main(["--model", "tiny", "--quick", "--methods", "dense", "--pruned", f"mosaic={plan}", "--stitched",
-          "--feature-net", "digits", "--threads", "1", "--out", str(out)])  # fmt: skip
-    with open(out / "results.csv") as f:
-        rows = {r["method"]: r for r in csv.DictReader(f)}
-    routed, stitched = rows["mosaic"], rows["mosaic (stitched)"]
-    assert routed["fd"] and routed["fd"] == stitched["fd"] and routed["l2"] == stitched["l2"]  # one network, two ways
-    assert float(stitched["weights_mb"]) > float(routed["weights_mb"]) > float(rows["dense"]["weights_mb"])
-    assert float(routed["mac_reduction"]) > 1.1 and float(routed["prep_minutes"]) > 0
-    assert "weights MB" in (out / "results.md").read_text()
-
-
 @pytest.mark.parametrize("method", ["obs", "wanda", "layerdrop"])
 def test_pixart_cross_attention_heads_route_like_a_pruned_copy(method):
     """PixArt's units include cross-attention (`attn2`: queries from the image, keys and values from the text);
     its heads are routed like self-attention's. Calibrated here on random batches of its own inputs."""
-    from diffsparse.backbones.tiny import build_transformer, example_inputs
+    from diffsparse.backbones import build_transformer, example_inputs
     from diffsparse.prune.store import store_from_batches
 
     torch.manual_seed(0)

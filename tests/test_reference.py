@@ -1,15 +1,18 @@
 """Digits data, the feature network, the reference DiT (training, saving, loading) and the sampling loop."""
 
+import copy
+import math
+
 import pytest
 import torch
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
-from diffsparse.backbones.tiny import build_transformer
+from diffsparse.backbones import build_transformer
 from diffsparse.models.sampling import initial_noise, make_scheduler, sample
 from diffsparse.reference.digits import load_digits, split, to_unit_range
 from diffsparse.reference.featurenet import load_feature_net, train_feature_net
 from diffsparse.reference.model import DEFAULT_GUIDANCE, NOISE_SCHEDULE, load_reference
-from diffsparse.reference.training import train_reference
+from diffsparse.reference.training import constant_ema, train_reference, warmup_cosine
 
 
 def test_digits_are_16px_in_range_and_split_stratified():
@@ -47,6 +50,41 @@ def test_reference_training_round_trips_through_from_pretrained(tmp_path):
     assert ref.sample_shape == (1, 16, 16)
     assert not any(p.requires_grad for p in ref.transformer.parameters())
     assert ref.noise_schedule == NOISE_SCHEDULE
+
+
+def _hand_written_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """The learning rate the reference model was trained with before torch's schedulers took over."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@pytest.mark.parametrize(("total", "warmup"), [(5000, 200), (40, 5), (3, 1), (10, 0), (10, 10), (10, 20)])
+def test_the_learning_rate_schedule_gives_the_hand_written_values(total, warmup):
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    schedule = warmup_cosine(optimizer, total, warmup)
+    for step in range(total):
+        expected = _hand_written_lr(step, total, 1e-3, warmup)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12, abs=0), step
+        optimizer.step()
+        schedule.step()
+
+
+def test_the_ema_is_the_hand_written_one():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    by_hand = copy.deepcopy(model).requires_grad_(False)
+    ema = constant_ema(model, 0.9)
+    for _ in range(10):
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), by_hand.parameters(), strict=True):
+                p.add_(torch.randn_like(p))
+                q.lerp_(p, 1 - 0.9)
+        ema.step(model.parameters())
+    for shadow, q in zip(ema.shadow_params, by_hand.parameters(), strict=True):
+        torch.testing.assert_close(shadow, q, rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

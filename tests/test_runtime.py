@@ -10,7 +10,8 @@ from diffsparse import (
     remove_token_cache,
     reset_token_cache,
 )
-from diffsparse.cache import SELECTORS, token_cache_controller
+from diffsparse.cache import SELECTORS
+from diffsparse.cache.hooks import token_cache_controller
 
 
 def test_units_follow_the_registry(model, backbone):
@@ -38,8 +39,8 @@ def test_remove_gives_the_original_model_back(model, inputs):
     assert {name: set(m.__dict__) for name, m in model.named_modules()} == before_modules
     assert not any(hasattr(m, "_diffusers_hook") for m in model.modules())
     assert max_diff(dense, run_loop(model, inputs)) == 0.0
-    with pytest.raises(RuntimeError, match="No token cache"):
-        remove_token_cache(model)
+    with pytest.warns(UserWarning, match="No token cache"):
+        remove_token_cache(model)  # nothing to remove: a warning, not an error
 
 
 @pytest.mark.parametrize("selector", SELECTORS)
@@ -164,7 +165,7 @@ def test_bad_options_are_rejected(model):
 
 
 def test_dit_rejects_cross_attention_weight():
-    from diffsparse.backbones.tiny import build_transformer
+    from diffsparse.backbones import build_transformer
 
     model = build_transformer("dit", "tiny")
     sched = Schedule.uniform(cacheable_units(model), 5, 0.5)

@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffsparse.backbones import build_transformer
 from diffsparse.backbones.registry import BACKBONES
-from diffsparse.backbones.tiny import build_transformer
 from diffsparse.cache.attention import attention_with_signals
-from diffsparse.cache.selector import SelectorConfig, make_selector, spatial_bonus
+from diffsparse.cache.selectors import SelectorConfig, make_selector, spatial_bonus
 from diffsparse.cache.state import TrajectoryState
 
 

@@ -7,7 +7,7 @@ from conftest import max_diff, run_loop
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.accounting.macs import flop_counter
 from diffsparse.allocate.baselines import toca
-from diffsparse.backbones.tiny import build_transformer, example_inputs
+from diffsparse.backbones import build_transformer, example_inputs
 
 pytestmark = pytest.mark.slow
 

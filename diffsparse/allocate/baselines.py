@@ -1,8 +1,9 @@
 """Hand-made schedules: the ways users allocate compute over the trajectory today, each set to a MAC budget.
 
-Every family has a plain form with its own knob (`fora(..., interval=2)`) and is fitted to a budget with
-`at_budget(family, table, num_steps, budget)`, which sweeps the knob and keeps the schedule whose saved MAC
-fraction is closest to the budget. "Fewer steps" is a sampling-loop setting, not a schedule: `fewer_steps`.
+Every family has a plain form with its own knob (`fora(..., interval=2)`), is registered as an allocator
+(`allocate.registry`) with the knob settings that fit it, and is fitted to a budget by `budget_schedules`, which
+sweeps the knob and keeps the schedule whose saved MAC fraction is closest to the budget. "Fewer steps" is a
+sampling-loop setting, not a schedule: `fewer_steps`.
 
 Sources of the shapes (our code, their published recipes):
 - FORA (Selvaraju et al., 2024): reuse whole units, full step every N (N = 2 in DiffSparse's Table 1).
@@ -22,8 +23,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from diffsparse.accounting.macs import MacTable
+from diffsparse.allocate.registry import ALLOCATORS, Knob, register_allocator
 from diffsparse.allocate.solver import check_budget
-from diffsparse.backbones.registry import CROSS_ATTN, MLP, SELF_ATTN
+from diffsparse.allocate.units import unit_kinds
+from diffsparse.backbones.registry import CROSS_ATTN, JOINT_ATTN, MLP, PARALLEL_BLOCK, SELF_ATTN
 from diffsparse.levels import SPARSITY_LEVELS
 from diffsparse.schedule import Schedule
 
@@ -34,14 +37,16 @@ LEVELS = np.array(SPARSITY_LEVELS)
 # eq. 6 (`snr_stage_boundaries`) gives (581, 108) for DiT's linear schedule. (Read as train timesteps 900 and 450,
 # Table 2 would average to 0.12.) Stage 1 is t >= 550, stage 2 is 100 <= t < 550, stage 3 is t < 100.
 MOSAICDIFF_DIT_BOUNDARIES = (550, 100)
-# ToCa's module weights on the fresh ratio: self-attention recomputes twice the share of the MLPs.
-TOCA_KIND_WEIGHTS = {SELF_ATTN: 2.0, CROSS_ATTN: 1.0, MLP: 1.0}
-
-
-def _kind_of(unit: str) -> str:
-    """Unit kind from its name, for the backbones in the registry (attn1 / attn2 / ff)."""
-    leaf = unit.rsplit(".", 1)[-1]
-    return {"attn1": SELF_ATTN, "attn2": CROSS_ATTN, "ff": MLP}.get(leaf, MLP)
+# ToCa's module weights on the fresh ratio: attention recomputes twice the share of the MLPs (FLUX's joint
+# attention is attention too). A FLUX single-stream block is attention and MLP in one unit, mostly MLP in MACs: it
+# keeps the MLP's weight.
+TOCA_KIND_WEIGHTS = {SELF_ATTN: 2.0, JOINT_ATTN: 2.0, CROSS_ATTN: 1.0, MLP: 1.0, PARALLEL_BLOCK: 1.0}
+# The knob settings swept to fit a family to a budget, in the order tried (the first of equally close ones wins).
+FRESH_RATIOS = [{"fresh_ratio": r} for r in np.linspace(0.0, 1.0, 201)]
+UNIFORM_SPARSITIES = [{"sparsity": s} for s in np.linspace(0, 1, 401)]
+STAGE_SPARSITIES = [
+    {"sparsities": s} for s in itertools.product(SPARSITY_LEVELS, repeat=3) if s[1] <= min(s[0], s[2]) and s[0] >= s[2]
+]
 
 
 def _nearest_level(sparsity: np.ndarray) -> np.ndarray:
@@ -55,6 +60,66 @@ def fewer_steps(num_steps: int, budget: float) -> int:
     return max(1, round(num_steps * (1.0 - budget)))
 
 
+@register_allocator("fora", fit=lambda num_steps: [{"interval": i} for i in range(1, num_steps + 1)])
+def fora(units: Sequence[str], num_steps: int, interval: int = 2) -> Schedule:
+    """A full step every `interval` steps; every unit reused whole in between."""
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    grid = np.ones((num_steps, len(units)))
+    grid[::interval] = 0.0
+    return Schedule(grid, units, {"method": "fora", "interval": interval})
+
+
+def _toca_rows(units: Sequence[str], num_steps: int, fresh_ratio: float, ramp: float, kind_weights: dict):
+    """(T, U) sparsities of ToCa's partial steps: fresh ratio x module weight x a linear ramp along the steps."""
+    weight_of = {**TOCA_KIND_WEIGHTS, **(kind_weights or {})}
+    weights = np.array([weight_of[kind] for kind in unit_kinds(units)])
+    along = 1.0 + ramp - 2.0 * ramp * np.arange(num_steps) / max(num_steps - 1, 1)  # 1 + ramp ... 1 - ramp
+    fresh = np.clip(fresh_ratio * along[:, None] * weights[None], 0.0, 1.0)
+    return _nearest_level(1.0 - fresh)
+
+
+# toca-like (the bench's row): ToCa without a ramp, self-attention reuses 0.5, MLPs 0.75, full step every 3
+@register_allocator("toca", fit=lambda _: FRESH_RATIOS,
+                    presets={"toca-like": {"fresh_ratio": 0.25, "interval": 3, "ramp": 0.0}})  # fmt: skip
+def toca(
+    units: Sequence[str],
+    num_steps: int,
+    fresh_ratio: float = 0.25,
+    interval: int = 3,
+    ramp: float = 0.5,
+    kind_weights: dict | None = None,
+) -> Schedule:
+    """ToCa: a full step every `interval` steps; in between each unit recomputes a fixed share of its tokens.
+
+    The share is `fresh_ratio` x the module weight of the unit's kind (`TOCA_KIND_WEIGHTS`, kinds from the
+    backbone registry) x a ramp that falls linearly from `1 + ramp` at the first step to `1 - ramp` at the last
+    (more fresh tokens while the image is still forming).
+    """
+    grid = _toca_rows(units, num_steps, fresh_ratio, ramp, kind_weights)
+    grid[::interval] = 0.0
+    meta = {"method": "toca", "fresh_ratio": fresh_ratio, "interval": interval, "ramp": ramp}
+    return Schedule(grid, units, meta)
+
+
+@register_allocator("duca", fit=lambda _: FRESH_RATIOS, selector="norm")
+def duca(
+    units: Sequence[str],
+    num_steps: int,
+    fresh_ratio: float = 0.25,
+    interval: int = 4,
+    ramp: float = 0.5,
+    kind_weights: dict | None = None,
+) -> Schedule:
+    """DuCa: full step every `interval`; after it, ToCa steps (odd offsets) alternate with reuse-all steps."""
+    grid = toca(units, num_steps, fresh_ratio, interval, ramp, kind_weights).grid.copy()
+    offset = np.arange(num_steps) % interval
+    grid[(offset > 0) & (offset % 2 == 0)] = 1.0
+    meta = {"method": "duca", "fresh_ratio": fresh_ratio, "interval": interval, "ramp": ramp}
+    return Schedule(grid, units, meta)
+
+
+@register_allocator("uniform", fit=lambda _: UNIFORM_SPARSITIES, knob=Knob("sparsity", 0.0, 1.0, 0.5))
 def uniform(units: Sequence[str], num_steps: int, sparsity: float) -> Schedule:
     """Every unit reuses `sparsity` of its tokens at every step after the first.
 
@@ -82,58 +147,6 @@ def alternated_levels(sparsity: float, n: int, centred: bool = False) -> np.ndar
     return LEVELS[np.minimum(low + upper, len(LEVELS) - 1)]
 
 
-def fora(units: Sequence[str], num_steps: int, interval: int = 2) -> Schedule:
-    """A full step every `interval` steps; every unit reused whole in between."""
-    if interval < 1:
-        raise ValueError(f"interval must be >= 1, got {interval}")
-    grid = np.ones((num_steps, len(units)))
-    grid[::interval] = 0.0
-    return Schedule(grid, units, {"method": "fora", "interval": interval})
-
-
-def _toca_rows(units: Sequence[str], num_steps: int, fresh_ratio: float, ramp: float, kind_weights: dict):
-    """(T, U) sparsities of ToCa's partial steps: fresh ratio x module weight x a linear ramp along the steps."""
-    weights = np.array([{**TOCA_KIND_WEIGHTS, **(kind_weights or {})}[_kind_of(u)] for u in units])
-    along = 1.0 + ramp - 2.0 * ramp * np.arange(num_steps) / max(num_steps - 1, 1)  # 1 + ramp ... 1 - ramp
-    fresh = np.clip(fresh_ratio * along[:, None] * weights[None], 0.0, 1.0)
-    return _nearest_level(1.0 - fresh)
-
-
-def toca(
-    units: Sequence[str],
-    num_steps: int,
-    fresh_ratio: float = 0.25,
-    interval: int = 3,
-    ramp: float = 0.5,
-    kind_weights: dict | None = None,
-) -> Schedule:
-    """ToCa: a full step every `interval` steps; in between each unit recomputes a fixed share of its tokens.
-
-    The share is `fresh_ratio` x the module weight (`TOCA_KIND_WEIGHTS`) x a ramp that falls linearly from
-    `1 + ramp` at the first step to `1 - ramp` at the last (more fresh tokens while the image is still forming).
-    """
-    grid = _toca_rows(units, num_steps, fresh_ratio, ramp, kind_weights)
-    grid[::interval] = 0.0
-    meta = {"method": "toca", "fresh_ratio": fresh_ratio, "interval": interval, "ramp": ramp}
-    return Schedule(grid, units, meta)
-
-
-def duca(
-    units: Sequence[str],
-    num_steps: int,
-    fresh_ratio: float = 0.25,
-    interval: int = 4,
-    ramp: float = 0.5,
-    kind_weights: dict | None = None,
-) -> Schedule:
-    """DuCa: full step every `interval`; after it, ToCa steps (odd offsets) alternate with reuse-all steps."""
-    grid = toca(units, num_steps, fresh_ratio, interval, ramp, kind_weights).grid.copy()
-    offset = np.arange(num_steps) % interval
-    grid[(offset > 0) & (offset % 2 == 0)] = 1.0
-    meta = {"method": "duca", "fresh_ratio": fresh_ratio, "interval": interval, "ramp": ramp}
-    return Schedule(grid, units, meta)
-
-
 def snr_stage_boundaries(alphas_cumprod: Sequence[float], threshold: float = 0.55, data_power: float = 1.0):
     """MosaicDiff-style stage boundaries (train timesteps) from a noise schedule.
 
@@ -151,6 +164,7 @@ def snr_stage_boundaries(alphas_cumprod: Sequence[float], threshold: float = 0.5
     return int(middle.max()) + 1, int(middle.min())
 
 
+@register_allocator("snr_stages", fit=lambda _: STAGE_SPARSITIES, timesteps=True)
 def snr_stages(
     units: Sequence[str],
     timesteps: Sequence[int],
@@ -187,24 +201,15 @@ def at_budget(make: Callable[..., Schedule], knobs: Sequence[dict], table: MacTa
 
 
 def budget_schedules(table: MacTable, timesteps: Sequence[int], budget: float) -> dict[str, Schedule]:
-    """Every hand-made schedule family fitted to `budget` (fraction of dense MACs saved).
+    """Every registered hand-made allocator (`registry.ALLOCATORS`) fitted to `budget` (fraction of dense MACs
+    saved), by name.
 
     A step count below 2 or a budget above what `len(timesteps)` steps can save (the first step is always full)
     is refused with what to choose instead (`solver.check_budget`).
     """
     units, n = list(table.units), len(timesteps)
     check_budget(budget, n, table)
-    ratios = [{"fresh_ratio": r} for r in np.linspace(0.0, 1.0, 201)]
-    stage_levels = [
-        {"sparsities": s}
-        for s in itertools.product(SPARSITY_LEVELS, repeat=3)
-        if s[1] <= min(s[0], s[2]) and s[0] >= s[2]
-    ]
     return {
-        "uniform": at_budget(lambda **k: uniform(units, n, **k), [{"sparsity": s} for s in np.linspace(0, 1, 401)],
-                             table, budget),
-        "fora": at_budget(lambda **k: fora(units, n, **k), [{"interval": i} for i in range(1, n + 1)], table, budget),
-        "toca": at_budget(lambda **k: toca(units, n, **k), ratios, table, budget),
-        "duca": at_budget(lambda **k: duca(units, n, **k), ratios, table, budget),
-        "snr_stages": at_budget(lambda **k: snr_stages(units, timesteps, **k), stage_levels, table, budget),
-    }  # fmt: skip
+        name: at_budget(lambda spec=spec, **k: spec.make(units, n, timesteps, **k), spec.fit(n), table, budget)
+        for name, spec in ALLOCATORS.items()
+    }

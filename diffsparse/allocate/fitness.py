@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache, set_soft_choice
-from diffsparse.evaluate.metrics import frechet_distance, l2, psnr, ssim
+from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
+from diffsparse.cache.control import set_soft_choice
+from diffsparse.evaluate.metrics import frechet_distance, l2, lpips_metric, psnr, ssim
 from diffsparse.learn.data import TRAIN_SEED_OFFSET
 from diffsparse.models.handle import ModelHandle
 from diffsparse.models.sampling import initial_noise, sample
+from diffsparse.reference.digits import load_digits
+from diffsparse.reference.featurenet import load_feature_net
 from diffsparse.schedule import Schedule
 
 METRICS = ("ssim", "psnr", "l2", "lpips", "fd", "accuracy")
@@ -50,17 +53,8 @@ class SampleFitness:
         self.dense = self._images()
         self._distance = None
         if metric == "lpips":
-            from diffsparse.evaluate.metrics import lpips_metric
-            from diffsparse.learn.losses import (
-                make_loss,  # raises with what to do when the backbone weights are missing
-            )
-
-            make_loss("lpips")
-            self._distance = lpips_metric()
+            self._distance = lpips_metric(required=True)  # raises with what to do when the weights are missing
         if metric in ("fd", "accuracy"):
-            from diffsparse.reference.digits import load_digits
-            from diffsparse.reference.featurenet import load_feature_net
-
             self._net = load_feature_net()
             with torch.no_grad():
                 self._real = self._net.features(load_digits()[0]).numpy()

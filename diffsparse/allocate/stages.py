@@ -21,22 +21,24 @@ import numpy as np
 
 from diffsparse.accounting.macs import MacTable
 from diffsparse.allocate.baselines import alternated_levels
+from diffsparse.allocate.units import unit_kinds, unit_places
 from diffsparse.schedule import Schedule
 
 GROUPINGS = ("all", "kind", "half")
 
 
 def unit_groups(units: Sequence[str], grouping: str) -> tuple[list[str], np.ndarray]:
-    """(group names, group index of every unit) for a grouping: `all` (one group), `kind` (attn1 / attn2 / ff:
-    self-attention, cross-attention, MLP) or `half` (first and second half of the blocks)."""
+    """(group names, group index of every unit) for a grouping: `all` (one group), `kind` (one group per unit kind
+    of the backbone registry: self-attention, cross-attention, MLP; FLUX: joint attention, MLP, single-stream
+    block) or `half` (first and second half of the blocks, over all block lists)."""
     if grouping == "all":
         return ["all"], np.zeros(len(units), dtype=np.int64)
     if grouping == "kind":
-        kinds = [u.rsplit(".", 1)[-1] for u in units]
+        kinds = unit_kinds(units)
         names = sorted(set(kinds), key=kinds.index)
         return names, np.array([names.index(k) for k in kinds])
     if grouping == "half":
-        blocks = [int(u.split(".")[1]) if u.split(".")[1].isdigit() else 0 for u in units]
+        blocks = [p.block for p in unit_places(units)]
         cut = (max(blocks) + 1) / 2
         return ["first half", "second half"], np.array([int(b >= cut) for b in blocks])
     raise ValueError(f"Unknown unit grouping {grouping!r}; choose one of {GROUPINGS}.")

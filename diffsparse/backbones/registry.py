@@ -1,8 +1,13 @@
-"""The backbone registry: what differs between diffusion transformers is a row of data, not a copied forward."""
+"""The backbone registry: what differs between diffusion transformers is a row of data, not a copied forward.
+
+Each backbone file (`dit.py`, `pixart.py`, `flux.py`, `wan.py`) defines one `BackboneSpec` and registers it with
+`register_backbone`; everything else looks the row up (`backbone_for(model)`, `BACKBONES[name]`) instead of
+branching on a name.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +55,7 @@ class BlockList:
     units: tuple[UnitSpec, ...]
 
 
-def _patch_grid(model: torch.nn.Module, inputs: dict) -> tuple[int, ...]:
+def patch_grid(model: torch.nn.Module, inputs: dict) -> tuple[int, ...]:
     """Token grid (rows, cols) of a patchified image input `(B, C, H, W)`, or (frames, rows, cols) of a video
     input `(B, C, F, H, W)` with a 3-D patch size."""
     x, p = inputs["hidden_states"], model.config.patch_size
@@ -59,35 +64,87 @@ def _patch_grid(model: torch.nn.Module, inputs: dict) -> tuple[int, ...]:
     return x.shape[-2] // p, x.shape[-1] // p
 
 
-def _ids_grid(model: torch.nn.Module, inputs: dict) -> tuple[int, ...] | None:
-    """Token grid of packed image tokens from their position ids (`img_ids` (N, 3): _, row, col); None when the
-    ids do not form one full grid (e.g. extra reference-image tokens)."""
-    ids = inputs.get("img_ids")
-    if ids is None:
+def image_latent_shape(pipe, height=None, width=None, frames=None) -> tuple[int, ...] | None:
+    """Latents of a patchified image model's stock pipeline (DiT, PixArt) at `height` x `width` pixels; None (the
+    transformer's `sample_size`) unless a size is asked for."""
+    if height is None and width is None:
         return None
-    ids = ids[0] if ids.ndim == 3 else ids
-    rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-    return (rows, cols) if rows * cols == ids.shape[0] else None
+    scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return (pipe.transformer.config.in_channels, (height or width) // scale, (width or height) // scale)
+
+
+def plain_forward_kwargs(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: dict) -> dict:
+    """Latents `x` as they are, the train timestep for every sample, and the conditions."""
+    timestep = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+    return dict(hidden_states=x, timestep=timestep, **conditions)
+
+
+def leading_channels(model: torch.nn.Module, sample: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The output's first C channels (C: the latents'): a learned-variance half is dropped."""
+    return sample[:, : x.shape[1]]
+
+
+def plain_set_steps(model: torch.nn.Module, scheduler, num_steps: int, x: torch.Tensor) -> None:
+    scheduler.set_timesteps(num_steps)
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """One row of the registry.
+    """One row of the registry: everything a task needs to know about one family of diffusion transformers.
 
     Attributes:
-        name: short name used in configs (`dit`, `pixart`, `flux`, `wan`).
-        model_classes: diffusers class names this row applies to.
+        name: short name used in configs and on the command line (`dit`, `pixart`, `flux`, `wan`).
+        model_classes: class names this row applies to (the model's class or a parent class).
         block_lists: the model's block lists and each block's units, in execution order.
         token_grid: maps `(model, the keyword arguments of model.forward)` to the image token grid ((rows, cols),
             or (frames, rows, cols)), or None if unknown.
+        build: `build(size="tiny", seed=0, **options)`, a randomly initialised model of a size in `sizes`, eval mode.
+        example_inputs: `example_inputs(model, batch=2, ..., seed=0)`, forward keywords of one random step.
+        text_conditioned: conditioned on text embeddings (else on class ids).
         selector_defaults: default selector (`name`) and weights for this backbone (paper Appendix A.5.1).
+        forward_kwargs: `(model, latents x, timestep t, conditions)` -> the keywords of `model.forward`, as its
+            stock pipeline calls it.
+        to_latents: `(model, forward output .sample, x)` -> the prediction (noise or velocity) in the shape of `x`.
+        set_steps: `(model, scheduler, num_steps, x)`: `scheduler.set_timesteps` as the stock pipeline calls it.
+        flow_matching: trained with flow matching (sampled with flow-matching Euler), not DDPM noise prediction.
+        guided: its sampling runs classifier-free-guidance pairs (False: guidance-distilled, one call per step).
+        video: latents have a frame axis `(B, C, F, H, W)`.
+        prunable: structural pruning (`diffsparse.prune`) covers its blocks.
+        sizes: named architectures `build` knows.
+        bench_size: the size `python -m diffsparse.bench` times by default.
+        bench_case: `(size, side, batch, frames)` -> (random model with `side` x `side` image tokens per frame,
+            initial latents, conditions) for the benchmark; `batch` is the transformer's batch.
+        pipeline_class: the diffusers class of its stock pipeline (None: no stock pipeline).
+        tiny_pipeline: `tiny_pipeline(seed=0, ...)`, its stock pipeline from tiny random components, offline.
+        latent_shape: `(pipe, height, width, frames)` -> latents of one sample as the stock pipeline makes them at
+            that size in pixels (None: each at the pipeline's default), or None where the transformer's config
+            says it.
+        encode_captions: `(pipe, captions, max_sequence_length)` -> the stored caption tensors (`prompt_embeds`,
+            ...) through the pipeline's own `encode_prompt`; None for class-conditional backbones.
     """
 
     name: str
     model_classes: tuple[str, ...]
     block_lists: tuple[BlockList, ...]
     token_grid: Callable[[torch.nn.Module, dict], tuple[int, ...] | None]
+    build: Callable[..., torch.nn.Module]
+    example_inputs: Callable[..., dict]
+    text_conditioned: bool = False
     selector_defaults: dict = field(default_factory=dict)
+    forward_kwargs: Callable[..., dict] = plain_forward_kwargs
+    to_latents: Callable[..., torch.Tensor] = leading_channels
+    set_steps: Callable[..., None] = plain_set_steps
+    flow_matching: bool = False
+    guided: bool = True
+    video: bool = False
+    prunable: bool = False
+    sizes: Mapping[str, object] = field(default_factory=dict)
+    bench_size: str = "tiny"
+    bench_case: Callable[..., tuple] | None = None
+    pipeline_class: str | None = None
+    tiny_pipeline: Callable[..., object] | None = None
+    latent_shape: Callable[..., tuple[int, ...] | None] | None = None
+    encode_captions: Callable[..., dict] | None = None
 
     @property
     def blocks(self) -> str:
@@ -95,95 +152,59 @@ class BackboneSpec:
         return self.block_lists[0].attr
 
 
-BACKBONES: dict[str, BackboneSpec] = {
-    "dit": BackboneSpec(
-        name="dit",
-        model_classes=("DiTTransformer2DModel",),
-        block_lists=(BlockList("transformer_blocks", (UnitSpec("attn1", SELF_ATTN), UnitSpec("ff", MLP))),),
-        token_grid=_patch_grid,
-        # DiT: lambda_1 = 1, lambda_2 = 0, lambda_3 = 0.25/3, lambda_4 = 0.6, k = 2 (DiffSparse A.5.1, from ToCa).
-        selector_defaults=dict(
-            name="toca",
-            self_attn_weight=1.0,
-            cross_attn_weight=0.0,
-            reuse_weight=0.25 / 3,
-            bonus=0.6,
-            bonus_kernel=2,
-        ),  # fmt: skip
-    ),
-    "pixart": BackboneSpec(
-        name="pixart",
-        model_classes=("PixArtTransformer2DModel",),
-        block_lists=(
-            BlockList(
-                "transformer_blocks",
-                (UnitSpec("attn1", SELF_ATTN), UnitSpec("attn2", CROSS_ATTN), UnitSpec("ff", MLP)),
-            ),
-        ),
-        token_grid=_patch_grid,
-        # PixArt-alpha: lambda_1 = 0, lambda_2 = 1, lambda_3 = 0.25/3, lambda_4 = 0.4, k = 4 (DiffSparse A.5.1).
-        selector_defaults=dict(
-            name="toca",
-            self_attn_weight=0.0,
-            cross_attn_weight=1.0,
-            reuse_weight=0.25 / 3,
-            bonus=0.4,
-            bonus_kernel=4,
-        ),  # fmt: skip
-    ),
-    "flux": BackboneSpec(
-        name="flux",
-        model_classes=("FluxTransformer2DModel",),
-        block_lists=(
-            BlockList(
-                "transformer_blocks",
-                (
-                    UnitSpec("attn", JOINT_ATTN, JOINT),
-                    UnitSpec("attn", JOINT_ATTN, JOINT, TEXT, name="attn_context"),
-                    UnitSpec("ff", MLP),
-                    UnitSpec("ff_context", MLP, stream=TEXT),
-                ),
-            ),
-            BlockList("single_transformer_blocks", (UnitSpec("", PARALLEL_BLOCK, SINGLE_STREAM),)),
-        ),
-        token_grid=_ids_grid,
-        # The paper's FLUX weights (lambda_2 = 1: the image queries' entropy over the text) need attention maps of
-        # the joint attention, which we do not compute: the default ranks by input norm, with the paper's
-        # lambda_3 = 0.25/3, lambda_4 = 0.4 and k = 4.
-        selector_defaults=dict(name="norm", reuse_weight=0.25 / 3, bonus=0.4, bonus_kernel=4),
-    ),
-    "wan": BackboneSpec(
-        name="wan",
-        model_classes=("WanTransformer3DModel",),
-        block_lists=(
-            BlockList(
-                "blocks",
-                (UnitSpec("attn1", SELF_ATTN, ROPE_SELF), UnitSpec("attn2", CROSS_ATTN), UnitSpec("ffn", MLP)),
-            ),
-        ),
-        token_grid=_patch_grid,
-        # Wan2.1: a selector without attention maps, so attention stays fused (the paper follows DuCa with value
-        # norms; ours is the input norm), with the reuse term and a 2 x 2 spatial bonus in every frame.
-        selector_defaults=dict(name="norm", reuse_weight=0.25 / 3, bonus=0.4, bonus_kernel=2),
-    ),
-}
+class UnsupportedModelError(TypeError, ValueError):
+    """A model (or pipeline, or backbone name) that no registry row describes."""
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec, replace: bool = False) -> BackboneSpec:
+    """Add a row to the registry (from the backbone's own file); returns it.
+
+    Example:
+        >>> MY_DIT = register_backbone(BackboneSpec(name="my_dit", model_classes=("MyDiT",), ...))
+    """
+    taken = {c: s.name for s in BACKBONES.values() if s.name != spec.name for c in s.model_classes}
+    clash = [c for c in spec.model_classes if c in taken]
+    if clash:
+        raise ValueError(f"Backbone {spec.name!r}: {clash} already belong to {sorted({taken[c] for c in clash})}.")
+    if spec.name in BACKBONES and BACKBONES[spec.name] is not spec and not replace:
+        raise ValueError(f"A backbone named {spec.name!r} is already registered: pass replace=True to change it.")
+    BACKBONES[spec.name] = spec
+    return spec
 
 
 def supported_models() -> list[str]:
     return [c for spec in BACKBONES.values() for c in spec.model_classes]
 
 
+def find_backbone(model: torch.nn.Module) -> BackboneSpec | None:
+    """The row for `model`'s class or its nearest registered parent class, or None."""
+    by_class = {c: spec for spec in BACKBONES.values() for c in spec.model_classes}
+    for cls in type(model).__mro__:
+        if cls.__name__ in by_class:
+            return by_class[cls.__name__]
+    return None
+
+
 def backbone_for(model: torch.nn.Module) -> BackboneSpec:
     """The registry row for `model`'s class (or a parent class); a clear error for anything else."""
-    names = {cls.__name__ for cls in type(model).__mro__}
-    for spec in BACKBONES.values():
-        if names.intersection(spec.model_classes):
-            return spec
-    raise TypeError(
-        f"{type(model).__name__} is not a supported diffusion transformer. "
-        f"Supported: {', '.join(supported_models())}. "
-        "Pass the pipeline's transformer (e.g. `pipe.transformer`), not the pipeline."
-    )
+    spec = find_backbone(model)
+    if spec is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a supported diffusion transformer. "
+            f"Supported: {', '.join(supported_models())}. "
+            "Pass the pipeline's transformer (e.g. `pipe.transformer`), not the pipeline."
+        )
+    return spec
+
+
+def backbone_named(name: str) -> BackboneSpec:
+    """The row called `name`; a clear error naming the registered ones."""
+    if name not in BACKBONES:
+        raise UnsupportedModelError(f"Unknown backbone {name!r}; choose one of {sorted(BACKBONES)}.")
+    return BACKBONES[name]
 
 
 @dataclass(frozen=True)
@@ -223,3 +244,45 @@ def cacheable_units(model: torch.nn.Module) -> list[str]:
         ['transformer_blocks.0.attn1', 'transformer_blocks.0.ff']
     """
     return [u.name for u in find_units(model)]
+
+
+def build_transformer(backbone: str = "dit", size: str = "tiny", **options) -> torch.nn.Module:
+    """A randomly initialised transformer of a registered backbone and size, in eval mode (`options`: the
+    backbone's `build` arguments, e.g. `seed`, `sample_size`)."""
+    return backbone_named(backbone).build(size, **options)
+
+
+def tiny_pipeline(backbone: str = "dit", **options):
+    """The stock pipeline of a registered backbone from tiny random components, built offline."""
+    spec = backbone_named(backbone)
+    if spec.tiny_pipeline is None:
+        raise UnsupportedModelError(f"Backbone {backbone!r} has no stock pipeline to build.")
+    return spec.tiny_pipeline(**options)
+
+
+def example_inputs(model: torch.nn.Module, **options) -> dict:
+    """Forward keyword arguments for one random denoising step of `model` (its row's `example_inputs`)."""
+    return backbone_for(model).example_inputs(model, **options)
+
+
+# How a sampling loop calls a model: through its row. Models no row describes get the plain calls: wrappers that take
+# their inner model's DiT-style inputs (e.g. a stitched pruned model, `diffsparse.prune.StitchedModel`).
+
+
+def forward_kwargs(transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: dict) -> dict:
+    """The keywords of `transformer.forward` for latents `x` at timestep `t` (a scalar) with `conditions`."""
+    spec = find_backbone(transformer)
+    return (spec.forward_kwargs if spec else plain_forward_kwargs)(transformer, x, t, conditions)
+
+
+def predict(transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: dict) -> torch.Tensor:
+    """The model's prediction (noise or velocity) for latents `x` at timestep `t`, in the shape of `x`."""
+    spec = find_backbone(transformer)
+    out = transformer(**forward_kwargs(transformer, x, t, conditions)).sample
+    return (spec.to_latents if spec else leading_channels)(transformer, out, x)
+
+
+def set_steps(transformer: torch.nn.Module, scheduler, num_steps: int, x: torch.Tensor) -> None:
+    """`scheduler.set_timesteps` as the backbone's stock pipeline calls it."""
+    spec = find_backbone(transformer)
+    (spec.set_steps if spec else plain_set_steps)(transformer, scheduler, num_steps, x)

@@ -1,17 +1,20 @@
-"""The token-cache runtime: hooks, selectors, the backbone registry and MAC accounting."""
+"""The token-cache runtime: hooks, selectors, and the public API to apply it to a model or a pipeline.
+
+Internals (the learner's soft choice, pausing, trajectory replay, the controller) live in `diffsparse.cache.control`
+and `diffsparse.cache.hooks`.
+"""
 
 from diffsparse.backbones.registry import BACKBONES, BackboneSpec, cacheable_units, find_units, supported_models
-from diffsparse.cache.hooks import (
-    TokenCacheConfig,
+from diffsparse.cache.apply import (
     apply_token_cache,
+    disable_token_cache,
+    enable_token_cache,
     remove_token_cache,
     reset_token_cache,
-    set_soft_choice,
-    token_cache_controller,
-    token_cache_paused,
-    trajectory_replay,
 )
-from diffsparse.cache.selector import SELECTORS, SelectorConfig
+from diffsparse.cache.config import TokenCacheConfig
+from diffsparse.cache.selectors import SELECTORS, SelectorConfig, TokenSelector, register_selector
+from diffsparse.cache.summary import TokenCacheSummary, token_cache_summary
 
 __all__ = [
     "BACKBONES",
@@ -19,14 +22,16 @@ __all__ = [
     "SELECTORS",
     "SelectorConfig",
     "TokenCacheConfig",
+    "TokenCacheSummary",
+    "TokenSelector",
     "apply_token_cache",
     "cacheable_units",
+    "disable_token_cache",
+    "enable_token_cache",
     "find_units",
+    "register_selector",
     "remove_token_cache",
     "reset_token_cache",
-    "set_soft_choice",
     "supported_models",
-    "token_cache_controller",
-    "token_cache_paused",
-    "trajectory_replay",
+    "token_cache_summary",
 ]

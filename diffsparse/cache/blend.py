@@ -30,11 +30,12 @@ def token_ranks(score: torch.Tensor, cfg: bool) -> torch.Tensor:
 def _scores(ctl, state, unit, x: torch.Tensor) -> torch.Tensor:
     """The selector's scores, called exactly where the inference path calls it (partial levels), so a random
     selector draws the same stream. At levels 0 and 1 the ranking only shapes the gradient: use the selector where
-    that has no side effects and its signals exist, else the steps since each token was last computed."""
+    that has no side effects (`side_effects`) and its signals exist, else the steps since each token was last
+    computed."""
     selector = ctl.selector
     s = ctl.sparsity(state.step, unit.index)
     has_signals = all((unit.block, sig) in state.signals for sig in selector.signals)
-    if 0.0 < s < 1.0 or (selector.name != "random" and has_signals):
+    if 0.0 < s < 1.0 or (not selector.side_effects and has_signals):
         return selector.score(x, state, unit)
     return (state.step - state.last_fresh[unit.index]).float()
 
@@ -51,15 +52,17 @@ def blend_forward(hook, module, hidden_states, *args, **kwargs):
             _, state.signals[(u.block, signal)] = attention_with_signals(
                 module, hidden_states, context, kwargs.get("attention_mask"), signal
             )
-    return blend_output(ctl, u, hidden_states, original(hidden_states, *args, **kwargs))
+    text = kwargs.get("encoder_hidden_states")
+    context = 0 if text is None else text.shape[1]
+    return blend_output(ctl, u, hidden_states, original(hidden_states, *args, **kwargs), context)
 
 
-def blend_output(ctl, u, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def blend_output(ctl, u, x: torch.Tensor, out: torch.Tensor, context: int = 0) -> torch.Tensor:
     """Unit `u`'s output `out` (B, N, D), computed on all tokens of its input `x`, blended with its cache through
-    the choice's nested masks; updates the trajectory's cache."""
+    the choice's nested masks; updates the trajectory's cache. `context`: its key/value tokens outside `x`."""
     state = ctl.current
     if state.step == 0:
-        state.store_full(u.index, out, x.detach(), ctl.selector.needs_inputs)
+        state.store_full(u.index, out, x.detach(), ctl.selector.needs_inputs, context)
         return out
     n = x.shape[1]
     with torch.no_grad():

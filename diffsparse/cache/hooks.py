@@ -1,70 +1,28 @@
-"""The token-cache runtime: removable hooks on a diffusers transformer's unit modules.
+"""The token cache's hooks: one on the transformer that tracks the step, one on each unit module.
 
-Shape of `diffusers.hooks`: a config dataclass, a state object with `reset()` (`TrajectoryState`), hook classes
-registered in each module instance's `HookRegistry`, and public `apply_token_cache` / `remove_token_cache` /
-`reset_token_cache`. Pipelines that end their call with `maybe_free_model_hooks()` (all stock ones) reset the cache
-through the stateful trajectory hook (models without diffusers' `CacheMixin`, DiT and PixArt, get the method it
-calls while the cache is applied), so a call frees its cache when it ends and a second call starts clean. A plain
-sampling loop has no such end: its cache is freed when the trajectory runs the schedule's last step, when the next
-trajectory starts, or by `reset_token_cache` / `remove_token_cache`.
+Shape of `diffusers.hooks`: hook classes registered in each module instance's `HookRegistry`, sharing one
+`TokenCacheController` (the state, with `reset()`); `diffsparse.cache.apply` puts them on and takes them off.
 """
 
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import StateManager
 
-from diffsparse.backbones.registry import (
-    JOINT,
-    ROPE_SELF,
-    SELF_ATTN,
-    SINGLE_STREAM,
-    UnitInfo,
-    backbone_for,
-    find_units,
-)
-from diffsparse.cache.attention import attention_with_signals, check_standard_attention
+from diffsparse.backbones.registry import CROSS_ATTN, JOINT, ROPE_SELF, SELF_ATTN, SINGLE_STREAM, UnitInfo
+from diffsparse.cache.attention import attention_with_signals
 from diffsparse.cache.blend import blend_forward, blend_output
+from diffsparse.cache.conflicts import refuse_diffusers_caches
 from diffsparse.cache.rows import flat_rows, put_rows, take_rows
-from diffsparse.cache.runners import check_plain, joint_attention, rope_self_attention, single_stream_branch
-from diffsparse.cache.selector import SelectorConfig, make_selector
+from diffsparse.cache.runners import joint_attention, rope_self_attention, single_stream_branch
 from diffsparse.cache.state import TokenCacheController, TrajectoryState
-from diffsparse.schedule import Schedule
+from diffsparse.model_hooks import find_hook
 
-_TRAJECTORY_HOOK = "diffsparse_token_cache_trajectory"
-_UNIT_HOOK = "diffsparse_token_cache_unit"
-_PIPELINE_RESET = "_reset_stateful_cache"  # what `DiffusionPipeline.maybe_free_model_hooks` calls on components
-
-
-@dataclass
-class TokenCacheConfig:
-    """Options of the token cache.
-
-    Attributes:
-        selector: a selector name (`toca`, `norm`, `similarity`, `random`), a `SelectorConfig`, or a dict of
-            its fields.
-        cfg: whether the batch holds classifier-free-guidance halves that must pick the same tokens: `"auto"` (the
-            two halves of the first step's input are equal), `True` or `False`; anything else raises a ValueError.
-    """
-
-    selector: str | SelectorConfig | dict = field(default_factory=SelectorConfig)
-    cfg: bool | str = "auto"
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise a `ValueError` for an option outside what is documented above."""
-        if not (isinstance(self.cfg, bool) or (isinstance(self.cfg, str) and self.cfg == "auto")):
-            raise ValueError(
-                f"Token-cache option cfg={self.cfg!r} is not valid: use cfg=True (the batch is classifier-free-"
-                "guidance halves), cfg=False (it is not), or cfg='auto' (detect it at the first step)."
-            )
+TRAJECTORY_HOOK = "diffsparse_token_cache_trajectory"
+UNIT_HOOK = "diffsparse_token_cache_unit"
 
 
 class _ContextReceiver(StateManager):
@@ -80,7 +38,8 @@ class _ContextReceiver(StateManager):
 
 
 class TrajectoryHook(ModelHook):
-    """On the transformer itself: before each forward, tells the controller which step this is."""
+    """On the transformer itself: before each forward, tells the controller which step this is. A trajectory
+    refuses to start while a diffusers cache is on the model too (`diffsparse.cache.conflicts`)."""
 
     _is_stateful = True
 
@@ -94,6 +53,12 @@ class TrajectoryHook(ModelHook):
         if not self.controller.paused:
             bound = self.signature.bind_partial(module, *args, **kwargs).arguments
             self.controller.begin_forward(module, bound, bound.get("timestep"), self.contexts.latest)
+            if self.controller.current.step == 0:
+                try:
+                    refuse_diffusers_caches(module, "The token cache cannot run")
+                except RuntimeError:
+                    self.controller.current.reset()  # nothing of the refused trajectory is kept
+                    raise
         return args, kwargs
 
     def post_forward(self, module, output):
@@ -153,12 +118,13 @@ class TokenCacheUnitHook(ModelHook):
         idx = ctl.selector.select(x, ctl.fresh(state.step, u.index, n), state, u)
         return idx, flat_rows(idx, n)
 
-    def _store(self, u: UnitInfo, x: torch.Tensor, out: torch.Tensor, chosen) -> torch.Tensor:
-        """Record the fresh outputs `out` of `u` (input `x`); returns its full output (B, N, D)."""
+    def _store(self, u: UnitInfo, x: torch.Tensor, out: torch.Tensor, chosen, context: int = 0) -> torch.Tensor:
+        """Record the fresh outputs `out` of `u` (input `x`; `context`: its key/value tokens outside `x`); returns
+        its full output (B, N, D)."""
         state, keep = self.controller.current, self.controller.selector.needs_inputs
         idx, rows = chosen
         if rows is None:
-            state.store_full(u.index, out, x, keep)
+            state.store_full(u.index, out, x, keep, context)
             return out
         cache = put_rows(state.cache[u.index], rows, out)
         state.store_partial(u.index, cache, idx, rows, take_rows(x, rows, idx.shape[1]) if keep else None, keep)
@@ -184,7 +150,7 @@ class TokenCacheUnitHook(ModelHook):
                 out, state.signals[(u.block, signal)] = attention_with_signals(
                     module, hidden_states, context, mask, signal
                 )
-            state.store_full(u.index, out, hidden_states, keep_inputs)
+            state.store_full(u.index, out, hidden_states, keep_inputs, _text_tokens(u, args, kwargs))
             return out
         if s == 1.0:
             return self._cached(u, hidden_states)
@@ -214,10 +180,11 @@ class TokenCacheUnitHook(ModelHook):
             out = self.fn_ref.original_forward(*args, **kwargs)
             if len(out) != 2:
                 raise ValueError(f"{img_u.name}: image-prompt adapters are not supported by the token cache.")
+            n_img, n_txt = img.shape[1], txt.shape[1]
             if ctl.choice is not None:
-                return blend_output(ctl, img_u, img, out[0]), blend_output(ctl, txt_u, txt, out[1])
-            state.store_full(img_u.index, out[0], img, ctl.selector.needs_inputs)
-            state.store_full(txt_u.index, out[1], txt, ctl.selector.needs_inputs)
+                return blend_output(ctl, img_u, img, out[0], n_txt), blend_output(ctl, txt_u, txt, out[1], n_img)
+            state.store_full(img_u.index, out[0], img, ctl.selector.needs_inputs, n_txt)
+            state.store_full(txt_u.index, out[1], txt, ctl.selector.needs_inputs, n_img)
             return out
         if bound.get("attention_mask") is not None or bound.get("kwargs"):
             raise ValueError(f"{img_u.name}: attention masks and extra attention arguments are not supported.")
@@ -229,8 +196,8 @@ class TokenCacheUnitHook(ModelHook):
             return self._cached(img_u, img), self._cached(txt_u, txt)
         fresh = joint_attention(module, img, txt, *chosen, bound["image_rotary_emb"])
         return tuple(
-            self._cached(u, x) if c is None else self._store(u, x, f, c)
-            for u, x, f, c in zip((img_u, txt_u), (img, txt), fresh, chosen, strict=True)
+            self._cached(u, x) if c is None else self._store(u, x, f, c, other.shape[1])
+            for u, x, other, f, c in zip((img_u, txt_u), (img, txt), (txt, img), fresh, chosen, strict=True)
         )
 
     def _single_stream(self, block, args, kwargs):
@@ -243,19 +210,28 @@ class TokenCacheUnitHook(ModelHook):
         if ctl.choice is not None or s == 0.0:
             txt_out, img_out = self.fn_ref.original_forward(*args, **kwargs)
             if ctl.choice is not None:
-                return txt_out, img + blend_output(ctl, u, img, img_out - img)
-            state.store_full(u.index, img_out - img, img, ctl.selector.needs_inputs)
+                return txt_out, img + blend_output(ctl, u, img, img_out - img, txt.shape[1])
+            state.store_full(u.index, img_out - img, img, ctl.selector.needs_inputs, txt.shape[1])
             return txt_out, img_out
         if bound.get("joint_attention_kwargs"):
             raise ValueError(f"{u.name}: extra attention arguments are not supported.")
         chosen = None if s == 1.0 else self._choose(u, img, s)
         rotary = bound["image_rotary_emb"]
         txt_branch, img_branch = single_stream_branch(block, img, txt, bound["temb"], rotary, chosen)
-        img_branch = self._cached(u, img) if chosen is None else self._store(u, img, img_branch, chosen)
+        img_branch = self._cached(u, img) if chosen is None else self._store(u, img, img_branch, chosen, txt.shape[1])
         return txt + txt_branch, img + img_branch
 
 
-class _PipelineReset:
+def _text_tokens(u: UnitInfo, args: tuple, kwargs: dict) -> int:
+    """The key/value tokens of a cross-attention unit (its `encoder_hidden_states`, the attention's second
+    argument); 0 for other units, whose MACs do not depend on them."""
+    if u.kind != CROSS_ATTN:
+        return 0
+    text = kwargs.get("encoder_hidden_states", args[0] if args else None)
+    return 0 if text is None else text.shape[1]
+
+
+class PipelineReset:
     """`model._reset_stateful_cache(recurse=True)` (the signature of diffusers' `CacheMixin`) for models without it:
     frees the token cache at the end of a pipeline call."""
 
@@ -266,160 +242,7 @@ class _PipelineReset:
         self.controller.reset()
 
 
-def _controller(model: torch.nn.Module) -> TokenCacheController | None:
-    registry = getattr(model, "_diffusers_hook", None)
-    hook = registry.get_hook(_TRAJECTORY_HOOK) if registry is not None else None
-    return hook.controller if hook is not None else None
-
-
-def apply_token_cache(
-    model: torch.nn.Module, schedule: Schedule, config: TokenCacheConfig | None = None, **options
-) -> TokenCacheController:
-    """Make `model` recompute only part of its tokens per unit and step, as `schedule` says. In place.
-
-    Args:
-        model: a supported diffusers transformer (see `diffsparse.backbones.registry.BACKBONES`).
-        schedule: made for `cacheable_units(model)` and for the pipeline's number of steps.
-        config: a `TokenCacheConfig`; or pass its fields as keywords (`selector="norm"`, `cfg=True`).
-
-    Returns:
-        The controller (for inspection); the model itself is changed in place.
-
-    Example:
-        >>> sched = Schedule.uniform(cacheable_units(pipe.transformer), num_steps=20, sparsity=0.5)
-        >>> apply_token_cache(pipe.transformer, sched, selector="toca")
-        >>> images = pipe(class_labels=[1, 2], num_inference_steps=20).images
-        >>> remove_token_cache(pipe.transformer)
-    """
-    if config is None:
-        names = {f.name for f in fields(TokenCacheConfig)}
-        unknown = set(options) - names
-        if unknown:
-            raise TypeError(f"Unknown token-cache option(s) {sorted(unknown)}; valid: {sorted(names)}.")
-        config = TokenCacheConfig(**options)
-    elif options:
-        raise TypeError("Pass either a TokenCacheConfig or keyword options, not both.")
-    else:
-        config.validate()
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a diffsparse Schedule, got {type(schedule).__name__}.")
-    if _controller(model) is not None:
-        raise RuntimeError("A token cache is already applied to this model: call remove_token_cache(model) first.")
-    spec = backbone_for(model)
-    units = find_units(model)
-    selector = make_selector(config.selector, spec.selector_defaults)
-    controller = TokenCacheController(spec, units, schedule, selector, config.cfg)
-    if selector.signals:
-        for u in units:
-            if any(row[u.index] is not None for row in controller.signal_plan):
-                check_standard_attention(u.module, u.name)
-
-    by_module: dict[int, list[UnitInfo]] = {}
-    for u in units:
-        by_module.setdefault(id(u.module), []).append(u)
-        if u.runner in (ROPE_SELF, JOINT):
-            check_plain(u.module, u.name)
-    signature = inspect.signature(type(model).forward)
-    for group in by_module.values():
-        module = group[0].module
-        hook = TokenCacheUnitHook(controller, group, inspect.signature(module.forward))
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _UNIT_HOOK)
-    registry = HookRegistry.check_if_exists_or_initialize(model)
-    registry.register_hook(TrajectoryHook(controller, signature), _TRAJECTORY_HOOK)
-    registry.invalidate_child_registries_cache()
-    if not hasattr(model, _PIPELINE_RESET):
-        # Stock pipelines end each call with `maybe_free_model_hooks()`, which resets the stateful hooks only of
-        # components that have `_reset_stateful_cache` (diffusers' `CacheMixin`); DiT and PixArt models lack it, so
-        # give this instance one: a call that stops before the schedule's last step then frees its cache (and
-        # warns) at its end instead of holding it until the next call.
-        setattr(model, _PIPELINE_RESET, _PipelineReset(controller))
-    return controller
-
-
-def remove_token_cache(model: torch.nn.Module) -> None:
-    """Take the token cache off `model`: it is the original model again, with no hooks of ours left."""
-    controller = _controller(model)
-    if controller is None:
-        raise RuntimeError("No token cache is applied to this model.")
-    controller.reset()  # frees the cached tensors (the caller may still hold the controller); warns on a short run
-    if isinstance(model.__dict__.get(_PIPELINE_RESET), _PipelineReset):
-        del model.__dict__[_PIPELINE_RESET]
-    _drop_hook(model, _TRAJECTORY_HOOK)
-    for module in {id(u.module): u.module for u in find_units(model)}.values():
-        _drop_hook(module, _UNIT_HOOK)
-    registry = getattr(model, "_diffusers_hook", None)
-    if registry is not None:
-        registry.invalidate_child_registries_cache()
-
-
-def _drop_hook(module: torch.nn.Module, name: str) -> None:
-    registry = getattr(module, "_diffusers_hook", None)
-    if registry is None:
-        return
-    registry.remove_hook(name, recurse=False)
-    if not registry.hooks:
-        del module._diffusers_hook
-        # HookRegistry leaves the original bound `forward` as an instance attribute; drop it so the module is as new.
-        leftover = module.__dict__.get("forward")
-        if getattr(leftover, "__func__", None) is type(module).forward:
-            del module.__dict__["forward"]
-
-
-def reset_token_cache(model: torch.nn.Module) -> None:
-    """Forget every cached tensor: the next forward starts a new trajectory at step 0."""
-    controller = _controller(model)
-    if controller is None:
-        raise RuntimeError("No token cache is applied to this model.")
-    controller.reset()
-
-
-def set_soft_choice(model: torch.nn.Module, schedule: Schedule, choice: torch.Tensor | None) -> None:
-    """Give the applied token cache a new schedule; with `choice` (T, U, |S|), the straight-through one-hot of its
-    levels, units run in training mode: all tokens computed, blended with the cache so the loss reaches `choice`.
-    `choice=None` goes back to the inference path."""
-    controller = _controller(model)
-    if controller is None:
-        raise RuntimeError("No token cache is applied to this model.")
-    controller.set_schedule(schedule, choice)
-
-
-@contextmanager
-def token_cache_paused(model: torch.nn.Module):
-    """Inside the block the model runs dense (its original forward), e.g. for a teacher rollout; the cache
-    is left as it was."""
-    controller = _controller(model)
-    if controller is None:
-        raise RuntimeError("No token cache is applied to this model.")
-    controller.paused = True
-    try:
-        yield model
-    finally:
-        controller.paused = False
-
-
-def trajectory_replay(model: torch.nn.Module):
-    """For recomputing a denoising step later (gradient checkpointing); None without a token cache.
-
-    Returns a context-manager factory: inside `with replay():` the token cache is as it is now (schedule, mode and
-    trajectory state), so the step sees the cache it first saw; on exit the live state is put back.
-    """
-    controller = _controller(model)
-    if controller is None:
-        return None
-    restore = controller.snapshot()
-
-    @contextmanager
-    def replay():
-        live = controller.snapshot()
-        restore()
-        try:
-            yield
-        finally:
-            live()
-
-    return replay
-
-
 def token_cache_controller(model: torch.nn.Module) -> TokenCacheController | None:
     """The controller of the token cache applied to `model`, or None."""
-    return _controller(model)
+    hook = find_hook(model, TRAJECTORY_HOOK)
+    return hook.controller if hook is not None else None

@@ -10,7 +10,7 @@ import torch
 
 from diffsparse.backbones.registry import CROSS_ATTN, SELF_ATTN, BackboneSpec, UnitInfo
 from diffsparse.cache.rows import put_rows
-from diffsparse.cache.selector import ENTROPY, INFLUENCE, TokenSelector
+from diffsparse.cache.selectors import ENTROPY, INFLUENCE, TokenSelector
 from diffsparse.levels import fresh_tokens
 from diffsparse.schedule import Schedule, ScheduleError
 
@@ -33,12 +33,16 @@ class TrajectoryState:
     last_fresh: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> step each token was last computed
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> input when each token was computed
     signals: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (block, signal) -> (B, N)
+    shapes: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # unit -> (batch, tokens, context tokens)
 
     def reset(self) -> None:
         self.__init__()
 
-    def store_full(self, unit: int, out: torch.Tensor, x: torch.Tensor, keep_inputs: bool) -> None:
+    def store_full(self, unit: int, out: torch.Tensor, x: torch.Tensor, keep_inputs: bool, context: int = 0) -> None:
+        """Record unit `unit`'s output `out` on all its tokens (input `x`; `context`: its key/value tokens from the
+        other stream or the text, for MAC accounting)."""
         self.cache[unit] = out
+        self.shapes[unit] = (out.shape[0], out.shape[1], context)
         self.last_fresh[unit] = torch.full(out.shape[:2], self.step, dtype=torch.int32, device=out.device)
         if keep_inputs:
             self.inputs[unit] = x
@@ -48,6 +52,23 @@ class TrajectoryState:
         self.last_fresh[unit] = self.last_fresh[unit].scatter(1, idx, self.step)
         if keep_inputs:
             self.inputs[unit] = put_rows(self.inputs[unit], rows, x_fresh)
+
+
+@dataclass(frozen=True)
+class TrajectoryRecord:
+    """What a trajectory did, kept when it ends (for `token_cache_summary`).
+
+    Attributes:
+        context: the pipeline's cache context (`"cond"`, `"uncond"`) or `"default"`.
+        steps: the steps it ran.
+        plan: the sparsity of each unit at each step it ran.
+        shapes: unit -> (batch, tokens, context tokens) at its last full compute.
+    """
+
+    context: str
+    steps: int
+    plan: tuple[tuple[float, ...], ...]
+    shapes: dict[int, tuple[int, int, int]]
 
 
 class TokenCacheController:
@@ -77,6 +98,7 @@ class TokenCacheController:
         self.paused = False
         self.choice: torch.Tensor | None = None  # (T, U, |S|) soft choice: training mode (see blend.py)
         self._warned_short: set[int] = set()  # step counts of short trajectories already warned about
+        self.last_trajectory: TrajectoryRecord | None = None
 
     def set_schedule(self, schedule: Schedule, choice: torch.Tensor | None = None) -> None:
         """Switch to `schedule` between trajectories; with `choice` (its straight-through one-hot), training mode."""
@@ -172,6 +194,7 @@ class TokenCacheController:
         """Called after every transformer forward: after the schedule's last step, free the cache."""
         state = self.current
         if state is not None and state.step == self.schedule.num_steps - 1:
+            self.last_trajectory = self.record(state)
             last = state.last_timestep
             state.reset()
             state.last_timestep, state.finished = last, True
@@ -183,8 +206,11 @@ class TokenCacheController:
         return b % 2 == 0 and b > 0 and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
 
     def _end_trajectory(self, name: str, state: TrajectoryState) -> None:
-        """A trajectory ends before the schedule's last step: warn (once per step count), the caller frees it."""
+        """A trajectory ends before the schedule's last step: keep its record, warn (once per step count); the
+        caller frees it."""
         ran = state.step + 1
+        if ran > 0:
+            self.last_trajectory = self.record(state, name)
         if 0 < ran < self.schedule.num_steps and ran not in self._warned_short:
             self._warned_short.add(ran)
             logger.warning(
@@ -197,6 +223,13 @@ class TokenCacheController:
                 ran,
                 ran,
             )
+
+    def record(self, state: TrajectoryState, name: str | None = None) -> TrajectoryRecord:
+        """What trajectory `state` has done so far."""
+        if name is None:
+            name = next((n for n, s in self.states.items() if s is state), "default")
+        ran = state.step + 1
+        return TrajectoryRecord(name, ran, tuple(tuple(row) for row in self.plan[:ran]), dict(state.shapes))
 
     def snapshot(self):
         """A function that puts the controller back as it is now: schedule, mode and trajectory states.
@@ -237,4 +270,4 @@ def _copied_dicts(state: TrajectoryState) -> dict:
     return {f.name: dict(getattr(state, f.name)) for f in dataclasses.fields(state) if f.name in _DICT_FIELDS}
 
 
-_DICT_FIELDS = ("cache", "last_fresh", "inputs", "signals")
+_DICT_FIELDS = ("cache", "last_fresh", "inputs", "signals", "shapes")

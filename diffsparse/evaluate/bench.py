@@ -6,161 +6,108 @@
     python -m diffsparse.bench --model flux --steps 4   # FLUX (bench width), flow-matching Euler, no CFG
     python -m diffsparse.bench --model wan --frames 4   # Wan2.1 (bench width), 4 latent frames, CFG pairs
 
-Each round runs dense, then every schedule, in the same order (A B C A B C ...), after a warm-up round. The
-speed-up of a schedule in a round is that round's dense time over its own time; the table gives the median and
-the min-max over rounds. MACs are analytic (`Schedule.macs`); efficiency = speed-up / MAC reduction (1.0 is the
-compute-bound limit). Peak memory is measured in one extra, untimed run per row: the peak resident-set growth
-over the run (CPU) or `torch.cuda.max_memory_allocated` growth (GPU).
+Each round runs dense, then every schedule, in the same order (A B C A B C ...), after a warm-up round
+(`timing.alternate`). The speed-up of a schedule in a round is that round's dense time over its own time; the table
+gives the median and the min-max over rounds. Every run is the project's sampling loop (`models.sampling.sample`,
+diffusers' `cache_context` around each step). Schedule names are those of the allocator registry
+(`registry.named_schedule`). MACs are analytic (`Schedule.macs`); efficiency = speed-up / MAC reduction (1.0 is
+the compute-bound limit). Peak memory is measured in one extra, untimed run per row (`memory.peak_memory`): the
+peak resident-set growth over the run (CPU) or `torch.cuda.max_memory_allocated` growth (GPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import math
 import os
-import statistics
-import threading
-import time
 from pathlib import Path
 
 import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
-from diffsparse.allocate import baselines
-from diffsparse.backbones.calls import forward_kwargs, predict, set_steps, unpack
-from diffsparse.backbones.flow_tiny import (
-    FLUX_SIZES,
-    WAN_SIZES,
-    build_flux,
-    build_wan,
-    flux_example_inputs,
-    wan_example_inputs,
-)
-from diffsparse.backbones.registry import backbone_for
-from diffsparse.backbones.tiny import SIZES, build_transformer, example_inputs
+from diffsparse.allocate.registry import named_forms, named_schedule, parse_named
+from diffsparse.backbones import backbone_for, backbone_named, forward_kwargs
 from diffsparse.cache import BACKBONES, apply_token_cache, cacheable_units, remove_token_cache
-from diffsparse.cache.selector import make_selector
+from diffsparse.cache.selectors import make_selector
+from diffsparse.evaluate.memory import peak_memory
+from diffsparse.evaluate.timing import Stopwatch, alternate
 from diffsparse.files import atomic_path
+from diffsparse.models.sampling import sample
+from diffsparse.prune.plan import level_macs
 from diffsparse.prune.routing import apply_pruning, remove_pruning
+from diffsparse.prune.store import store_from_batches
 from diffsparse.schedule import Schedule
 
-
-def sample(model, latents: torch.Tensor, conditions: dict, num_steps: int, cfg: bool, guidance: float = 4.0):
-    """A plain sampling loop: DDIM for DiT / PixArt, flow-matching Euler for FLUX / Wan; with `cfg` each call is a
-    batch of CFG pairs (`conditions` hold the conditional half, then the unconditional half)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
-    flow = backbone_for(model).name in FLOW_MODELS
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0) if flow else DDIMScheduler()
-    set_steps(model, scheduler, num_steps, latents)
-    with torch.inference_mode():
-        for t in scheduler.timesteps:
-            out = predict(model, torch.cat([latents, latents]) if cfg else latents, t, conditions)
-            if cfg:
-                cond, uncond = out.chunk(2)
-                out = uncond + guidance * (cond - uncond)
-            latents = scheduler.step(out, t, latents).prev_sample
-    return latents
+GUIDANCE = 4.0  # classifier-free guidance scale of the CFG pairs
 
 
-FLOW_MODELS = ("flux", "wan")
-DEFAULT_SIZES = {"dit": "XL/2", "pixart": "XL/2", "flux": "bench", "wan": "bench"}
-MODEL_SIZES = {"dit": SIZES, "pixart": SIZES, "flux": FLUX_SIZES, "wan": WAN_SIZES}
+def bench_scheduler(model: torch.nn.Module):
+    """The bench's sampler: flow-matching Euler (shift 3) for flow-matching backbones (FLUX, Wan), DDIM otherwise."""
+    return FlowMatchEulerDiscreteScheduler(shift=3.0) if backbone_for(model).flow_matching else DDIMScheduler()
+
+
+def sampling_options(conditions: dict, latents: torch.Tensor, cfg: bool) -> dict:
+    """`models.sampling.sample`'s keywords for the bench's conditions: with `cfg` they hold a batch of CFG pairs
+    (the conditional half, then the unconditional half), which `sample` takes as the conditions and their
+    `null_conditions` (or `null_class`)."""
+    if not cfg:
+        return {"conditions": conditions, "guidance_scale": 1.0}
+    half = len(latents)
+    cond, null = {k: v[:half] for k, v in conditions.items()}, {k: v[half:] for k, v in conditions.items()}
+    null_class = int(null["class_labels"][0]) if "class_labels" in null else None
+    return {"conditions": cond, "guidance_scale": GUIDANCE, "null_conditions": null, "null_class": null_class}
+
+
 PRUNE_LEVELS = 16  # pruned-<fraction> rows prune to the nearest 1/16
 
 
 def bench_model(model_name: str, size: str | None, tokens: int, batch: int, frames: int = 2):
-    """(model, initial latents, conditions, whether calls are CFG pairs) for a benchmark row.
+    """(model, initial latents, conditions, whether calls are CFG pairs) for a benchmark row: the backbone's
+    `bench_case` at its `bench_size` unless `size` says otherwise.
 
-    DiT / PixArt / Wan: `batch` is CFG pairs (batch / 2 latents). FLUX (schnell is guidance-distilled): `batch`
-    independent samples, no CFG. `tokens` is the image tokens per frame, a square number.
+    Guided backbones (DiT / PixArt / Wan): `batch` is CFG pairs (batch / 2 latents). Guidance-distilled ones (FLUX
+    schnell): `batch` independent samples, no CFG. `tokens` is the image tokens per frame, a square number.
     """
+    spec = backbone_named(model_name)
     side = int(round(tokens**0.5))
     if side * side != tokens:
         raise ValueError(f"--tokens must be a square number, got {tokens}.")
-    size = size or DEFAULT_SIZES[model_name]
-    if model_name == "flux":
-        model = build_flux(size)
-        inputs = flux_example_inputs(model, batch=batch, height=side, width=side, text_tokens=64)
-        latents = unpack(inputs["hidden_states"], 2 * side, 2 * side)
-        conditions = {k: inputs[k] for k in ("encoder_hidden_states", "pooled_projections")}
-        return model, latents, conditions, False
-    if batch % 2:
+    if spec.bench_case is None:
+        raise ValueError(f"Backbone {model_name!r} has no benchmark case: give its registry row a bench_case.")
+    size = size or spec.bench_size
+    if size not in spec.sizes:
+        raise ValueError(f"Unknown size {size!r} for {model_name}; choose one of {sorted(spec.sizes)}.")
+    if spec.guided and batch % 2:
         raise ValueError("--batch must be even: the batch is classifier-free-guidance pairs.")
-    half = batch // 2
-    if model_name == "wan":
-        model = build_wan(size)
-        inputs = wan_example_inputs(model, batch=batch, frames=frames, height=2 * side, width=2 * side, text_tokens=64)
-        return model, inputs["hidden_states"][:half], {"encoder_hidden_states": inputs["encoder_hidden_states"]}, True
-    if size not in SIZES:
-        raise ValueError(f"Unknown size {size!r} for {model_name}; choose one of {sorted(SIZES)}.")
-    model = build_transformer(model_name, size, sample_size=2 * side)
-    inputs = example_inputs(model, batch=batch)
-    conditions = {k: v for k, v in inputs.items() if k not in ("hidden_states", "timestep", "added_cond_kwargs")}
-    if "class_labels" in conditions:
-        conditions["class_labels"][half:] = model.config.num_embeds_ada_norm  # the null class
-    return model, inputs["hidden_states"][:half], conditions, True
-
-
-class _PeakRSS:
-    """Samples this process's resident set size in a thread; `peak - start` is the growth during the block."""
-
-    def __enter__(self):
-        _trim()
-        self.start = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _trim() -> None:
-    """Give freed heap memory back to the OS so the next peak is measured from a clean base.
-
-    glibc only; elsewhere the growth figure is a lower bound.
-    """
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-def _peak_memory(fn) -> int:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        return torch.cuda.max_memory_allocated() - base
-    with _PeakRSS() as probe:
-        fn()
-    return probe.growth
+    model, latents, conditions = spec.bench_case(size, side, batch, frames)
+    return model, latents, conditions, spec.guided
 
 
 DEFAULT_SCHEDULES = ("uniform-0.5", "uniform-0.75", "toca-like")
 
 
-def _number(text: str) -> float | None:
+def check_schedule_name(name: str, model_name: str = "dit") -> None:
+    """Raise a `ValueError` that says how to write `name` if it is not a row `run` can make for `model_name`: a
+    schedule name of the allocator registry (`registry.parse_named`) or `pruned-<fraction>`."""
+    if parse_named(name) is not None:
+        return
+    if name.startswith("pruned-"):
+        if not backbone_named(model_name).prunable:
+            raise ValueError(f"Schedule {name!r}: pruned-<fraction> rows are for DiT and PixArt only.")
+        fraction = _fraction(name.removeprefix("pruned-"))
+        if fraction is None or not 0 < round(fraction * PRUNE_LEVELS) < PRUNE_LEVELS:
+            raise ValueError(
+                f"Schedule {name!r}: pruned-<fraction> needs a fraction that rounds to k/{PRUNE_LEVELS} with "
+                f"0 < k < {PRUNE_LEVELS}, e.g. pruned-0.3."
+            )
+        return
+    forms = ", ".join(named_forms())
+    raise ValueError(f"Unknown schedule {name!r}: use {forms}, or pruned-<fraction> (e.g. pruned-0.3).")
+
+
+def _fraction(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
@@ -168,53 +115,16 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def check_schedule_name(name: str, model_name: str = "dit") -> None:
-    """Raise a `ValueError` that says how to write `name` if it is not a row `run` can make for `model_name`."""
-    if name == "toca-like":
-        return
-    if name.startswith("uniform-"):
-        sparsity = _number(name.removeprefix("uniform-"))
-        if sparsity is None or not 0.0 <= sparsity <= 1.0:
-            raise ValueError(f"Schedule {name!r}: uniform-<sparsity> needs a sparsity from 0 to 1, e.g. uniform-0.5.")
-        return
-    if name.startswith("pruned-"):
-        if model_name in FLOW_MODELS:
-            raise ValueError(f"Schedule {name!r}: pruned-<fraction> rows are for DiT and PixArt only.")
-        fraction = _number(name.removeprefix("pruned-"))
-        if fraction is None or not 0 < round(fraction * PRUNE_LEVELS) < PRUNE_LEVELS:
-            raise ValueError(
-                f"Schedule {name!r}: pruned-<fraction> needs a fraction that rounds to k/{PRUNE_LEVELS} with "
-                f"0 < k < {PRUNE_LEVELS}, e.g. pruned-0.3."
-            )
-        return
-    raise ValueError(
-        f"Unknown schedule {name!r}: use uniform-<sparsity> (e.g. uniform-0.5), toca-like, or pruned-<fraction> "
-        "(e.g. pruned-0.3)."
-    )
-
-
 def make_schedules(names, units, num_steps: int) -> dict[str, Schedule]:
-    """Schedules by name: `uniform-<sparsity>` (first step full) or `toca-like`."""
-    schedules = {}
-    for name in names:
-        if name == "toca-like":
-            # ToCa without a ramp: self-attention reuses 0.5, MLPs 0.75, full step every 3
-            schedules[name] = baselines.toca(units, num_steps, fresh_ratio=0.25, interval=3, ramp=0.0)
-        elif name.startswith("uniform-"):
-            check_schedule_name(name)
-            schedules[name] = baselines.uniform(units, num_steps, float(name.removeprefix("uniform-")))
-        else:
-            raise ValueError(f"Unknown schedule {name!r}: use uniform-<sparsity> (e.g. uniform-0.5) or toca-like.")
-    return schedules
+    """Schedules by their names in the allocator registry (`registry.named_schedule`: `uniform-<sparsity>`, first
+    step full, `toca-like`, ...)."""
+    return {name: named_schedule(name, units, num_steps) for name in names}
 
 
 def pruned_row(model, inputs: dict, fraction: float, levels: int = PRUNE_LEVELS):
     """A one-stage structural pruning store that removes `fraction` (to the nearest 1/levels) of every layer's heads
     and MLP neurons (Wanda order, calibrated on the benchmark's own inputs: speed does not depend on which
     structures go), and the MAC reduction of one forward at that level (counted with `FlopCounterMode`)."""
-    from diffsparse.prune.plan import level_macs
-    from diffsparse.prune.store import store_from_batches
-
     level = round(fraction * levels)
     if not 0 < level < levels:
         raise ValueError(f"pruned-<fraction> needs a fraction in (0, 1) that rounds to a level, got {fraction}")
@@ -239,17 +149,17 @@ def run(
 ) -> list[dict]:
     """Benchmark dense against the default schedules; returns one row per method (dense first).
 
-    `size` defaults to `DEFAULT_SIZES[model_name]`, `selector` to the backbone's default (toca for DiT and PixArt,
+    `size` defaults to the backbone's `bench_size`, `selector` to the backbone's default (toca for DiT and PixArt,
     norm for FLUX and Wan); `frames` (latent frames) is for Wan only.
     """
     if threads:
         torch.set_num_threads(threads)
-    size = size or DEFAULT_SIZES[model_name]
+    size = size or backbone_named(model_name).bench_size
     model, latents, conditions, cfg = bench_model(model_name, size, tokens, batch, frames)
     selector_name = selector or backbone_for(model).selector_defaults.get("name", "toca")
     probe = torch.cat([latents, latents]) if cfg else latents
     inputs = forward_kwargs(model, probe, torch.tensor(500), conditions)
-    if model_name in FLOW_MODELS and any(n.startswith("pruned-") for n in schedule_names):
+    if not backbone_named(model_name).prunable and any(n.startswith("pruned-") for n in schedule_names):
         raise ValueError("pruned-<fraction> rows are for DiT and PixArt only.")
     units = cacheable_units(model)
     pruned_names = [n for n in schedule_names if n.startswith("pruned-")]
@@ -259,39 +169,36 @@ def run(
     pruned = {name: pruned_row(model, inputs, float(name.removeprefix("pruned-"))) for name in pruned_names}
     macs |= {name: dense_macs / reduction for name, (_, reduction) in pruned.items()}
 
-    def timed(name: str) -> float:
-        schedule = schedules.get(name)
-        if schedule is not None:
-            apply_token_cache(model, schedule, selector=selector_name, cfg=cfg)
-        if name in pruned:
-            apply_pruning(model, pruned[name][0], [pruned[name][0].max_level])
-        try:
-            start = time.perf_counter()
-            sample(model, latents, conditions, steps, cfg)
-            return time.perf_counter() - start
-        finally:
+    options = sampling_options(conditions, latents, cfg)
+
+    def timed(name: str):
+        def run(clock: Stopwatch) -> None:
+            schedule = schedules.get(name)
             if schedule is not None:
-                remove_token_cache(model)
-            remove_pruning(model)
+                apply_token_cache(model, schedule, selector=selector_name, cfg=cfg)
+            if name in pruned:
+                apply_pruning(model, pruned[name][0], [pruned[name][0].max_level])
+            try:
+                with torch.inference_mode(), clock:
+                    sample(model, bench_scheduler(model), noise=latents, num_steps=steps, **options)
+            finally:
+                if schedule is not None:
+                    remove_token_cache(model)
+                if name in pruned:
+                    remove_pruning(model)
+
+        return run
 
     names = ["dense", *schedules, *pruned]
-    times: dict[str, list[float]] = {n: [] for n in names}
-    total = (rounds + 1) * len(names)
-    with tqdm(total=total, desc="bench", disable=not progress) as bar:
-        for r in range(rounds + 1):  # round 0 is the warm-up
-            for n in names:
-                elapsed = timed(n)
-                if r > 0:
-                    times[n].append(elapsed)
-                bar.update(1)
-    memory = {n: _peak_memory(lambda n=n: timed(n)) for n in names}
+    with tqdm(total=(rounds + 1) * len(names), desc="bench", disable=not progress) as bar:
+        timings = alternate({n: timed(n) for n in names}, rounds, device=latents.device, progress=bar.update)
+    memory = {n: peak_memory(lambda n=n: timed(n)(Stopwatch())) for n in names}
 
     rows = []
     for n in names:
-        ratios = [d / c for d, c in zip(times["dense"], times[n], strict=True)]
         cached = macs[n] if n != "dense" else dense_macs
         reduction = dense_macs / cached
-        speedup = statistics.median(ratios)
+        speedup = timings.speedup(n)
         rows.append(
             dict(
                 method=n,
@@ -302,11 +209,11 @@ def run(
                 selector=selector_name if n in schedules else "-",
                 gmacs=cached / 1e9,
                 mac_reduction=reduction,
-                speedup=speedup,
-                speedup_min=min(ratios),
-                speedup_max=max(ratios),
-                efficiency=speedup / reduction,
-                seconds=statistics.median(times[n]),
+                speedup=speedup.median,
+                speedup_min=speedup.low,
+                speedup_max=speedup.high,
+                efficiency=speedup.median / reduction,
+                seconds=timings.median_seconds(n),
                 peak_mem_mb=memory[n] / 2**20,
                 threads=torch.get_num_threads(),
             )
@@ -332,7 +239,7 @@ def format_table(rows: list[dict]) -> str:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     """Refuse bad arguments with `parser.error` (usage and the reason on stderr, exit status 2) before any model is
     built or anything is written; returns the schedule names."""
-    sizes = MODEL_SIZES[args.model]
+    sizes = BACKBONES[args.model].sizes
     if args.size is not None and args.size not in sizes:
         parser.error(f"--size {args.size!r} is not a {args.model} size: choose one of {sorted(sizes)}.")
     if args.tokens < 1 or math.isqrt(args.tokens) ** 2 != args.tokens:
@@ -340,7 +247,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     for flag in ("steps", "rounds", "batch", "frames"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
-    if args.model != "flux" and args.batch % 2:
+    if BACKBONES[args.model].guided and args.batch % 2:
         parser.error(
             f"--batch must be even for {args.model}: the batch is classifier-free-guidance pairs (e.g. --batch 2), "
             f"got {args.batch}."
@@ -375,12 +282,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         description="Dense vs token-cached sampling speed on a random-weight diffusion transformer "
         "(speed does not depend on the weights). Dense and cached runs alternate in one process.",
     )
-    parser.add_argument("--model", default="dit", choices=sorted(DEFAULT_SIZES), help="backbone (default: dit)")
+    benched = {name: spec for name, spec in BACKBONES.items() if spec.bench_case is not None}
+    parser.add_argument("--model", default="dit", choices=sorted(benched), help="backbone (default: dit)")
     parser.add_argument(
         "--size",
         default=None,
-        help=f"architecture size: DiT/PixArt {sorted(SIZES)}, FLUX {sorted(FLUX_SIZES)}, Wan {sorted(WAN_SIZES)} "
-        "(default: XL/2 for DiT and PixArt, bench for FLUX and Wan)",
+        help="architecture size: "
+        + "; ".join(f"{name} {sorted(spec.sizes)} (default {spec.bench_size})" for name, spec in benched.items()),
     )
     parser.add_argument(
         "--tokens", type=int, default=256, help="image tokens (per frame for Wan), a square number (default: 256)"
@@ -415,7 +323,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         frames=args.frames,
     )
     cmd = "python -m diffsparse.bench " + " ".join(argv if argv is not None else os.sys.argv[1:])
-    frames = f" x {args.frames} frames" if args.model == "wan" else ""
+    frames = f" x {args.frames} frames" if BACKBONES[args.model].video else ""
     print(
         f"\n{rows[0]['model']}, {args.tokens} tokens{frames}, batch {args.batch}, {args.steps} steps, "
         f"selector {rows[1]['selector'] if len(rows) > 1 else '-'}, {rows[0]['threads']} threads, "

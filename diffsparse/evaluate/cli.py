@@ -1,17 +1,23 @@
-"""The settings of `python -m diffsparse.evaluate`: its config, the checks that refuse bad ones before any model is
-loaded or sampled, and the command line."""
+"""The settings of `python -m diffsparse.evaluate`: its config (`EvalConfig`, one definition: the command line is
+made from its fields), the checks that refuse bad ones before any model is loaded or sampled, and the command
+line."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
+from diffsparse.evaluate.methods import BUILDERS
 from diffsparse.models.sampling import SCHEDULERS
 from diffsparse.reference.featurenet import WEIGHTS as FEATURE_NET_WEIGHTS
 from diffsparse.reference.model import DEFAULT_GUIDANCE
 
-ALL_METHODS = ("dense", "fewer-steps", "fora", "toca", "duca", "uniform", "snr-stages", "fbc", "taylorseer", "pab")
+# dense, fewer-steps, every hand-made allocator of the registry, then diffusers' caches
+ALL_METHODS = tuple(BUILDERS)
 # The row a method's key names in the table, where they differ (diffusers' caches go by their class names).
 ROW_NAMES = {"fbc": "FirstBlockCache", "taylorseer": "TaylorSeer", "pab": "PAB"}
 COUNTS = ("steps", "samples", "batch_size", "rounds", "timing_samples", "calibration_samples", "bootstrap_rounds")
@@ -21,31 +27,100 @@ class UsageError(ValueError):
     """A setting that cannot work, found before any sampling."""
 
 
+def option(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, help: str | None = None,
+           flag: str | None = None, cli_default=dataclasses.MISSING, **argparse_options):  # fmt: skip
+    """A field of `EvalConfig` and its command-line option: `help`, the `flag` (default `--field-name`), the
+    `cli_default` when the command line's default differs from the field's (it is settled after parsing), and any
+    other `argparse.add_argument` keywords (`metavar`, `choices`, `nargs`, `action`)."""
+    if cli_default is not dataclasses.MISSING:
+        argparse_options["default"] = cli_default
+    metadata = {"help": help, "flag": flag, "argparse": argparse_options}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
 @dataclass
 class EvalConfig:
-    model: str = "reference"
-    sampler: str | None = "ddim"  # None: flow for flow-matching models, ddim for the others
-    steps: int = 50
-    budget: float = 0.5
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
-    samples: int = 500
-    batch_size: int = 250
-    guidance: float = DEFAULT_GUIDANCE
-    seed: int = 0
-    selector: str | None = None  # token selector of the schedules; None: the backbone's (DiT, PixArt: toca)
-    rounds: int = 3
-    timing_samples: int = 50
-    calibration_samples: int = 50
-    bootstrap_rounds: int = 1000
-    threads: int | None = None
-    output_dir: str = "eval"
-    schedules: list[str] = field(default_factory=list)  # extra rows: NAME=PATH of a schedule JSON
-    pruned: list[str] = field(default_factory=list)  # extra rows: NAME=DIR of a pruning plan (train.py task=prune)
-    stitched: list[str] | None = None  # also run these pruning plans ([] = all) as stitched copies (MosaicDiff)
-    compare_to: str | None = "toca"  # paired differences (FD, L2) of every row against this row's
-    feature_net: str | None = None  # FD / accuracy on: `digits`, a saved feature net's folder, `none`; None: auto
-    captions: str | None = None  # caption embeddings (`python -m diffsparse.captions`) of a text-conditional model
-    budget_tolerance: float = 0.05  # rows whose MAC saving is further than this from `budget` are flagged
+    model: str = option(
+        "reference",
+        help="'reference' (shipped digits DiT), 'tiny' (random), another name of "
+        "diffsparse.loading, or a folder (a saved pipeline, or transformer/ + noise_schedule.json)",
+    )
+    sampler: str | None = option(
+        "ddim",
+        choices=sorted(SCHEDULERS),
+        cli_default=None,
+        help="default: flow for flow-matching models, ddim for the others",
+    )
+    steps: int = option(50, help="denoising steps of the dense run")
+    budget: float = option(0.5, help="fraction of dense MACs to save")
+    methods: list[str] = option(
+        default_factory=lambda: list(ALL_METHODS),
+        nargs="+",
+        choices=ALL_METHODS,
+        metavar="METHOD",
+        help=f"methods to compare, of: {' '.join(ALL_METHODS)}",
+    )
+    samples: int = option(500, help="samples per method (classes cycle 0..num_classes-1; captions cycle too)")
+    batch_size: int = option(250)
+    guidance: float = option(DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    seed: int = option(0, help="noise seed (sample i uses seed + i)")
+    selector: str | None = option(
+        None,
+        help="token selector of the token-cache schedules (default: the "
+        "backbone's: toca for DiT and PixArt, norm for FLUX and Wan)",
+    )
+    rounds: int = option(3, help="dense/method timing alternations")
+    timing_samples: int = option(50, help="samples per timing run")
+    calibration_samples: int = option(50, help="samples used to tune diffusers' caches to the budget")
+    bootstrap_rounds: int = option(1000)
+    threads: int | None = option(None, help="torch threads (default: torch's choice)")
+    output_dir: str = option("eval", flag="--out", help="output folder")
+    schedules: list[str] = option(
+        default_factory=list,
+        flag="--schedule",
+        action="append",
+        metavar="NAME=PATH",
+        help="also evaluate this schedule JSON (e.g. a learned one) as a row called NAME (a "
+        "plain file name, not a built-in row's); repeatable",
+    )
+    pruned: list[str] = option(
+        default_factory=list,
+        action="append",
+        metavar="NAME=DIR",
+        help="also evaluate this pruning plan (train.py experiment=prune_*: <output_dir>/pruned) "
+        "as a row called NAME; repeatable",
+    )
+    stitched: list[str] | None = option(
+        None,
+        nargs="*",
+        metavar="NAME",
+        help="also run these pruning plans (no names: all) as one pruned copy per stage "
+        "(MosaicDiff's stitching), to compare its memory with weight routing",
+    )
+    compare_to: str | None = option(
+        "toca",
+        cli_default=None,
+        metavar="ROW",
+        help="add paired ΔFD / ΔL2 columns against this row ('none': leave them out). Default: toca when it is run",
+    )
+    feature_net: str | None = option(
+        None,
+        metavar="NET",
+        help="FD and class accuracy on this feature network: "
+        "'digits' (the shipped one, with the digits as real data), a saved feature "
+        "network's folder, or 'none'. Default: digits for --model reference, none for "
+        "other models",
+    )
+    captions: str | None = option(
+        None,
+        metavar="PATH",
+        help="caption embeddings to condition a text-conditional "
+        "model on (write them with `python -m diffsparse.captions PIPELINE_DIR "
+        "captions.txt OUT.safetensors`)",
+    )
+    budget_tolerance: float = option(
+        0.05, help="flag rows whose measured MAC saving is further than this from --budget"
+    )
 
 
 def row_name(method: str) -> str:
@@ -129,6 +204,21 @@ def _extra_rows(cfg: EvalConfig) -> list[str]:
     return names
 
 
+def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field, annotation) -> None:
+    """The command-line option of an `EvalConfig` field: its flag, dest, type (int, float, else a string),
+    default, help and the argparse keywords of its metadata."""
+    options = dict(f.metadata["argparse"])
+    if "default" not in options:
+        options["default"] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if isinstance(annotation, types.UnionType):  # `int | None`: an int when given
+        annotation = next(t for t in typing.get_args(annotation) if t is not type(None))
+    if annotation in (int, float):
+        options["type"] = annotation
+    flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+    dest = {} if flag == "--" + f.name.replace("_", "-") else {"dest": f.name}
+    parser.add_argument(flag, **dest, help=f.metadata["help"], **options)
+
+
 def parse_args(argv=None) -> EvalConfig:
     d = EvalConfig()
     p = argparse.ArgumentParser(
@@ -137,51 +227,9 @@ def parse_args(argv=None) -> EvalConfig:
         epilog="Example (the README table): python -m diffsparse.evaluate --steps 50 --budget 0.5 --out eval/ref50",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=d.model,
-                   help="'reference' (shipped digits DiT), 'tiny' (random), another name of diffsparse.loading, or "
-                        "a folder (a saved pipeline, or transformer/ + noise_schedule.json)")  # fmt: skip
-    p.add_argument("--sampler", default=None, choices=sorted(SCHEDULERS),
-                   help="default: flow for flow-matching models, ddim for the others")  # fmt: skip
-    p.add_argument("--steps", type=int, default=d.steps, help="denoising steps of the dense run")
-    p.add_argument("--budget", type=float, default=d.budget, help="fraction of dense MACs to save")
-    p.add_argument("--budget-tolerance", type=float, default=d.budget_tolerance,
-                   help="flag rows whose measured MAC saving is further than this from --budget")  # fmt: skip
-    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS, metavar="METHOD",
-                   help=f"methods to compare, of: {' '.join(ALL_METHODS)}")  # fmt: skip
-    p.add_argument("--samples", type=int, default=d.samples,
-                   help="samples per method (classes cycle 0..num_classes-1; captions cycle too)")  # fmt: skip
-    p.add_argument("--captions", default=d.captions, metavar="PATH",
-                   help="caption embeddings to condition a text-conditional model on (write them with `python -m "
-                        "diffsparse.captions PIPELINE_DIR captions.txt OUT.safetensors`)")  # fmt: skip
-    p.add_argument("--feature-net", default=d.feature_net, metavar="NET",
-                   help="FD and class accuracy on this feature network: 'digits' (the shipped one, with the digits "
-                        "as real data), a saved feature network's folder, or 'none'. Default: digits for "
-                        "--model reference, none for other models")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=d.seed, help="noise seed (sample i uses seed + i)")
-    p.add_argument("--selector", default=d.selector,
-                   help="token selector of the token-cache schedules (default: the backbone's: toca for DiT and "
-                        "PixArt, norm for FLUX and Wan)")  # fmt: skip
-    p.add_argument("--rounds", type=int, default=d.rounds, help="dense/method timing alternations")
-    p.add_argument("--timing-samples", type=int, default=d.timing_samples, help="samples per timing run")
-    p.add_argument("--calibration-samples", type=int, default=d.calibration_samples,
-                   help="samples used to tune diffusers' caches to the budget")  # fmt: skip
-    p.add_argument("--bootstrap-rounds", type=int, default=d.bootstrap_rounds)
-    p.add_argument("--schedule", dest="schedules", action="append", default=[], metavar="NAME=PATH",
-                   help="also evaluate this schedule JSON (e.g. a learned one) as a row called NAME (a plain file "
-                        "name, not a built-in row's); repeatable")  # fmt: skip
-    p.add_argument("--pruned", action="append", default=[], metavar="NAME=DIR",
-                   help="also evaluate this pruning plan (train.py experiment=prune_*: <output_dir>/pruned) as a row "
-                        "called NAME; repeatable")  # fmt: skip
-    p.add_argument("--stitched", nargs="*", default=None, metavar="NAME",
-                   help="also run these pruning plans (no names: all) as one pruned copy per stage (MosaicDiff's "
-                        "stitching), to compare its memory with weight routing")  # fmt: skip
-    p.add_argument("--compare-to", default=None, metavar="ROW",
-                   help="add paired ΔFD / ΔL2 columns against this row ('none': leave them out). Default: toca "
-                        "when it is run")  # fmt: skip
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: torch's choice)")
-    p.add_argument("--out", dest="output_dir", default=d.output_dir, help="output folder")
+    hints = typing.get_type_hints(EvalConfig)
+    for f in dataclasses.fields(EvalConfig):
+        _add_option(p, f, hints[f.name])
     p.add_argument("--quick", action="store_true", help="smoke test: 5 steps, 20 samples, 1 timing round")
     args = vars(p.parse_args(argv))
     if args.pop("quick"):  # smaller defaults; values given on the command line win

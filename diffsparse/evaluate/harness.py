@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import logging
 import shlex
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from diffsparse.accounting.macs import flop_counter
 from diffsparse.allocate import baselines
 from diffsparse.allocate.solver import InfeasibleBudget
 from diffsparse.backbones.registry import backbone_for
-from diffsparse.cache.selector import make_selector
+from diffsparse.cache.selectors import make_selector
 from diffsparse.evaluate.cli import (
     ALL_METHODS,
     EvalConfig,
@@ -39,15 +37,7 @@ from diffsparse.evaluate.cli import (
     parse_args,
     row_name,
 )
-from diffsparse.evaluate.methods import (
-    Method,
-    applied,
-    first_block_cache,
-    fit_threshold,
-    pyramid_attention_broadcast,
-    taylorseer,
-    unit_patterns,
-)
+from diffsparse.evaluate.methods import BUILDERS, SCHEDULE_METHODS, Fitting, Method, applied
 from diffsparse.evaluate.metrics import (
     fd_estimate,
     frechet_distance,
@@ -59,9 +49,12 @@ from diffsparse.evaluate.metrics import (
     ssim,
 )
 from diffsparse.evaluate.results import write_results
+from diffsparse.evaluate.timing import Speedup, Stopwatch, speedup
+from diffsparse.models.captions import forward_conditions, load_captions, null_conditions
 from diffsparse.models.handle import ModelHandle
 from diffsparse.models.loading import load_model
 from diffsparse.models.sampling import initial_noise, is_flow_matching, sample, sample_batched
+from diffsparse.prune.plan import PrunePlan
 from diffsparse.reference.digits import to_unit_range
 from diffsparse.reference.featurenet import feature_net_and_data
 from diffsparse.schedule import Schedule
@@ -69,8 +62,6 @@ from diffsparse.schedule import Schedule
 __all__ = ["ALL_METHODS", "EvalConfig", "UsageError", "evaluate", "main", "parse_args"]
 
 log = logging.getLogger(__name__)
-
-SCHEDULE_METHODS = {"fora": "fora", "toca": "toca", "duca": "duca", "uniform": "uniform", "snr-stages": "snr_stages"}
 
 
 @dataclass
@@ -98,8 +89,6 @@ def make_conditions(ref: ModelHandle, cfg: EvalConfig) -> Conditions:
                 "encoder by `python -m diffsparse.captions PIPELINE_DIR captions.txt OUT.safetensors` (one caption "
                 "per line)."
             )
-        from diffsparse.models.captions import forward_conditions, load_captions, null_conditions
-
         tensors, _ = load_captions(cfg.captions)
         text = forward_conditions(tensors)
         dtype = next(ref.transformer.parameters()).dtype
@@ -161,13 +150,16 @@ class Runner:
         with torch.no_grad():
             return as_images(torch.cat([self.ref.decode(c).float() for c in x.split(self.cfg.batch_size)]))
 
-    def seconds(self, method: Method, count: int) -> float:
-        scheduler = self.ref.scheduler(self.cfg.sampler)
+    def timing_run(self, method: Method, count: int):
+        """A run of `timing.alternate`: `method` set up (outside the clock), then `count` samples timed."""
         c, noise = self.conditions, self.noise[:count]
-        with applied(method, self.ref.transformer) as model, torch.no_grad():
-            start = time.perf_counter()
-            sample(model, scheduler, c.first(count), noise, method.num_steps, self.cfg.guidance, **c.guidance)
-            return time.perf_counter() - start
+
+        def run(clock: Stopwatch) -> None:
+            scheduler = self.ref.scheduler(self.cfg.sampler)
+            with applied(method, self.ref.transformer) as model, torch.no_grad(), clock:
+                sample(model, scheduler, c.first(count), noise, method.num_steps, self.cfg.guidance, **c.guidance)
+
+        return run
 
 
 def build_methods(cfg: EvalConfig, runner: Runner) -> list[Method]:
@@ -196,30 +188,8 @@ def build_methods(cfg: EvalConfig, runner: Runner) -> list[Method]:
             dense_macs = runner.run(Method("dense", steps), calib)[1]
         return 1.0 - runner.run(method, calib)[1] / dense_macs
 
-    methods = []
-    for name in cfg.methods:
-        if name == "dense":
-            methods.append(Method("dense", steps))
-        elif name == "fewer-steps":
-            n = baselines.fewer_steps(steps, cfg.budget)
-            methods.append(Method("fewer-steps", n, note=f"{n} steps", knobs={"steps": n}))
-        elif name in SCHEDULE_METHODS:
-            sched = schedules[SCHEDULE_METHODS[name]]
-            selector = "norm" if name == "duca" else cfg.selector
-            knobs = {k: v for k, v in sched.meta.items() if k != "method"}
-            methods.append(Method(name, steps, sched, selector, note=_describe(knobs), knobs=knobs))
-        elif name == "fbc":
-            threshold = fit_threshold(lambda t: saved(first_block_cache(steps, t)), cfg.budget)
-            methods.append(first_block_cache(steps, threshold))
-        elif name == "taylorseer":
-            options = [taylorseer(steps, n, unit_patterns(ref.transformer)[0]) for n in range(2, 7)]
-            methods.append(min(options, key=lambda m: abs(saved(m) - cfg.budget)))
-        elif name == "pab":
-            attention = unit_patterns(ref.transformer)[1]
-            methods.append(pyramid_attention_broadcast(steps, 2, attention_pattern=attention))
-    for m in methods:
-        if m.diffusers_config is not None:
-            m.note = _describe(m.knobs)
+    fit = Fitting(steps, cfg.budget, ref.transformer, schedules, cfg.selector, saved)
+    methods = [BUILDERS[name](fit) for name in cfg.methods]
     for item in cfg.schedules:
         name, path = item.split("=", 1)
         sched = Schedule.load(path)
@@ -235,8 +205,6 @@ def build_methods(cfg: EvalConfig, runner: Runner) -> list[Method]:
 
 def pruned_methods(item: str, cfg: EvalConfig, timesteps) -> list[Method]:
     """The row(s) of a pruning plan `NAME=DIR`: weights routed in, and (if `cfg.stitched` asks) stitched copies."""
-    from diffsparse.prune.plan import PrunePlan
-
     name, path = item.split("=", 1)
     plan = PrunePlan.load(path)
     if plan.meta.get("sampler", cfg.sampler) != cfg.sampler or int(plan.meta.get("num_steps", cfg.steps)) != cfg.steps:
@@ -254,24 +222,10 @@ def pruned_methods(item: str, cfg: EvalConfig, timesteps) -> list[Method]:
     return rows
 
 
-def _describe(knobs: dict) -> str:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    return ", ".join(
-        f"{k}={fmt(v) if not isinstance(v, list) else '/'.join(fmt(x) for x in v)}" for k, v in knobs.items()
-    )
-
-
-def speedup(runner: Runner, method: Method, dense: Method, rounds: int, count: int) -> tuple[float, float, float]:
-    """Median, min and max of dense time / method time over `rounds` alternating runs, after one warm-up each."""
-    runner.seconds(dense, count)
-    runner.seconds(method, count)
-    ratios = []
-    for _ in range(rounds):
-        t_dense = runner.seconds(dense, count)
-        ratios.append(t_dense / runner.seconds(method, count))
-    return statistics.median(ratios), min(ratios), max(ratios)
+def speedup_of(runner: Runner, method: Method, dense: Method, rounds: int, count: int) -> Speedup:
+    """Dense time / method time over `rounds` alternations after a warm-up of both (`timing.alternate`)."""
+    device = next(runner.ref.transformer.parameters()).device
+    return speedup(runner.timing_run(dense, count), runner.timing_run(method, count), rounds, device=device)
 
 
 def prepare(ref: ModelHandle, cfg: EvalConfig):
@@ -363,11 +317,9 @@ def evaluate(cfg: EvalConfig, command: str = "") -> list[dict]:
     for method, row in zip(tqdm(methods, desc="timing"), rows, strict=True):
         row["mac_reduction"] = dense_macs / row["gmacs_per_image"]
         if method.name == "dense":
-            row["speedup"], row["speedup_min"], row["speedup_max"] = 1.0, 1.0, 1.0
+            row.update(Speedup(1.0, 1.0, 1.0).as_row())
         else:
-            row["speedup"], row["speedup_min"], row["speedup_max"] = speedup(
-                runner, method, methods[0], cfg.rounds, timing_count
-            )
+            row.update(speedup_of(runner, method, methods[0], cfg.rounds, timing_count).as_row())
     for row, (saved, off) in zip(rows, budget, strict=True):
         row["saved_macs"], row["off_budget"] = saved, off
     columns = conditions.distinct if conditions.distinct <= 16 else 8

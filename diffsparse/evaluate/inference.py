@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import numbers
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from torchvision.utils import save_image
 
 from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
+from diffsparse.evaluate.metrics import psnr
+from diffsparse.evaluate.timing import alternate, timed
 from diffsparse.models.generate import generate
+from diffsparse.prune.calibration import stage_of_timestep
+from diffsparse.prune.plan import stage_macs
+from diffsparse.prune.routing import apply_pruning, remove_pruning
 from diffsparse.schedule import Schedule, ScheduleError
 
 
@@ -37,10 +41,8 @@ def _check_count(name: str, value, example: str) -> None:
         raise ValueError(f"{name} must be a whole number >= 1 (e.g. {name}={example}), got {value!r}.")
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [0, 1], over the whole batch."""
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
+def _device(module: torch.nn.Module) -> torch.device | None:
+    return next((p.device for p in module.parameters()), None)
 
 
 def run_inference(
@@ -75,36 +77,23 @@ def run_inference(
         finally:
             remove_token_cache(transformer)
 
-    kwargs = _capture_forward_kwargs(transformer, dense)  # also the warm-up
+    kwargs = _capture_forward_kwargs(transformer, dense)
     macs = schedule.macs(transformer, **kwargs)
     result = {"num_steps": steps, "dense_gmacs": macs["dense"] / 1e9, "cached_gmacs": macs["cached"] / 1e9,
               "mac_reduction": macs["reduction"]}  # fmt: skip
-    return {**result, **compare_with_dense(dense, cached, rounds, output_dir)}
+    return {**result, **compare_with_dense(dense, cached, rounds, output_dir, _device(transformer))}
 
 
-def compare_with_dense(dense, method, rounds: int, output_dir: str | Path | None = None) -> dict:
+def compare_with_dense(dense, method, rounds: int, output_dir: str | Path | None = None, device=None) -> dict:
     """Time `dense()` and `method()` (each returns images in [0, 1]) alternately over `rounds` after a warm-up of
-    `method`; the median, min and max time ratio, the PSNR of the method's images against dense, and (with
-    `output_dir`) a PNG of both (top row dense, bottom row the method). `rounds` must be >= 1."""
+    both (`timing.alternate`, the device synchronised); the median, min and max time ratio, the PSNR of the
+    method's images against dense (`metrics.psnr`: per image, averaged, in dB, 100 for identical images), and
+    (with `output_dir`) a PNG of both (top row dense, bottom row the method). `rounds` must be >= 1."""
     _check_count("rounds", rounds, "2")
-    method()  # warm-up
-    ratios = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        dense_images = dense()
-        t_dense = time.perf_counter() - start
-        start = time.perf_counter()
-        method_images = method()
-        ratios.append(t_dense / (time.perf_counter() - start))
-    result = {
-        "speedup": statistics.median(ratios),
-        "speedup_min": min(ratios),
-        "speedup_max": max(ratios),
-        "psnr_vs_dense": psnr(method_images, dense_images),
-    }
+    timings = alternate({"dense": timed(dense), "method": timed(method)}, rounds, device=device)
+    dense_images, method_images = timings.outputs["dense"], timings.outputs["method"]
+    result = {**timings.speedup("method").as_row(), "psnr_vs_dense": float(psnr(method_images, dense_images).mean())}
     if output_dir is not None:
-        from torchvision.utils import save_image
-
         path = Path(output_dir) / "samples.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(torch.cat([dense_images, method_images]), path, nrow=len(dense_images))
@@ -117,10 +106,6 @@ def run_pruned_inference(pipe, plan, conditions, seed: int = 0, rounds: int = 2,
     """Sample with and without a stage-wise pruning plan (`diffsparse.prune.PrunePlan`, weights routed into the
     pipeline's transformer by timestep), alternating. MACs are the transformer's (text encoder and VAE left out):
     one forward per stage counted with `FlopCounterMode`, times the forwards the pipeline made in each stage."""
-    from diffsparse.prune.calibration import stage_of_timestep
-    from diffsparse.prune.plan import stage_macs
-    from diffsparse.prune.routing import apply_pruning, remove_pruning
-
     _check_count("rounds", rounds, "2")
     transformer, steps = pipe.transformer, int(plan.meta["num_steps"])
 
@@ -144,7 +129,7 @@ def run_pruned_inference(pipe, plan, conditions, seed: int = 0, rounds: int = 2,
 
     hook = transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        dense()  # also the warm-up
+        dense()
     finally:
         hook.remove()
     dense_macs, per_stage = stage_macs(transformer, plan, first)
@@ -156,7 +141,7 @@ def run_pruned_inference(pipe, plan, conditions, seed: int = 0, rounds: int = 2,
         "pruned_gmacs": gmacs[1],
         "mac_reduction": gmacs[0] / gmacs[1],
     }
-    return {**result, **compare_with_dense(dense, pruned, rounds, output_dir)}
+    return {**result, **compare_with_dense(dense, pruned, rounds, output_dir, _device(transformer))}
 
 
 def resolve_schedule(path: str | None, units: list[str], num_steps: int | None, sparsity: float) -> Schedule:

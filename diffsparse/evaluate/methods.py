@@ -1,8 +1,10 @@
-"""Ways to save compute on one model, as runnable methods: dense, fewer steps, our token-cache schedules, and
-diffusers' own caches (FirstBlockCache, TaylorSeer, PyramidAttentionBroadcast) through `diffusers.hooks`.
+"""Ways to save compute on one model, as runnable methods: dense, fewer steps, our token-cache schedules (every
+hand-made allocator of `allocate.registry`), and diffusers' own caches (FirstBlockCache, TaylorSeer,
+PyramidAttentionBroadcast) through `diffusers.hooks`.
 
 A `Method` says how many steps to sample and what to put on the transformer; `applied(method, transformer)`
 yields the transformer to sample with (diffusers' caches go on a copy, so the original is never touched).
+`BUILDERS` makes each method by its command-line name, fitted to a budget (`Fitting`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig, hooks
 
+from diffsparse.allocate.baselines import fewer_steps
+from diffsparse.allocate.registry import ALLOCATORS, AllocatorSpec
+from diffsparse.backbones.registry import JOINT_ATTN, SELF_ATTN, backbone_for
 from diffsparse.cache import apply_token_cache, remove_token_cache
+from diffsparse.prune.routing import StitchedModel, apply_pruning, parameter_bytes, remove_pruning
 from diffsparse.schedule import Schedule
 
 
@@ -36,8 +43,6 @@ class Method:
     def weight_bytes(self, transformer: torch.nn.Module) -> int:
         """Bytes of the weights this method keeps in memory: the model's, plus the routed store's pruned weights, or
         (stitched) every stage's pruned copy."""
-        from diffsparse.prune.routing import parameter_bytes
-
         if self.pruning is None:
             return parameter_bytes(transformer)
         plan = self.pruning
@@ -47,8 +52,6 @@ class Method:
 
     def stitched_model(self, transformer: torch.nn.Module) -> torch.nn.Module:
         """The plan's stitched copies of `transformer`, built once per method."""
-        from diffsparse.prune.routing import StitchedModel
-
         if getattr(self, "_stitched_model", None) is None:
             self._stitched_model = StitchedModel(transformer, self.pruning.store, self.pruning.stage_levels)
         return self._stitched_model
@@ -58,8 +61,6 @@ DIT_SELF_ATTENTION = r"transformer_blocks\.\d+\.attn1"
 
 
 def _apply_diffusers_cache(model: torch.nn.Module, config) -> None:
-    from diffusers import hooks
-
     appliers = {
         "FirstBlockCacheConfig": hooks.apply_first_block_cache,
         "TaylorSeerCacheConfig": hooks.apply_taylorseer_cache,
@@ -75,8 +76,6 @@ def _apply_diffusers_cache(model: torch.nn.Module, config) -> None:
 def applied(method: Method, transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The transformer set up for `method`: token cache applied (and removed after), or a diffusers-cached copy."""
     if method.pruning is not None:
-        from diffsparse.prune.routing import apply_pruning, remove_pruning
-
         plan = method.pruning
         if method.stitched:
             yield method.stitched_model(transformer)
@@ -102,8 +101,6 @@ def applied(method: Method, transformer: torch.nn.Module) -> Iterator[torch.nn.M
 
 
 def first_block_cache(num_steps: int, threshold: float) -> Method:
-    from diffusers import FirstBlockCacheConfig
-
     return Method(
         "FirstBlockCache",
         num_steps,
@@ -114,8 +111,6 @@ def first_block_cache(num_steps: int, threshold: float) -> Method:
 
 def taylorseer(num_steps: int, interval: int, unit_pattern: str) -> Method:
     """TaylorSeer on the cacheable units (first-order Taylor forecast of their outputs between full steps)."""
-    from diffusers import TaylorSeerCacheConfig
-
     config = TaylorSeerCacheConfig(
         cache_interval=interval, max_order=1, taylor_factors_dtype=torch.float32, cache_identifiers=[unit_pattern]
     )
@@ -127,8 +122,6 @@ def pyramid_attention_broadcast(
 ) -> Method:
     """PAB: self-attention outputs reused for `skip_range - 1` of every `skip_range` steps inside `timestep_range`
     (the attention modules whose names match `attention_pattern`: DiT's and PixArt's by default)."""
-    from diffusers import PyramidAttentionBroadcastConfig
-
     config = PyramidAttentionBroadcastConfig(
         spatial_attention_block_skip_range=skip_range,
         spatial_attention_timestep_skip_range=timestep_range,
@@ -142,8 +135,6 @@ def unit_patterns(transformer: torch.nn.Module) -> tuple[str, str]:
     """Regexes (`re.fullmatch` on module names) of a model's cacheable units (TaylorSeer caches their outputs) and
     of its image self-attention modules (PAB), from the backbone registry. DiT: each block's `attn1` and `ff`, and
     its `attn1`; FLUX's single-stream blocks are units as a whole."""
-    from diffsparse.backbones.registry import JOINT_ATTN, SELF_ATTN, backbone_for
-
     units, attention = [], []
     for blocks in backbone_for(transformer).block_lists:
         prefix = rf"{blocks.attr}\.\d+"
@@ -171,3 +162,78 @@ def fit_threshold(
         else:
             high = mid
     return best
+
+
+def describe(knobs: dict) -> str:
+    """A method's settings as the table's `setting` cell: `interval=2, fresh_ratio=0.25`."""
+
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(
+        f"{k}={fmt(v) if not isinstance(v, list) else '/'.join(fmt(x) for x in v)}" for k, v in knobs.items()
+    )
+
+
+@dataclass
+class Fitting:
+    """What a method is fitted to: steps, MAC budget and model, the hand-made schedules already fitted to the budget
+    (by allocator name), the token selector of the run, and `saved(method)`, the measured fraction of dense MACs a
+    method saves (for diffusers' caches, tuned by measuring)."""
+
+    steps: int
+    budget: float
+    transformer: torch.nn.Module
+    schedules: dict[str, Schedule]
+    selector: str | dict | None
+    saved: Callable[[Method], float]
+
+
+def _schedule_method(spec: AllocatorSpec) -> Callable[[Fitting], Method]:
+    """The evaluation row of a registered hand-made allocator: its schedule fitted to the budget."""
+
+    def build(fit: Fitting) -> Method:
+        schedule = fit.schedules[spec.name]
+        knobs = {k: v for k, v in schedule.meta.items() if k != "method"}
+        return Method(spec.method, fit.steps, schedule, spec.selector or fit.selector, note=describe(knobs),
+                      knobs=knobs)  # fmt: skip
+
+    return build
+
+
+def _fewer_steps(fit: Fitting) -> Method:
+    n = fewer_steps(fit.steps, fit.budget)
+    return Method("fewer-steps", n, note=f"{n} steps", knobs={"steps": n})
+
+
+def _described(method: Method) -> Method:
+    method.note = describe(method.knobs)
+    return method
+
+
+def _first_block_cache(fit: Fitting) -> Method:
+    threshold = fit_threshold(lambda t: fit.saved(first_block_cache(fit.steps, t)), fit.budget)
+    return _described(first_block_cache(fit.steps, threshold))
+
+
+def _taylorseer(fit: Fitting) -> Method:
+    options = [taylorseer(fit.steps, n, unit_patterns(fit.transformer)[0]) for n in range(2, 7)]
+    return _described(min(options, key=lambda m: abs(fit.saved(m) - fit.budget)))
+
+
+def _pab(fit: Fitting) -> Method:
+    attention = unit_patterns(fit.transformer)[1]
+    return _described(pyramid_attention_broadcast(fit.steps, 2, attention_pattern=attention))
+
+
+# Every method of `python -m diffsparse.evaluate --methods`, by name, in the table's default order.
+BUILDERS: dict[str, Callable[[Fitting], Method]] = {
+    "dense": lambda fit: Method("dense", fit.steps),
+    "fewer-steps": _fewer_steps,
+    **{spec.method: _schedule_method(spec) for spec in ALLOCATORS.values()},
+    "fbc": _first_block_cache,
+    "taylorseer": _taylorseer,
+    "pab": _pab,
+}
+# The hand-made allocators' methods: command-line name -> allocator name.
+SCHEDULE_METHODS = {spec.method: spec.name for spec in ALLOCATORS.values()}

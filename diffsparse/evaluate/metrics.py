@@ -1,7 +1,8 @@
 """Quality metrics with their uncertainty: distance to real data (FD, class accuracy on the feature network) and
 fidelity to the dense model's samples from the same noise (PSNR, SSIM, LPIPS where its weights are present).
 
-Images are (B, C, H, W) in [0, 1]. Every number comes with a 95 % bootstrap interval over the samples.
+Images are (B, C, H, W) in [0, 1]. Every number comes with a 95 % bootstrap interval over the samples
+(`scipy.stats.bootstrap`, percentile intervals).
 """
 
 from __future__ import annotations
@@ -9,12 +10,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+import scipy.stats
 import torch
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from diffsparse.learn.losses import LpipsWeightsMissing, lpips_network
 
 log = logging.getLogger(__name__)
+
+# PSNR of identical images (and of any pair closer than MSE 1e-10): the mean over samples stays finite.
+PSNR_CAP = 100.0
 
 
 @dataclass(frozen=True)
@@ -51,34 +58,37 @@ def l2(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-sample PSNR in dB of `x` against `ref`, both in [0, 1]; capped at 100 dB (identical images)."""
-    mse = (x.double() - ref.double()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    """Per-sample PSNR in dB of `x` against `ref`, both in [0, 1], capped at `PSNR_CAP` (100 dB: identical images).
+
+    The project's one PSNR: tables, search fitness and `python infer.py` report the mean of these values. Not
+    torchmetrics' `peak_signal_noise_ratio`: it scales by 10 / ln 10 in float32 (values off by ~1e-6 dB) and gives
+    inf for identical images; this is its formula in float64 with the cap.
+    """
+    mse = (x.double() - ref.double()).pow(2).flatten(1).mean(1).clamp_min(10 ** (-PSNR_CAP / 10))
     return 10 * torch.log10(1.0 / mse)
 
 
 def ssim(x: torch.Tensor, ref: torch.Tensor, kernel_size: int = 7) -> torch.Tensor:
     """Per-sample SSIM (torchmetrics, Gaussian window of `kernel_size`, sigma 1.5; 7 fits 16 px images)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
     return structural_similarity_index_measure(
         x.double(), ref.double(), data_range=1.0, kernel_size=kernel_size, reduction="none"
     )
 
 
-def lpips_metric(net: str = "alex") -> Callable | None:
-    """Per-sample LPIPS (images upsampled to 64 px), or None when its backbone weights are not on this machine.
+def lpips_metric(net: str = "alex", required: bool = False) -> Callable | None:
+    """Per-sample LPIPS (images resized to 64 px) on the network of `learn.losses.lpips_network`, or None when its
+    backbone weights are not on this machine (`required`: raise `LpipsWeightsMissing`, which says what to do).
 
     lpips downloads torchvision's ImageNet backbone on first use; offline, put the file in torch's hub
     checkpoint folder (`torch.hub.get_dir()/checkpoints`) to enable this column.
     """
-    files = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
-    path = Path(torch.hub.get_dir()) / "checkpoints" / files[net]
-    if not path.is_file():
-        log.info("LPIPS skipped: backbone weights not found at %s", path)
+    try:
+        model = lpips_network(net)
+    except LpipsWeightsMissing as e:
+        if required:
+            raise
+        log.info("LPIPS skipped: %s", e)
         return None
-    import lpips
-
-    model = lpips.LPIPS(net=net, verbose=False).eval()
 
     def distance(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         def prep(im):
@@ -91,14 +101,33 @@ def lpips_metric(net: str = "alex") -> Callable | None:
     return distance
 
 
+def _scipy_bootstrap(statistic: Callable[[np.ndarray], float], num: int, rounds: int, seed: int):
+    return scipy.stats.bootstrap((np.arange(num),), statistic, n_resamples=rounds, vectorized=False,
+                                 method="percentile", rng=np.random.default_rng(seed))  # fmt: skip
+
+
+def resampled(statistic: Callable[[np.ndarray], float], num: int, rounds: int = 1000, seed: int = 0) -> np.ndarray:
+    """`statistic(indices)` on `rounds` resamples of `num` items with replacement: `scipy.stats.bootstrap`'s
+    bootstrap distribution (round r draws `np.random.default_rng(seed).integers(0, num, num)`, in turn).
+
+    Statistics take indices rather than data so that paired statistics (two methods on the same samples) and
+    feature-set statistics (FD) resample as one; a single item has nothing to resample and gives its own value.
+    """
+    if num < 2:
+        return np.full(rounds, statistic(np.zeros(num, dtype=np.int64)), dtype=np.float64)
+    return np.asarray(_scipy_bootstrap(statistic, num, rounds, seed).bootstrap_distribution, dtype=np.float64)
+
+
 def bootstrap(
     statistic: Callable[[np.ndarray], float], num: int, rounds: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
-    """95 % percentile interval of `statistic(indices)` over `rounds` resamples of `num` items with replacement."""
-    rng = np.random.default_rng(seed)
-    values = [statistic(rng.integers(0, num, num)) for _ in range(rounds)]
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
+    """95 % percentile interval of `statistic(indices)` over `rounds` resamples of `num` items with replacement
+    (`scipy.stats.bootstrap`, method `percentile`)."""
+    if num < 2:
+        value = float(statistic(np.zeros(num, dtype=np.int64)))
+        return value, value
+    interval = _scipy_bootstrap(statistic, num, rounds, seed).confidence_interval
+    return float(interval.low), float(interval.high)
 
 
 def mean_estimate(values: torch.Tensor | np.ndarray, rounds: int = 1000, seed: int = 0) -> Estimate:
@@ -116,9 +145,7 @@ def fd_estimate(features: np.ndarray, reference: np.ndarray, rounds: int = 200, 
     spread of the resampled FDs, centred on the estimate, rather than their percentiles.
     """
     value = frechet_distance(features, reference)
-    rng = np.random.default_rng(seed)
-    n = len(features)
-    spread = np.std([frechet_distance(features[rng.integers(0, n, n)], reference) for _ in range(rounds)])
+    spread = np.std(resampled(lambda i: frechet_distance(features[i], reference), len(features), rounds, seed))
     return Estimate(value, max(value - 1.96 * spread, 0.0), value + 1.96 * spread)
 
 
@@ -130,13 +157,10 @@ def paired_difference(
     the same indices, so what the samples share cancels and a small but consistent difference shows.
 
     `normal`: estimate +- 1.96 sd of the resampled values instead of their percentiles (for FD, see
-    `fd_estimate`).
+    `fd_estimate`; none of `scipy.stats.bootstrap`'s methods is this one, so its distribution is used directly).
     """
     value = statistic(np.arange(num))
-    rng = np.random.default_rng(seed)
-    values = np.array([statistic(rng.integers(0, num, num)) for _ in range(rounds)])
     if normal:
-        spread = 1.96 * values.std()
+        spread = 1.96 * resampled(statistic, num, rounds, seed).std()
         return Estimate(value, value - spread, value + spread)
-    low, high = np.percentile(values, [2.5, 97.5])
-    return Estimate(value, float(low), float(high))
+    return Estimate(value, *bootstrap(statistic, num, rounds, seed))

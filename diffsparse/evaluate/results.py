@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid, save_image
 
 from diffsparse.evaluate.metrics import Estimate
 from diffsparse.files import atomic_path
@@ -102,12 +104,6 @@ def markdown_table(rows: list[dict], cfg, command: str, conditions: str = "") ->
 def save_grids(images: dict[str, torch.Tensor], out: Path, columns: int = 10, per_column: int = 8) -> None:
     """samples/<method>.png: `per_column` rows of `columns` samples (one per class); overview.png: one row per
     method. Images in [0, 1], (N, C, H, W)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid, save_image
-
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for name, x in images.items():
         n = min(len(x), per_column * columns)
@@ -116,7 +112,8 @@ def save_grids(images: dict[str, torch.Tensor], out: Path, columns: int = 10, pe
         save_image(make_grid(big, nrow=columns, padding=2, pad_value=0.5), out / "samples" / f"{name}.png")
     first = next(iter(images.values()))
     width = columns * 0.6 * first.shape[-1] / first.shape[-2] + 1.5  # wide images (video frames side by side)
-    fig, axes = plt.subplots(len(images), 1, figsize=(width, len(images) * 0.75 + 0.3))
+    fig = Figure(figsize=(width, len(images) * 0.75 + 0.3))  # no pyplot: no backend or global figure state
+    axes = fig.subplots(len(images), 1)
     for ax, (name, x) in zip(np.atleast_1d(axes), images.items(), strict=True):
         row = make_grid(x[:columns], nrow=columns, padding=1, pad_value=1.0)
         ax.imshow(row.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -125,4 +122,3 @@ def save_grids(images: dict[str, torch.Tensor], out: Path, columns: int = 10, pe
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "overview.png", dpi=120)
-    plt.close(fig)

@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diffsparse.models.captions import forward_conditions, load_captions
+
 TRAIN_SEED_OFFSET = 1_000_000
 VAL_SEED_OFFSET = 2_000_000
 
@@ -36,8 +38,6 @@ class CaptionConditions(Dataset):
     pooled embedding), noise seed offset + i."""
 
     def __init__(self, embeddings: dict, first: int, size: int, seed_offset: int):
-        from diffsparse.models.captions import forward_conditions
-
         self.conditions = {k: v[first : first + size] for k, v in forward_conditions(embeddings).items()}
         self.size = len(self.conditions["encoder_hidden_states"])
         self.seed_offset = seed_offset
@@ -85,8 +85,6 @@ class ConditionDataModule(L.LightningDataModule):
         self.captions = captions
         self.embeddings = None
         if captions is not None:
-            from diffsparse.models.captions import load_captions
-
             self.embeddings, _ = load_captions(captions)
             available = len(self.embeddings["prompt_embeds"])
             if train_size + val_size > available:

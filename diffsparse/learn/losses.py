@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lpips
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 LOSSES = ("lpips", "l2", "ssim")
-_LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+_LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
+                         "squeeze": "squeezenet1_1-b8a52dc0.pth"}  # fmt: skip
 
 
 class LpipsWeightsMissing(FileNotFoundError):
@@ -24,14 +27,13 @@ def l2_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def ssim_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """1 - SSIM (torchmetrics, 7 x 7 Gaussian window), on images mapped to [0, 1]."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
     a, b = (student.clamp(-1, 1) + 1) / 2, (teacher.clamp(-1, 1) + 1) / 2
     return 1 - structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=7)
 
 
-def lpips_loss(net: str = "alex", min_size: int = 64):
-    """LPIPS with torchvision's ImageNet backbone; small or single-channel images are resized and repeated.
+def lpips_network(net: str = "alex") -> torch.nn.Module:
+    """The LPIPS network on torchvision's ImageNet `net` backbone, in eval mode and frozen: the one LPIPS set-up of
+    the project (this loss, and `evaluate.metrics.lpips_metric`).
 
     The backbone weights are read from torch's hub cache; offline, a missing file stops here with what to do.
     """
@@ -42,9 +44,12 @@ def lpips_loss(net: str = "alex", min_size: int = 64):
             f"Copy {path.name} into {path.parent} from a machine with network access (torchvision downloads it "
             "there), or train with `learn.loss=l2` (or `learn.loss=ssim`)."
         )
-    import lpips
+    return lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
 
-    model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
+
+def lpips_loss(net: str = "alex", min_size: int = 64):
+    """LPIPS (`lpips_network`); small or single-channel images are resized and repeated."""
+    model = lpips_network(net)
 
     def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         def prep(x):

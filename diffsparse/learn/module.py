@@ -19,16 +19,12 @@ from torch import nn
 
 from diffsparse.allocate import baselines
 from diffsparse.allocate.solver import check_budget, check_num_steps, pick_full_steps
-from diffsparse.cache import (
-    apply_token_cache,
-    cacheable_units,
-    remove_token_cache,
-    set_soft_choice,
-    token_cache_paused,
-)
+from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
+from diffsparse.cache.control import set_soft_choice, token_cache_paused
 from diffsparse.learn.data import split_batch
 from diffsparse.learn.losses import make_loss
 from diffsparse.learn.predictor import CostPredictor, choose, schedule_from_levels, straight_through, tie_broken
+from diffsparse.models.captions import load_captions, null_conditions
 from diffsparse.models.loading import load_model
 from diffsparse.models.sampling import initial_noise, sample
 from diffsparse.reference.model import DEFAULT_GUIDANCE
@@ -68,7 +64,7 @@ class ScheduleLearner(L.LightningModule):
     """Learns a (T x U) schedule for one model, sampler, step count and MAC budget.
 
     Args:
-        model: a model name, folder or `model` config mapping (see `diffsparse.loading.load_model`).
+        model: a model name, folder or `model` config mapping (see `diffsparse.models.loading.load_model`).
         budget: fraction of the dense trajectory's MACs to save.
         stage: 1 (step and layer costs, `num_full` full steps) or 2 (unified layer costs, from `stage1_checkpoint`).
         num_full: full steps in stage 1 (the first step included); default: as many as the ToCa schedule that
@@ -118,8 +114,6 @@ class ScheduleLearner(L.LightningModule):
         if self._ref.text_conditioned:
             if captions is None:
                 raise ValueError(f"{model} is text-conditional: pass caption embeddings (learn.captions=PATH).")
-            from diffsparse.models.captions import load_captions, null_conditions
-
             self._ref.null_conditions = null_conditions(load_captions(captions)[0])
         self.units = cacheable_units(transformer)
         scheduler = self._ref.scheduler(sampler)
@@ -195,6 +189,11 @@ class ScheduleLearner(L.LightningModule):
     def transformer(self) -> torch.nn.Module:
         return self._ref.transformer
 
+    @property
+    def num_classes(self) -> int:
+        """The model's classes (0 for a text-conditional one): what the data module draws conditions from."""
+        return self._ref.num_classes
+
     def setup(self, stage: str) -> None:
         self._ref.transformer.to(self.device)
         if self._ref.vae is not None:
@@ -269,22 +268,3 @@ class ScheduleLearner(L.LightningModule):
         # eps 1e-6, not 1e-8: costs whose true gradient is 0 get float-noise gradients, which Adam would blow up
         # into full steps, different ones per process count (data-parallel runs must give the same schedule)
         return torch.optim.AdamW(groups, weight_decay=0.0, eps=1e-6)
-
-    def export(self, out_dir) -> dict:
-        """Write the learned schedule (JSON), the costs (safetensors) and the heatmap (PNG) to `out_dir`."""
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        schedule, _ = self.choice()
-        saved = self.table.saved_fraction(schedule)
-        schedule = Schedule(schedule.grid, schedule.units, {**schedule.meta, "saved_macs": saved})
-        schedule.save(out / "schedule.json")
-        tensors = {"layer_costs": self.layer_costs().detach().contiguous()}
-        if self.step_logits is not None:
-            tensors["step_costs"] = self.step_logits.detach().softmax(-1).contiguous()
-        save_file(tensors, out / "costs.safetensors")
-        schedule.plot(out / "schedule.png", title=f"learned, stage {self.hparams.stage}: saves {saved:.1%} of MACs")
-        return {"schedule": str(out / "schedule.json"), "saved_macs": saved, "full_steps": schedule.full_steps}

@@ -18,8 +18,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from diffsparse.backbones import BACKBONES, find_backbone
 from diffsparse.files import atomic_path
+from diffsparse.models.loading import load_pipeline, pipeline_backbone
 
 KEYS = ("prompt_embeds", "negative_prompt_embeds")  # in every file
 # The transformer's keyword each stored tensor goes to (PixArt-alpha, FLUX and Wan2.1 forwards), when present.
@@ -32,14 +36,13 @@ FORWARD_KEYS = {
 
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str], max_sequence_length: int = 120, batch_size: int = 32) -> dict:
-    """Embeddings of `captions` and of the empty prompt, through the pipeline's own `encode_prompt` (PixArt-alpha,
-    FLUX or Wan2.1)."""
+    """Embeddings of `captions` and of the empty prompt, through the pipeline's own `encode_prompt` (the
+    `encode_captions` of its transformer's registry row: PixArt-alpha, FLUX or Wan2.1)."""
     if not captions:
         raise ValueError("No captions to encode.")
     if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
         raise ValueError(f"{type(pipe).__name__} has no text encoder or tokenizer to encode captions with.")
-    family = type(pipe).__name__
-    encode = {"FluxPipeline": _encode_flux, "WanPipeline": _encode_wan}.get(family, _encode_pixart)
+    encode = _caption_encoder(pipe)
     parts = [
         encode(pipe, captions[start : start + batch_size], max_sequence_length)
         for start in range(0, len(captions), batch_size)
@@ -50,21 +53,21 @@ def encode_captions(pipe, captions: list[str], max_sequence_length: int = 120, b
     return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
 
 
-def _encode_pixart(pipe, chunk: list[str], max_sequence_length: int) -> dict:
-    embeds, mask, _, _ = pipe.encode_prompt(
-        chunk, do_classifier_free_guidance=False, clean_caption=False, max_sequence_length=max_sequence_length
+def _caption_encoder(pipe):
+    """The caption encoder of the pipeline's backbone; a clear error for a pipeline no row describes."""
+    transformer = getattr(pipe, "transformer", None)
+    spec = None if transformer is None else find_backbone(transformer)
+    if spec is not None and spec.encode_captions is not None:
+        return spec.encode_captions
+    if spec is not None:
+        why = f"its transformer is a {spec.name} model, which is class-conditional"
+    else:
+        why = f"its transformer ({type(transformer).__name__}) is not a registered backbone"
+    known = sorted(s.pipeline_class for s in BACKBONES.values() if s.encode_captions and s.pipeline_class)
+    raise ValueError(
+        f"Cannot encode captions with a {type(pipe).__name__}: {why}. Pipelines with a caption encoder: {known} "
+        "(a new backbone adds one in its registry row, `encode_captions`)."
     )
-    return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
-
-
-def _encode_flux(pipe, chunk: list[str], max_sequence_length: int) -> dict:
-    embeds, pooled, _ = pipe.encode_prompt(chunk, prompt_2=None, max_sequence_length=max_sequence_length)
-    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-
-def _encode_wan(pipe, chunk: list[str], max_sequence_length: int) -> dict:
-    embeds, _ = pipe.encode_prompt(chunk, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
-    return {"prompt_embeds": embeds}
 
 
 def forward_conditions(tensors: dict, prefix: str = "") -> dict:
@@ -74,8 +77,6 @@ def forward_conditions(tensors: dict, prefix: str = "") -> dict:
 
 def save_captions(path: str | Path, tensors: dict, captions: list[str]) -> Path:
     """Write the embeddings and the captions to `path` (whole or not at all)."""
-    from safetensors.torch import save_file
-
     missing = [k for k in KEYS if k not in tensors]
     if missing:
         raise ValueError(f"Caption embeddings lack {missing}.")
@@ -90,9 +91,6 @@ def save_captions(path: str | Path, tensors: dict, captions: list[str]) -> Path:
 
 def load_captions(path: str | Path) -> tuple[dict, list[str]]:
     """(embeddings, captions) from a file written by `save_captions`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -132,8 +130,6 @@ def main(argv: list[str] | None = None) -> None:
     captions = [line.strip() for line in text.read_text().splitlines() if line.strip()]
     if not captions:
         parser.error(f"{text} holds no captions")
-    from diffsparse.models.loading import load_pipeline, pipeline_backbone
-
     pipe = load_pipeline(args.pipeline, backbone=pipeline_backbone(Path(args.pipeline)))
     out = save_captions(args.out, encode_captions(pipe, captions, args.max_length), captions)
     print(f"{len(captions)} captions -> {out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from diffsparse.backbones import backbone_for
 from diffsparse.models.handle import ModelHandle
 from diffsparse.models.sampling import initial_noise, is_flow_matching, sample
 from diffsparse.reference.digits import to_unit_range
@@ -35,7 +36,7 @@ def generate(pipe, conditions, num_steps: int, seed: int = 0, guidance_scale: fl
     common = dict(num_inference_steps=num_steps, generator=generator, output_type="pt", guidance_scale=guidance_scale)
     common.update(options)
     name = type(pipe).__name__
-    if name == "DiTPipeline":
+    if not backbone_for(pipe.transformer).text_conditioned:  # class-conditional (DiT)
         check_classes(torch.as_tensor(list(conditions)), pipe.transformer.config.num_embeds_ada_norm)
         return pipe(class_labels=list(conditions), **common).images
     if isinstance(conditions, dict):

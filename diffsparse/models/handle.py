@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffsparse.accounting.macs import mac_table
-from diffsparse.backbones.calls import forward_kwargs
-from diffsparse.backbones.registry import backbone_for
+from diffsparse.backbones import backbone_for, forward_kwargs
 from diffsparse.models.sampling import make_scheduler
 
 
@@ -38,7 +37,7 @@ class ModelHandle:
 
     @property
     def text_conditioned(self) -> bool:
-        return backbone_for(self.transformer).name != "dit"
+        return backbone_for(self.transformer).text_conditioned
 
     def scheduler(self, name: str = "ddim"):
         return make_scheduler(name, self.noise_schedule)

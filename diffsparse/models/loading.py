@@ -10,7 +10,6 @@ own defaults or from the `height` / `width` / `frames` options, never from const
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,87 +18,40 @@ import diffusers
 import torch
 from hydra.utils import instantiate
 
-from diffsparse.backbones.flow_tiny import tiny_flux_pipeline, tiny_wan_pipeline
-from diffsparse.backbones.tiny import build_transformer, tiny_pipeline, tiny_vae
+from diffsparse.backbones import BACKBONES, backbone_for, backbone_named, tiny_pipeline
+from diffsparse.backbones.dit import build_dit
+from diffsparse.backbones.pixart import build_pixart
+from diffsparse.backbones.tiny_parts import tiny_vae
 from diffsparse.models.handle import ModelHandle
 from diffsparse.models.sampling import is_flow_matching
 from diffsparse.reference.digits import IMAGE_SIZE, NUM_CLASSES
 from diffsparse.reference.model import NOISE_SCHEDULE, load_reference
 
-# The stock pipeline class of each backbone, and the transformer class a bare transformer folder names.
-PIPELINE_CLASSES = {
-    "dit": "DiTPipeline",
-    "pixart": "PixArtAlphaPipeline",
-    "flux": "FluxPipeline",
-    "wan": "WanPipeline",
-}
-TRANSFORMER_CLASSES = {
-    "DiTTransformer2DModel": "dit",
-    "PixArtTransformer2DModel": "pixart",
-    "FluxTransformer2DModel": "flux",
-    "WanTransformer3DModel": "wan",
-}
-
 
 def pipeline_backbone(path: Path) -> str:
-    """The backbone of a saved pipeline folder, from the class named in its `model_index.json`."""
+    """The backbone of a saved pipeline folder, from the class named in its `model_index.json` (its stock
+    pipeline's class, or a sibling of it: `PixArtSigmaPipeline`, `FluxImg2ImgPipeline`, ...)."""
     name = json.loads((Path(path) / "model_index.json").read_text())["_class_name"]
-    for backbone, cls in PIPELINE_CLASSES.items():
-        if name == cls or name.startswith(cls.removesuffix("Pipeline").removesuffix("Alpha")):
-            return backbone
-    raise ValueError(f"{path} holds a {name}; supported pipelines: {sorted(PIPELINE_CLASSES.values())}.")
+    for spec in BACKBONES.values():
+        cls = spec.pipeline_class
+        if cls and (name == cls or name.startswith(cls.removesuffix("Pipeline").removesuffix("Alpha"))):
+            return spec.name
+    supported = sorted(s.pipeline_class for s in BACKBONES.values() if s.pipeline_class)
+    raise ValueError(f"{path} holds a {name}; supported pipelines: {supported}.")
 
 
-def _pipeline_default(pipe, name: str):
-    """A keyword's default in the pipeline's `__call__` (e.g. Wan's `height=480`), or None."""
-    parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
-    return None if parameter is None else parameter.default
-
-
-def _flux_latents(pipe, height, width, frames):
-    """FLUX packs 2 x 2 latent patches into tokens: sides are multiples of 2 x the VAE's factor (1024 by default)."""
-    scale = pipe.vae_scale_factor
-    height = height or pipe.default_sample_size * scale
-    width = width or pipe.default_sample_size * scale
-    for side in (height, width):
-        if side % (2 * scale):
-            raise ValueError(f"FLUX height and width must be multiples of {2 * scale} (VAE x 2), got {side}.")
-    return (pipe.transformer.config.in_channels // 4, 2 * (height // (2 * scale)), 2 * (width // (2 * scale)))
-
-
-def _wan_latents(pipe, height, width, frames):
-    """Wan compresses time and space: its call's defaults are 81 frames of 480 x 832."""
-    spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
-    height = height or _pipeline_default(pipe, "height")
-    width = width or _pipeline_default(pipe, "width")
-    frames = frames or _pipeline_default(pipe, "num_frames")
-    if (frames - 1) % temporal:
-        raise ValueError(f"Wan frames - 1 must be a multiple of {temporal}, got frames={frames}.")
-    return (pipe.transformer.config.in_channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
-
-
-def _image_latents(pipe, height, width, frames):
-    """DiT, PixArt: the transformer's `sample_size` unless a size is asked for."""
-    if height is None and width is None:
-        return None
-    scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return (pipe.transformer.config.in_channels, (height or width) // scale, (width or height) // scale)
-
-
-# backbone -> latents of one sample as its stock pipeline makes them (None: the transformer's config says)
-LATENT_SHAPES = {"flux": _flux_latents, "wan": _wan_latents, "dit": _image_latents, "pixart": _image_latents}
-
-
-def latent_shape(pipe, backbone: str, height=None, width=None, frames=None) -> tuple[int, ...] | None:
-    """Latents of one sample as the stock pipeline makes them at `height` x `width` (x `frames`), or at the
-    pipeline's defaults; None where the transformer's config says it (DiT, PixArt without options)."""
-    return LATENT_SHAPES[backbone](pipe, height, width, frames)
+def _check_transformer_class(class_name: str, where: str) -> None:
+    """Refuse a transformer class no registry row names."""
+    if any(class_name in spec.model_classes for spec in BACKBONES.values()):
+        return
+    supported = sorted(c for s in BACKBONES.values() for c in s.model_classes)
+    raise ValueError(f"{where} holds a {class_name}; supported: {supported}.")
 
 
 def handle_of(pipe, backbone: str | None = None, height=None, width=None, frames=None) -> ModelHandle:
     """The model handle of a stock pipeline: its transformer (frozen), VAE, training noise schedule and latent
     shape; the pipeline itself is kept for `infer.py`'s stock-pipeline sampling."""
-    backbone = backbone or _backbone_of_transformer(pipe.transformer)
+    spec = backbone_named(backbone) if backbone else backbone_for(pipe.transformer)
     shape_options = dict(height=height, width=width, frames=frames)
     transformer = pipe.transformer.eval().requires_grad_(False)
     if is_flow_matching(pipe.scheduler.config):  # the scheduler's whole config (FLUX, Wan)
@@ -108,18 +60,12 @@ def handle_of(pipe, backbone: str | None = None, height=None, width=None, frames
     else:
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas")
         noise_schedule = {k: pipe.scheduler.config[k] for k in keys if k in pipe.scheduler.config}
-    shape = latent_shape(pipe, backbone, **shape_options)
+    # Latents of one sample as the stock pipeline makes them (None: the transformer's config says)
+    shape = spec.latent_shape(pipe, height, width, frames) if spec.latent_shape else None
     vae = pipe.vae.eval().requires_grad_(False)
     names = {"height": "height", "width": "width", "frames": "num_frames"}
     options = {names[k]: v for k, v in shape_options.items() if v is not None}
     return ModelHandle(transformer, noise_schedule, vae=vae, shape=shape, pipeline=pipe, pipeline_options=options)
-
-
-def _backbone_of_transformer(transformer) -> str:
-    name = type(transformer).__name__
-    if name not in TRANSFORMER_CLASSES:
-        raise ValueError(f"A {name} is not a supported transformer; supported: {sorted(TRANSFORMER_CLASSES)}.")
-    return TRANSFORMER_CLASSES[name]
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -135,9 +81,10 @@ def load_pipeline(pretrained: str, backbone: str = "dit", dtype: str = "float32"
 
     A hub id needs network access (or the hub cache); where it is missing the error says what to do.
     """
-    if backbone not in PIPELINE_CLASSES:
-        raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(PIPELINE_CLASSES)}.")
-    cls = getattr(diffusers, PIPELINE_CLASSES[backbone])
+    spec = backbone_named(backbone)
+    if spec.pipeline_class is None:
+        raise ValueError(f"Backbone {backbone!r} has no stock pipeline to load; load its transformer folder instead.")
+    cls = getattr(diffusers, spec.pipeline_class)
     local = Path(pretrained).expanduser()
     if (str(pretrained).startswith((".", "/", "~")) or local.exists()) and not (local / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -155,7 +102,7 @@ def load_pipeline(pretrained: str, backbone: str = "dit", dtype: str = "float32"
     return pipe.to(device)
 
 
-def _from_transformer_folder(path: Path, dtype=None, height=None, width=None) -> ModelHandle:
+def _from_transformer_folder(path: Path, dtype=None, height=None, width=None, frames=None) -> ModelHandle:
     """A `transformer/` folder with `noise_schedule.json` (or `scheduler/`) and, for latent models, `vae/`."""
     config_file = path / "transformer" / "config.json"
     if not config_file.is_file():
@@ -165,8 +112,7 @@ def _from_transformer_folder(path: Path, dtype=None, height=None, width=None) ->
             "noise schedule as DIR/noise_schedule.json, or a whole pipeline with `pipe.save_pretrained(DIR)`."
         )
     class_name = json.loads(config_file.read_text()).get("_class_name", "")
-    if class_name not in TRANSFORMER_CLASSES:
-        raise ValueError(f"{config_file} holds a {class_name}; supported: {sorted(TRANSFORMER_CLASSES)}.")
+    _check_transformer_class(class_name, str(config_file))
     transformer = getattr(diffusers, class_name).from_pretrained(path / "transformer", dtype=_dtype(dtype))
     schedule_file, scheduler_dir = path / "noise_schedule.json", path / "scheduler" / "scheduler_config.json"
     if schedule_file.is_file():
@@ -187,6 +133,11 @@ def _from_transformer_folder(path: Path, dtype=None, height=None, width=None) ->
         vae = getattr(diffusers, vae_class).from_pretrained(path / "vae", dtype=_dtype(dtype))
         vae = vae.eval().requires_grad_(False)
     shape = None
+    if frames is not None:
+        raise ValueError(f"{path} holds an image transformer: `frames` is for video pipelines (Wan).")
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and (not isinstance(side, int) or side < 1):
+            raise ValueError(f"{name}={side!r}: give a positive number of pixels.")
     if height or width:
         scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         c = transformer.config
@@ -194,26 +145,25 @@ def _from_transformer_folder(path: Path, dtype=None, height=None, width=None) ->
     return ModelHandle(transformer.eval().requires_grad_(False), noise_schedule, vae=vae, shape=shape)
 
 
-def _tiny_dit(**_) -> ModelHandle:
-    transformer = build_transformer("dit", "tiny", sample_size=IMAGE_SIZE, in_channels=1, num_classes=NUM_CLASSES)
+def _tiny_dit() -> ModelHandle:
+    transformer = build_dit("tiny", sample_size=IMAGE_SIZE, in_channels=1, num_classes=NUM_CLASSES)
     return ModelHandle(transformer.requires_grad_(False), dict(NOISE_SCHEDULE))
 
 
-def _tiny_pixart(**_) -> ModelHandle:
-    transformer = build_transformer("pixart", "tiny").requires_grad_(False)
+def _tiny_pixart() -> ModelHandle:
+    transformer = build_pixart("tiny").requires_grad_(False)
     return ModelHandle(transformer, dict(NOISE_SCHEDULE), vae=tiny_vae().requires_grad_(False))
 
 
-def _tiny_pipeline(backbone: str, **defaults) -> Callable[..., ModelHandle]:
+def _tiny(backbone: str, shape: dict | None = None, **defaults) -> Callable[..., ModelHandle]:
+    """A loader of the backbone's tiny random stock pipeline (`defaults`: its builder's options), at the latent
+    `shape` options (`height`, `width`, `frames`) unless the call chooses others."""
+    shape_defaults = shape or {}
+
     def load(seed: int = 0, **options) -> ModelHandle:
-        return handle_of(tiny_pipeline(backbone, seed=seed, **{**defaults, **options}), backbone)
-
-    return load
-
-
-def _tiny_flow(build: Callable, backbone: str, **shape) -> Callable[..., ModelHandle]:
-    def load(seed: int = 0, **options) -> ModelHandle:
-        return handle_of(build(seed=seed), backbone, **{**shape, **options})
+        chosen = {k: options.pop(k) for k in ("height", "width", "frames") if k in options}
+        pipe = tiny_pipeline(backbone, seed=seed, **{**defaults, **options})
+        return handle_of(pipe, backbone, **{**shape_defaults, **chosen})
 
     return load
 
@@ -227,13 +177,13 @@ def _hub(pretrained: str, backbone: str) -> Callable[..., ModelHandle]:
 
 # name -> loader(**options). The Hydra `model` group has one file per name (conf/model/NAME.yaml).
 MODELS: dict[str, Callable[..., ModelHandle]] = {
-    "reference": lambda path=None, **_: load_reference(path),
+    "reference": lambda path=None: load_reference(path),
     "tiny": _tiny_dit,  # a random 2-block DiT shaped like the reference (16 x 16 digits, 10 classes)
     "tiny_pixart": _tiny_pixart,  # a random 2-block PixArt on 4 x 8 x 8 latents with a tiny VAE
-    "dit_tiny": _tiny_pipeline("dit", size="tiny", sample_size=8),  # tiny random DiTPipeline
-    "dit_s2_random": _tiny_pipeline("dit", size="S/2", sample_size=32),  # DiT-S/2 shape, random weights
-    "flux_tiny": _tiny_flow(tiny_flux_pipeline, "flux", height=16, width=16),  # 4 x 8 x 8 latents: 16 tokens
-    "wan_tiny": _tiny_flow(tiny_wan_pipeline, "wan", height=32, width=32, frames=5),  # 4 x 2 x 8 x 8 latents
+    "dit_tiny": _tiny("dit", size="tiny", sample_size=8),  # tiny random DiTPipeline
+    "dit_s2_random": _tiny("dit", size="S/2", sample_size=32),  # DiT-S/2 shape, random weights
+    "flux_tiny": _tiny("flux", dict(height=16, width=16)),  # 4 x 8 x 8 latents: 16 tokens
+    "wan_tiny": _tiny("wan", dict(height=32, width=32, frames=5)),  # 4 x 2 x 8 x 8 latents
     "dit_xl_256": _hub("facebook/DiT-XL-2-256", "dit"),
     "pixart_alpha_512": _hub("PixArt-alpha/PixArt-XL-2-512x512", "pixart"),
     "flux_schnell": _hub("black-forest-labs/FLUX.1-schnell", "flux"),
@@ -266,7 +216,12 @@ def load_model(name_or_path: str | Path | Mapping | None = None, path: str | Pat
     target = str(path if path is not None else name_or_path)
     key = ALIASES.get(target, target)
     if path is None and key in MODELS:
-        return MODELS[key](**options)
+        try:
+            return MODELS[key](**options)
+        except TypeError as e:  # an option this loader (or the builder it calls) does not take
+            if "unexpected keyword argument" not in str(e) and "positional argument" not in str(e):
+                raise
+            raise ValueError(f"load_model({key!r}) does not take the options {sorted(options)}: {e}") from e
     folder = Path(target).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(

@@ -16,8 +16,8 @@ from diffusers.models.cache_utils import CacheMixin
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from diffsparse.backbones.calls import predict, set_steps
-from diffsparse.cache import trajectory_replay
+from diffsparse.backbones import predict, set_steps
+from diffsparse.cache.control import trajectory_replay
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "flow": FlowMatchEulerDiscreteScheduler}
 

@@ -9,7 +9,14 @@ remove_pruning(transformer)                           # the dense model again, e
 """
 
 from diffsparse.prune.plan import PrunePlan
-from diffsparse.prune.routing import StitchedModel, WeightRouter, apply_pruning, pruned_copy, remove_pruning
+from diffsparse.prune.routing import (
+    StitchedModel,
+    WeightRouter,
+    apply_pruning,
+    pruned_copy,
+    pruning_router,
+    remove_pruning,
+)
 from diffsparse.prune.store import PruneStore, build_store
 
 __all__ = [
@@ -20,5 +27,6 @@ __all__ = [
     "apply_pruning",
     "build_store",
     "pruned_copy",
+    "pruning_router",
     "remove_pruning",
 ]

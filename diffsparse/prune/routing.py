@@ -4,9 +4,9 @@
 producer rows of the kept structures (sliced from the dense weights), the consumer's kept columns (from the store
 for OBS, sliced for Wanda), and the attention's head count; for LayerDrop, the block list with the dropped
 blocks replaced by a skip. The matmuls really get smaller. `route(stage, 0)` and `restore()` put the dense
-parameters back (the same tensor objects). `apply_pruning(model, store, levels)` routes by timestep before every
-forward, so the model switches at the stage boundaries inside any sampling loop; `remove_pruning` gives the
-original model back.
+parameters back (the same tensor objects). `apply_pruning(model, store, levels)` puts a `WeightRoutingHook` in the
+model's diffusers `HookRegistry` (as the token cache does) that routes by timestep before every forward, so the
+model switches at the stage boundaries inside any sampling loop; `remove_pruning` gives the original model back.
 
 `pruned_copy` builds the same pruned network physically (new, smaller `nn.Linear` modules on a deep copy);
 `StitchedModel` holds one such copy per stage and calls the one for the current timestep, which is MosaicDiff's
@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 
 import torch
+from diffusers.hooks import ModelHook
 from torch import nn
 
 from diffsparse.backbones.registry import backbone_for
+from diffsparse.model_hooks import add_hook, drop_hook, find_hook
 from diffsparse.prune.calibration import stage_of_timestep
 from diffsparse.prune.store import BLOCKS, PruneStore
 from diffsparse.prune.structures import HEADS, PrunableLayer, prunable_layers
 
-_ROUTER = "_diffsparse_weight_router"
+_ROUTING_HOOK = "diffsparse_weight_routing"
 
 
 def kept_structures(store: PruneStore, stage: int, layer: str, level: int) -> tuple[int, torch.Tensor]:
@@ -160,33 +163,55 @@ def _timestep(signature: inspect.Signature, module, args, kwargs) -> float:
     return float(torch.as_tensor(t).flatten()[0])
 
 
+class WeightRoutingHook(ModelHook):
+    """On the model: before each forward, routes in the weights of the call's stage at its level."""
+
+    def __init__(self, router: WeightRouter, signature: inspect.Signature, stage_levels: list[int]):
+        super().__init__()
+        self.router, self.signature, self.stage_levels = router, signature, stage_levels
+        self.boundaries = router.store.boundaries
+
+    def pre_forward(self, module, *args, **kwargs):
+        stage = int(stage_of_timestep(_timestep(self.signature, module, args, kwargs), self.boundaries)[0])
+        self.router.route(stage, int(self.stage_levels[stage]))
+        return args, kwargs
+
+
+def pruning_router(model: nn.Module) -> WeightRouter | None:
+    """The router of the pruning applied to `model`, or None."""
+    hook = find_hook(model, _ROUTING_HOOK)
+    return hook.router if hook is not None else None
+
+
 def apply_pruning(model: nn.Module, store: PruneStore, stage_levels: list[int]) -> WeightRouter:
     """Route `store`'s pruned weights into `model` by timestep: before each forward, the stage of the call's
-    timestep picks its level in `stage_levels`. In place; `remove_pruning(model)` undoes it."""
+    timestep picks its level in `stage_levels`. In place; `remove_pruning(model)` undoes it.
+
+    Refused (RuntimeError) when pruning is already applied: `remove_pruning(model)` first.
+
+    Example:
+        >>> apply_pruning(transformer, plan.store, plan.stage_levels)
+        >>> ...  # sample as usual
+        >>> remove_pruning(transformer)
+    """
     if len(stage_levels) != store.num_stages:
         raise ValueError(f"{len(stage_levels)} levels for a store of {store.num_stages} stages")
-    if getattr(model, _ROUTER, None) is not None:
-        remove_pruning(model)
+    if pruning_router(model) is not None:
+        raise RuntimeError("Pruning is already applied to this model: call remove_pruning(model) first.")
     router = WeightRouter(model, store)
-    signature = inspect.signature(type(model).forward)
-    boundaries = store.boundaries
-
-    def hook(module, args, kwargs):
-        stage = int(stage_of_timestep(_timestep(signature, module, args, kwargs), boundaries)[0])
-        router.route(stage, int(stage_levels[stage]))
-
-    router.handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    setattr(model, _ROUTER, router)
+    add_hook(model, WeightRoutingHook(router, inspect.signature(type(model).forward), stage_levels), _ROUTING_HOOK)
     return router
 
 
 def remove_pruning(model: nn.Module) -> None:
-    """The dense model back, exactly (its own parameter tensors), and no routing hook."""
-    router = getattr(model, _ROUTER, None)
-    if router is not None:
-        router.handle.remove()
-        router.restore()
-        delattr(model, _ROUTER)
+    """The dense model back, exactly (its own parameter tensors), and no routing hook. Without pruning applied it
+    only warns (`UserWarning`)."""
+    router = pruning_router(model)
+    if router is None:
+        warnings.warn("No pruning is applied to this model: nothing to remove.", UserWarning, stacklevel=2)
+        return
+    drop_hook(model, _ROUTING_HOOK)
+    router.restore()
 
 
 def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

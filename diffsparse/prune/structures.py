@@ -77,7 +77,7 @@ def _mlp_layer(name: str, block: int, ff: nn.Module) -> PrunableLayer:
 
 def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
     """Every prunable layer of `model`, in execution order (the registry's units)."""
-    if backbone_for(model).name not in ("dit", "pixart"):  # a clear error for unsupported models
+    if not backbone_for(model).prunable:  # a clear error for models whose blocks pruning does not cover
         raise NotImplementedError(
             f"Structural pruning covers DiT and PixArt-alpha; {type(model).__name__} is token-cache only for now."
         )

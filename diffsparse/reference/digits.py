@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from sklearn.datasets import load_digits as sk_load_digits
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 16
@@ -14,8 +15,6 @@ IMAGE_SIZE = 16
 
 def load_digits(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """All digits as `(images (N, 1, size, size) in [-1, 1], labels (N,))`, bilinearly upsampled from 8 x 8."""
-    from sklearn.datasets import load_digits as sk_load_digits
-
     data = sk_load_digits()
     images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # values 0..16 -> [0, 1]
     if size != images.shape[-1]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -61,7 +62,7 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random shifts of up to one pixel and a little pixel noise, so the classifier tolerates generated digits."""
     dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
     x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-    return (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    return (x + 0.05 * randn_tensor(x.shape, generator=g)).clamp(-1, 1)
 
 
 def train_feature_net(

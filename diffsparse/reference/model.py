@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+from diffusers import DiTTransformer2DModel
 
 from diffsparse.models.handle import ModelHandle
 from diffsparse.reference.digits import IMAGE_SIZE, NUM_CLASSES
@@ -43,8 +44,6 @@ NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02
 
 def load_reference(path: str | Path | None = None) -> ModelHandle:
     """The shipped reference DiT (or the one trained into `path`), ready to sample."""
-    from diffusers import DiTTransformer2DModel
-
     path = Path(path) if path is not None else REFERENCE_DIR
     weights = path / "transformer" / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
@@ -57,8 +56,7 @@ def load_reference(path: str | Path | None = None) -> ModelHandle:
     return ModelHandle(transformer, noise_schedule)
 
 
-def build_reference_transformer(seed: int = 0) -> torch.nn.Module:
-    from diffusers import DiTTransformer2DModel
-
+def build_reference_transformer(seed: int = 0) -> DiTTransformer2DModel:
+    """The reference DiT's architecture with random weights (seeded by `seed`), to train."""
     torch.manual_seed(seed)
     return DiTTransformer2DModel(**ARCHITECTURE)

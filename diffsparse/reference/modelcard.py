@@ -1,7 +1,7 @@
 """The reference model's card: what it is, how it was trained, and how good its own samples are.
 
-`python -m diffsparse.modelcard [MODEL_DIR]` measures the dense model (50 DDIM steps, 500 samples, 50 per class)
-with the feature network and writes MODEL_DIR/README.md and MODEL_DIR/samples.png.
+`python -m diffsparse.reference.modelcard [MODEL_DIR]` measures the dense model (50 DDIM steps, 500 samples, 50
+per class) with the feature network and writes MODEL_DIR/README.md and MODEL_DIR/samples.png.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from torchvision.utils import make_grid, save_image
 
 from diffsparse.evaluate.metrics import fd_estimate, mean_estimate
 from diffsparse.files import atomic_path
@@ -69,8 +70,6 @@ def write_card(
 
     `feature_net_dir` defaults to the `digits_classifier` folder beside `model_dir`, else the shipped one.
     """
-    from torchvision.utils import make_grid, save_image
-
     model_dir = Path(model_dir)
     if feature_net_dir is None:
         beside = model_dir.parent / "digits_classifier"
@@ -91,7 +90,7 @@ def write_card(
 
 A class-conditional diffusion transformer (diffusers `DiTTransformer2DModel`) trained by diffsparse on
 scikit-learn's bundled digits, so that schedules can be judged on a real model with no download.
-Load it with `diffsparse.reference.load_reference()`; sample it with `diffsparse.sampling.sample`.
+Load it with `diffsparse.reference.model.load_reference()`; sample it with `diffsparse.models.sampling.sample`.
 
 ## Model
 
@@ -116,8 +115,9 @@ Load it with `diffsparse.reference.load_reference()`; sample it with `diffsparse
 
 ## Sample quality (dense sampling)
 
-Measured by `python -m diffsparse.modelcard`: {m["samples"]} samples ({m["samples"] // NUM_CLASSES} per class), \
-DDIM {m["steps"]} steps, guidance {m["guidance"]}, noise seed {m["seed"]}. Brackets: 95 % bootstrap intervals.
+Measured by `python -m diffsparse.reference.modelcard`: {m["samples"]} samples \
+({m["samples"] // NUM_CLASSES} per class), DDIM {m["steps"]} steps, guidance {m["guidance"]}, noise seed \
+{m["seed"]}. Brackets: 95 % bootstrap intervals.
 
 | | value |
 |---|---|
@@ -152,7 +152,7 @@ FD uses its {feature_cfg["features"]}-wide penultimate features.
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m diffsparse.modelcard", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m diffsparse.reference.modelcard", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", nargs="?", default=str(REFERENCE_DIR), help="folder written by train_reference")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--samples", type=int, default=500)

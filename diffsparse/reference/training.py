@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils.torch_utils import randn_tensor
+from matplotlib.figure import Figure
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from tqdm.auto import tqdm
 
 from diffsparse.reference.digits import NUM_CLASSES, load_digits
@@ -20,12 +23,21 @@ from diffsparse.reference.model import NOISE_SCHEDULE, build_reference_transform
 log = logging.getLogger(__name__)
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 1 % of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+def warmup_cosine(optimizer: torch.optim.Optimizer, total: int, warmup: int, final: float = 0.01) -> LRScheduler:
+    """Linear warm-up to the optimizer's learning rate (step k of `warmup` at (k + 1) / warmup of it), then cosine
+    decay to `final` times it at step `total`. Step it once after every optimizer step."""
+    peak = optimizer.param_groups[0]["lr"]
+    if warmup == 0:
+        return CosineAnnealingLR(optimizer, T_max=max(total, 1), eta_min=final * peak)
+    ramp = LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup - 1)
+    cosine = CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1), eta_min=final * peak)
+    return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+def constant_ema(model: torch.nn.Module, decay: float) -> EMAModel:
+    """diffusers' EMA of `model`'s weights at a constant `decay` from the first step: `min_decay=decay` turns off
+    its decay warm-up, and `update_after_step=-1` its plain copy of the weights at step 1."""
+    return EMAModel(model.parameters(), decay=decay, min_decay=decay, update_after_step=-1)
 
 
 def train_reference(
@@ -45,15 +57,14 @@ def train_reference(
     learns the unconditional prediction for classifier-free guidance. (The model stays in eval mode: in train mode
     diffusers would drop labels again, independently in every block.)
     """
-    from diffusers import DDPMScheduler
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     images, labels = load_digits()
     noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
     model = build_reference_transformer(seed).eval()
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = constant_ema(model, ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    lr_schedule = warmup_cosine(opt, steps, warmup)
     g = torch.Generator().manual_seed(seed)
     history, running, count, start = [], 0.0, 0, time.perf_counter()
     bar = tqdm(range(steps), desc="reference DiT")
@@ -61,19 +72,16 @@ def train_reference(
         idx = torch.randint(0, len(images), (batch_size,), generator=g)
         x0, y = images[idx], labels[idx]
         y = torch.where(torch.rand(batch_size, generator=g) < label_dropout, NUM_CLASSES, y)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = randn_tensor(x0.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g)
         pred = model(noise_sched.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
         loss = F.mse_loss(pred, noise)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - ema_decay)
+        lr_schedule.step()
+        ema.step(model.parameters())
         running += loss.item()
         count += 1
         if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -82,7 +90,8 @@ def train_reference(
             bar.set_postfix(loss=f"{running / count:.4f}")
             running, count = 0.0, 0
     minutes = (time.perf_counter() - start) / 60
-    ema.save_pretrained(out / "transformer", safe_serialization=True)
+    ema.copy_to(model.parameters())  # the shipped weights are the EMA's
+    model.save_pretrained(out / "transformer", safe_serialization=True)
     (out / "noise_schedule.json").write_text(json.dumps(NOISE_SCHEDULE, indent=2) + "\n")
     with open(out / "loss.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "minutes"])
@@ -100,14 +109,8 @@ def train_reference(
 
 
 def _plot_loss(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3), layout="tight")  # no pyplot: no backend, no global figure to close
+    ax = fig.subplots()
     ax.plot([h["step"] for h in history], [h["loss"] for h in history])
     ax.set(xlabel="step", ylabel="epsilon MSE", yscale="log", title="reference DiT training loss")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -4,65 +4,42 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
-import shutil
-import time
-from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from diffsparse.files import write_json
-from diffsparse.learn.data import ConditionDataModule
-from diffsparse.learn.module import ScheduleLearner
+from diffsparse.learn.export import ScheduleExport
 from diffsparse.tasks.common import check_complete
 
 log = logging.getLogger(__name__)
 
 
 def learn_schedule(cfg: DictConfig) -> dict:
-    """Learn a schedule with `ScheduleLearner` under Lightning; export it (JSON, costs, heatmap) from rank 0."""
+    """Fit the `learn` config's `ScheduleLearner` on the `data` config's conditions with the `trainer` config's
+    Trainer and the `callbacks` group; the export callback writes the schedule and metrics.json from rank 0."""
     check_complete(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.output_dir)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    learner = ScheduleLearner(model=model, **OmegaConf.to_container(cfg.learn, resolve=True))
-    data = ConditionDataModule(num_classes=learner._ref.num_classes, **cfg.data)
+    # partial: the model and the objects below are passed as they are, not merged into the config
+    learner = instantiate(cfg.learn, _partial_=True)(model=OmegaConf.to_container(cfg.model, resolve=True))
+    data = instantiate(cfg.data, num_classes=learner.num_classes)
+    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    export = next((c for c in callbacks if isinstance(c, ScheduleExport)), None)
+    if export is None:
+        raise ValueError("The learn task needs the export callback (callbacks=default, conf/callbacks/).")
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    # keep the costs with the lowest validation L2 (the hard schedule, on held-out conditions), and the last ones
-    best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best-{epoch}", monitor="val/l2", mode="min")
-    latest = ModelCheckpoint(dirpath=out / "checkpoints", filename="latest", enable_version_counter=False)
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer = L.Trainer(**trainer_args, logger=logger, default_root_dir=out, callbacks=[best, latest])
-    start = time.perf_counter()
+    trainer = instantiate(cfg.trainer, _partial_=True)(callbacks=callbacks, logger=logger)
     try:
         trainer.fit(learner, data, ckpt_path=cfg.ckpt_path)
     except SIGTERMException as e:  # Lightning's is a SystemExit(None): exit status 0, as if it had finished
-        resume = out / "checkpoints" / "latest.ckpt"
-        hint = f" Resume with ckpt_path={resume}." if resume.is_file() else ""
+        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        hint = f" Resume with ckpt_path={last}." if last else ""
         raise SystemExit(f"Training was stopped (SIGTERM) before it finished; no schedule was exported.{hint}") from e
     if trainer.interrupted:
         raise SystemExit("Training was interrupted before it finished; no schedule was exported.")
-    minutes = (time.perf_counter() - start) / 60
     if not trainer.is_global_zero:
         return {}
-    best_score = best.best_model_score
-    if best.best_model_path:
-        checkpoint = torch.load(best.best_model_path, weights_only=False)
-        learner.load_state_dict(checkpoint["state_dict"])
-        shutil.copy(best.best_model_path, out / f"stage{cfg.learn.stage}.ckpt")
-        if best_score is None:  # spawned processes (ddp_spawn) hand back the path only: the score is in the file
-            scores = [
-                v["best_model_score"] for v in checkpoint.get("callbacks", {}).values() if "best_model_score" in v
-            ]
-            best_score = next((s for s in scores if s is not None), None)
-    metrics = learner.export(out)
-    metrics["best_val_l2"] = float(best_score) if best_score is not None else None
-    metrics.update(minutes=round(minutes, 2), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    write_json(out / "metrics.json", metrics)
+    metrics = json.loads(export.metrics_path.read_text())  # written by rank 0, in a spawned process under ddp_spawn
     log.info("learned schedule: %s", json.dumps(metrics, default=str))
     return metrics

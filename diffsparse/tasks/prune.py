@@ -2,8 +2,8 @@
 
 The schedule of levels is `uniform` (one stage over all timesteps, one level), `mosaic` (MosaicDiff's three SNR
 stages and allocation pattern) or `search` (Diff-ES: equal stages over the sampler's steps, levels found by a
-search of `diffsparse.search` under a level-sum budget, fitness from `diffsparse.fitness` on the routed model).
-Every one is fitted to `prune.budget` of the dense MACs. The artefact (`<output_dir>/pruned`) is what
+search of `diffsparse.allocate.search` under a level-sum budget, fitness from `diffsparse.allocate.fitness` on the
+routed model). Every one is fitted to `prune.budget` of the dense MACs. The artefact (`<output_dir>/pruned`) is what
 `python infer.py pruned=...` and `python -m diffsparse.evaluate --pruned NAME=...` run.
 """
 
@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffsparse.allocate.fitness import SampleFitness
+from diffsparse.allocate.search import make_search
 from diffsparse.allocate.search_loop import plot_progress, run_search, search_options
+from diffsparse.allocate.stages import StageSpace
 from diffsparse.models.loading import load_model
 from diffsparse.prune.calibration import step_boundaries
 from diffsparse.prune.plan import (
@@ -38,8 +42,6 @@ SCHEDULES = ("uniform", "mosaic", "search")
 
 
 def prune(cfg: DictConfig) -> dict:
-    from diffsparse.allocate.stages import StageSpace
-
     p = cfg.prune
     if p.schedule not in SCHEDULES:
         raise ValueError(f"Unknown prune.schedule {p.schedule!r}; choose one of {SCHEDULES}.")
@@ -102,11 +104,6 @@ def prune(cfg: DictConfig) -> dict:
 
 def _search(cfg, ref, store, space, timesteps, macs, out: Path) -> tuple[list[int], dict]:
     """Diff-ES: levels per stage under the level sum whose even spread saves `prune.budget` of the MACs."""
-    from dataclasses import replace
-
-    from diffsparse.allocate.fitness import SampleFitness
-    from diffsparse.allocate.search import make_search
-
     s, p = cfg.search, cfg.prune
     space = replace(space, levels=store.levels, max_level=store.max_level)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from diffsparse.backbones.tiny import example_inputs
+from diffsparse.backbones import example_inputs
 from diffsparse.cache import cacheable_units
 from diffsparse.models.handle import ModelHandle
 from diffsparse.tasks.common import check_complete, load_configured_model

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def search_schedule(cfg: DictConfig) -> dict:
-    """Search a stage-wise schedule (`diffsparse.search`) under a level budget fitted to `search.budget` of the MACs.
+    """Search a stage-wise schedule (`diffsparse.allocate.search`) under a level budget fitted to `search.budget`
+    of the MACs.
 
     Each generation is logged, and the search state is saved to `search_state.json`; a rerun into the same
     output_dir continues from it. Stops after `search.generations`, after `search.minutes` of wall clock (at a

@@ -1,0 +1,77 @@
+"""Exporting a learned schedule when training ends: a rank-zero Lightning callback and the files it writes.
+
+The exported costs are those of the best checkpoint (`trainer.checkpoint_callback`: the lowest `val/l2`, the hard
+schedule on held-out conditions), or the last ones when validation never ran.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from safetensors.torch import save_file
+
+from diffsparse.files import write_json
+from diffsparse.learn.module import ScheduleLearner
+from diffsparse.schedule import Schedule
+
+
+def export_schedule(learner: ScheduleLearner, out_dir: str | Path) -> dict:
+    """Write the learner's schedule (`schedule.json`), its costs (`costs.safetensors`) and the heatmap
+    (`schedule.png`) to `out_dir`; return where the schedule is, the MACs it saves and its full steps."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    schedule, _ = learner.choice()
+    saved = learner.table.saved_fraction(schedule)
+    schedule = Schedule(schedule.grid, schedule.units, {**schedule.meta, "saved_macs": saved})
+    schedule.save(out / "schedule.json")
+    tensors = {"layer_costs": learner.layer_costs().detach().contiguous()}
+    if learner.step_logits is not None:
+        tensors["step_costs"] = learner.step_logits.detach().softmax(-1).contiguous()
+    save_file(tensors, out / "costs.safetensors")
+    schedule.plot(out / "schedule.png", title=f"learned, stage {learner.hparams.stage}: saves {saved:.1%} of MACs")
+    return {"schedule": str(out / "schedule.json"), "saved_macs": saved, "full_steps": schedule.full_steps}
+
+
+class ScheduleExport(L.Callback):
+    """At the end of `fit`, on rank 0: the best checkpoint's schedule, costs and heatmap (`export_schedule`), that
+    checkpoint copied to `stage{N}.ckpt`, and `metrics.json` (what `export_schedule` returns, `best_val_l2`,
+    `minutes` of training and the process's `peak_rss_mb`).
+
+    Args:
+        out_dir: the folder the files go to (the run's output directory).
+
+    Example:
+        >>> best = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/l2", mode="min", save_last=True)
+        >>> trainer = L.Trainer(callbacks=[best, ScheduleExport(out)])
+    """
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self._start = time.perf_counter()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.json"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._start = time.perf_counter()
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: ScheduleLearner) -> None:
+        minutes = (time.perf_counter() - self._start) / 60
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # of training, before the reload
+        best = trainer.checkpoint_callback
+        learner, best_score = pl_module, None
+        if best is not None and best.best_model_path:
+            learner = ScheduleLearner.load_from_checkpoint(best.best_model_path, map_location="cpu")
+            shutil.copy(best.best_model_path, self.out_dir / f"stage{learner.hparams.stage}.ckpt")
+            best_score = best.best_model_score
+        metrics = export_schedule(learner, self.out_dir)
+        metrics["best_val_l2"] = float(best_score) if best_score is not None else None
+        metrics.update(minutes=round(minutes, 2), peak_rss_mb=peak_rss_mb)
+        write_json(self.metrics_path, metrics)

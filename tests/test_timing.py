@@ -1,0 +1,54 @@
+"""The one timing helper: warm-up of every run, strict alternation, set-up outside the clock, median and min-max."""
+
+import pytest
+
+from diffsparse.evaluate import timing
+from diffsparse.evaluate.timing import Speedup, Stopwatch, alternate, speedup, timed
+
+
+def test_runs_alternate_after_one_warm_up_round_and_keep_the_last_outputs():
+    calls = []
+    runs = {name: timed(lambda name=name: calls.append(name) or len(calls)) for name in ("dense", "a", "b")}
+    timings = alternate(runs, rounds=3)
+    assert calls == ["dense", "a", "b"] * 4  # one warm-up round, then three timed ones
+    assert {name: len(s) for name, s in timings.seconds.items()} == {"dense": 3, "a": 3, "b": 3}
+    assert timings.outputs == {"dense": 10, "a": 11, "b": 12}
+    s = timings.speedup("a")
+    assert s.low <= s.median <= s.high and timings.speedup("dense") == Speedup(1.0, 1.0, 1.0)
+
+
+def test_speedup_is_the_median_and_spread_of_per_round_ratios(monkeypatch):
+    # dense takes 6, 6, 6 s; the method 2, 3, 1 s (after the warm-up): ratios 3, 2, 6
+    durations = iter([1.0, 1.0, 6.0, 2.0, 6.0, 3.0, 6.0, 1.0])
+    clock = iter(x for d in durations for x in (0.0, d))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    result = speedup(timed(lambda: None), timed(lambda: None), rounds=3)
+    assert result == Speedup(3.0, 2.0, 6.0)
+    assert result.as_row() == {"speedup": 3.0, "speedup_min": 2.0, "speedup_max": 6.0}
+
+
+def test_set_up_outside_the_stopwatch_is_not_timed(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+
+    def run(clock: Stopwatch):
+        now[0] += 100.0  # set-up (applying a cache, copying a model)
+        with clock:
+            now[0] += 2.0
+
+    assert alternate({"dense": run}, rounds=2).seconds["dense"] == [2.0, 2.0]
+
+
+def test_a_run_that_never_starts_its_stopwatch_and_zero_rounds_are_refused():
+    with pytest.raises(RuntimeError, match="with clock:"):
+        alternate({"dense": lambda clock: None}, rounds=1)
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        alternate({"dense": timed(lambda: None)}, rounds=0)
+
+
+def test_the_cpu_needs_no_synchronising():
+    timing.synchronize("cpu")  # a no-op, also where CUDA is absent
+    timing.synchronize(None)
+    with Stopwatch("cpu") as watch:
+        pass
+    assert watch.seconds >= 0.0
