@@ -9,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.colors import BoundaryNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from diffsparse.accounting.macs import schedule_macs
 from diffsparse.backbones.registry import cacheable_units
@@ -244,18 +247,12 @@ class Schedule:
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
         """Save a heatmap (units x steps, colour = sparsity) as PNG, like the paper's Figure 3."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import BoundaryNorm
-        from matplotlib.ticker import MaxNLocator
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         height = min(2 + 0.12 * self.num_units, 14)
         width = min(3 + 0.25 * self.num_steps, 16)
-        fig, ax = plt.subplots(figsize=(width, height))
+        fig = Figure(figsize=(width, height))  # no pyplot: nothing global to close, safe off the main thread
+        ax = fig.subplots()
         edges = np.linspace(-0.125, 1.125, len(SPARSITY_LEVELS) + 1)  # one colour per level of S
         norm = BoundaryNorm(edges, ncolors=256)
         im = ax.imshow(self._grid.T, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
@@ -268,9 +265,6 @@ class Schedule:
         fig.colorbar(im, ax=ax, ticks=SPARSITY_LEVELS, label="sparsity (fraction of tokens reused)")
         ax.set_title(title or f"{self.meta.get('method', 'schedule')}: mean sparsity {self.mean_sparsity():.3f}")
         fig.tight_layout()
-        try:
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=120)
-        finally:
-            plt.close(fig)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
         return path

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
 
 from diffsparse.backbones.registry import backbone_for
 from diffsparse.prune.structures import prunable_layers
+from diffsparse.reference.digits import load_digits
 
 
 def stage_of_timestep(timesteps, boundaries) -> np.ndarray:
@@ -56,10 +58,6 @@ def calibration_batches(
     ref, boundaries, stage: int, samples: int, seed: int = 0, batch_size: int = 64
 ) -> Iterator[dict]:
     """Forward keyword batches for one stage: real digits noised to timesteps drawn from the stage, as CFG pairs."""
-    from diffusers import DDPMScheduler
-
-    from diffsparse.reference.digits import load_digits
-
     if ref.text_conditioned or ref.vae is not None:
         raise NotImplementedError(
             "SNR-aware calibration noises the digits (pixel space, 10 classes): it covers the reference model and "

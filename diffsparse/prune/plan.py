@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from diffsparse.accounting.macs import flop_counter
 from diffsparse.allocate.baselines import MOSAICDIFF_DIT_BOUNDARIES
@@ -115,14 +116,10 @@ class PrunePlan:
 
     def plot(self, path: str | Path, timesteps=None) -> None:
         """Pruned fraction per sampling step (or per stage), as a bar chart."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         timesteps = self.meta.get("timesteps") if timesteps is None else timesteps
         levels = np.asarray(self.stage_levels) / self.store.levels
-        fig, ax = plt.subplots(figsize=(7, 2.6))
+        fig = Figure(figsize=(7, 2.6))
+        ax = fig.subplots()
         if timesteps:
             stages = stage_of_timestep(timesteps, self.store.boundaries)
             ax.bar(np.arange(len(stages)), levels[stages], width=1.0, color="tab:red")
@@ -139,7 +136,6 @@ class PrunePlan:
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120)
-        plt.close(fig)
 
 
 def closest_levels(candidates: list[list[int]], boundaries, timesteps, macs, budget: float) -> list[int]:
