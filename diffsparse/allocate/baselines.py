@@ -96,6 +96,12 @@ def toca(
     backbone registry) x a ramp that falls linearly from `1 + ramp` at the first step to `1 - ramp` at the last
     (more fresh tokens while the image is still forming).
     """
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1 (a full step every `interval` steps), got {interval}")
+    if not 0.0 <= fresh_ratio <= 1.0:
+        raise ValueError(f"fresh_ratio must be in [0, 1] (the share of tokens recomputed), got {fresh_ratio}")
+    if not 0.0 <= ramp < 1.0:
+        raise ValueError(f"ramp must be in [0, 1) (the share changes from 1 + ramp to 1 - ramp), got {ramp}")
     grid = _toca_rows(units, num_steps, fresh_ratio, ramp, kind_weights)
     grid[::interval] = 0.0
     meta = {"method": "toca", "fresh_ratio": fresh_ratio, "interval": interval, "ramp": ramp}

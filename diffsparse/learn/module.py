@@ -150,8 +150,23 @@ class ScheduleLearner(L.LightningModule):
     # --- costs -> schedule ----------------------------------------------------------------------------------------
     def _warm_start(self, checkpoint: str) -> None:
         """Stage 2 from stage 1: its layer costs, minus `delta` on "compute all" at its full steps (eq. 9)."""
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        state = ckpt["state_dict"]
+        try:
+            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        except Exception as e:  # not a torch checkpoint at all (a schedule JSON, say)
+            message = f"learn.stage1_checkpoint={checkpoint} is not a Lightning checkpoint: {STAGE1_HOWTO}."
+            raise ValueError(message) from e
+        state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
+        if "step_logits" not in state or "layer_costs.logits" not in state:
+            raise ValueError(f"learn.stage1_checkpoint={checkpoint} holds no stage-1 costs: {STAGE1_HOWTO}.")
+        saved = ckpt.get("hyper_parameters") or {}
+        same = ("model", "sampler", "num_steps", "selector", "guidance")
+        differ = [k for k in same if k in saved and saved[k] != self.hparams[k]]
+        if differ:
+            pairs = ", ".join(f"{k}: {saved[k]!r} in stage 1, {self.hparams[k]!r} now" for k in differ)
+            raise ValueError(
+                f"learn.stage1_checkpoint={checkpoint} was learned for another problem ({pairs}): stage 2 must "
+                "keep stage 1's model, sampler, step count, selector and guidance."
+            )
         num_full = ckpt.get("hyper_parameters", {}).get("num_full") or self.num_full
         logits = state["layer_costs.logits"].clone().to(self._dtype)
         full = pick_full_steps(state["step_logits"].softmax(-1).double().numpy(), num_full)

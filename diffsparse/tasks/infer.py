@@ -68,6 +68,19 @@ def infer_conditions(cfg: DictConfig, ref: ModelHandle) -> list:
 def infer_pruned(cfg: DictConfig, pipe, conditions: list) -> dict:
     """`infer` for a stage-wise pruning plan (`pruned=DIR`, from `python train.py experiment=prune_*`)."""
     plan = PrunePlan.load(cfg.pruned)
+    planned_steps = int(plan.meta["num_steps"])
+    if cfg.num_steps is not None and cfg.num_steps != planned_steps:
+        raise ValueError(
+            f"num_steps={cfg.num_steps}, but the pruning plan {cfg.pruned} routes weights for {planned_steps} steps "
+            "(its stages are timestep ranges of that trajectory): leave num_steps unset, or make a plan for "
+            f"{cfg.num_steps} steps (prune.num_steps={cfg.num_steps})."
+        )
+    planned_model, model = plan.meta.get("model"), OmegaConf.to_container(cfg.model, resolve=True)
+    if isinstance(planned_model, dict) and planned_model != model:
+        raise ValueError(
+            f"The pruning plan {cfg.pruned} was made for the model {planned_model}, not {model}: its pruned weights "
+            "belong to that model. Run it with the same model= setting, or prune this model."
+        )
     metrics = run_pruned_inference(pipe, plan, conditions, cfg.seed, cfg.rounds, cfg.guidance_scale, cfg.output_dir)
     print(
         f"pruning plan {cfg.pruned}: {plan.store.method}, {plan.meta.get('schedule')}, stage levels "

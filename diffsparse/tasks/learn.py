@@ -20,6 +20,11 @@ def learn_schedule(cfg: DictConfig) -> dict:
     """Fit the `learn` config's `ScheduleLearner` on the `data` config's conditions with the `trainer` config's
     Trainer and the `callbacks` group; the export callback writes the schedule and metrics.json from rank 0."""
     check_complete(cfg)
+    if cfg.trainer.get("max_epochs") is not None and cfg.trainer.max_epochs < 1:
+        raise ValueError(
+            f"trainer.max_epochs={cfg.trainer.max_epochs}: nothing would be learned, and the untrained start would be "
+            "exported as a learned schedule. Set trainer.max_epochs >= 1."
+        )
     L.seed_everything(cfg.seed, workers=True)
     # partial: the model and the objects below are passed as they are, not merged into the config
     learner = instantiate(cfg.learn, _partial_=True)(model=OmegaConf.to_container(cfg.model, resolve=True))

@@ -49,6 +49,16 @@ def prune(cfg: DictConfig) -> dict:
         raise ValueError(f"Unknown prune.method {p.method!r}; choose one of {METHODS}.")
     if not 0.0 < p.budget < 1.0:
         raise ValueError(f"prune.budget must be in (0, 1), got {p.budget}")
+    for key in ("levels", "samples", "num_steps"):
+        if p[key] < 1:
+            raise ValueError(f"prune.{key} must be at least 1, got {p[key]}; set prune.{key}=1 or more.")
+    if not p.damp > 0:
+        raise ValueError(f"prune.damp must be positive, got {p.damp}; set e.g. prune.damp=0.01 (the default).")
+    if p.schedule == "mosaic" and p.boundaries is not None and len(p.boundaries) != 2:
+        raise ValueError(
+            f"prune.boundaries must be exactly 2 train timesteps for prune.schedule=mosaic, got {list(p.boundaries)}; "
+            "set e.g. prune.boundaries=[550,100] or prune.boundaries=null (MosaicDiff's)."
+        )
     out = Path(cfg.output_dir)
     ref = load_model(OmegaConf.to_container(cfg.model, resolve=True))
     scheduler = ref.scheduler(p.sampler)

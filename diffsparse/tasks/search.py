@@ -18,6 +18,23 @@ from diffsparse.tasks.common import check_complete, load_configured_model
 log = logging.getLogger(__name__)
 
 
+def check_search_settings(s: DictConfig) -> None:
+    """Refuse search settings that would fail deep inside the search or silently run nonsense, saying what to set."""
+    for key in ("generations", "samples", "population", "survivors", "offspring"):
+        if s[key] < 1:
+            raise ValueError(f"search.{key} must be at least 1, got {s[key]}; set search.{key}=1 or more.")
+    if s.minutes is not None and s.minutes <= 0:
+        raise ValueError(
+            f"search.minutes must be positive or null, got {s.minutes}; "
+            "set search.minutes=null (no limit) or a positive number of minutes."
+        )
+    if not 0.0 < s.budget < 1.0:
+        raise ValueError(
+            f"search.budget must be in (0, 1), got {s.budget}; "
+            "set search.budget to the fraction of the dense MACs to save, e.g. search.budget=0.5."
+        )
+
+
 def search_schedule(cfg: DictConfig) -> dict:
     """Search a stage-wise schedule (`diffsparse.allocate.search`) under a level budget fitted to `search.budget`
     of the MACs.
@@ -28,6 +45,7 @@ def search_schedule(cfg: DictConfig) -> dict:
     """
 
     check_complete(cfg)
+    check_search_settings(cfg.search)
     s = cfg.search
     out = Path(cfg.output_dir)
     ref = load_configured_model(cfg)
