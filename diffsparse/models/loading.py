@@ -15,13 +15,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import diffusers
-import torch
 from hydra.utils import instantiate
 
 from diffsparse.backbones import BACKBONES, backbone_for, backbone_named, tiny_pipeline
 from diffsparse.backbones.dit import build_dit
 from diffsparse.backbones.pixart import build_pixart
 from diffsparse.backbones.tiny_parts import tiny_vae
+from diffsparse.models.folder import dtype_of, load_transformer_folder
 from diffsparse.models.handle import ModelHandle
 from diffsparse.models.sampling import is_flow_matching
 from diffsparse.reference.digits import IMAGE_SIZE, NUM_CLASSES
@@ -38,14 +38,6 @@ def pipeline_backbone(path: Path) -> str:
             return spec.name
     supported = sorted(s.pipeline_class for s in BACKBONES.values() if s.pipeline_class)
     raise ValueError(f"{path} holds a {name}; supported pipelines: {supported}.")
-
-
-def _check_transformer_class(class_name: str, where: str) -> None:
-    """Refuse a transformer class no registry row names."""
-    if any(class_name in spec.model_classes for spec in BACKBONES.values()):
-        return
-    supported = sorted(c for s in BACKBONES.values() for c in s.model_classes)
-    raise ValueError(f"{where} holds a {class_name}; supported: {supported}.")
 
 
 def handle_of(pipe, backbone: str | None = None, height=None, width=None, frames=None) -> ModelHandle:
@@ -68,14 +60,6 @@ def handle_of(pipe, backbone: str | None = None, height=None, width=None, frames
     return ModelHandle(transformer, noise_schedule, vae=vae, shape=shape, pipeline=pipe, pipeline_options=options)
 
 
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-        raise ValueError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.")
-    return getattr(torch, dtype)
-
-
 def load_pipeline(pretrained: str, backbone: str = "dit", dtype: str = "float32", device: str = "cpu"):
     """`from_pretrained` of the stock pipeline for `backbone`, from a local folder or a hub id.
 
@@ -92,7 +76,7 @@ def load_pipeline(pretrained: str, backbone: str = "dit", dtype: str = "float32"
             "or download it with `huggingface-cli download <id> --local-dir <path>` on a machine with network."
         )
     try:
-        pipe = cls.from_pretrained(str(local) if local.exists() else pretrained, dtype=_dtype(dtype))
+        pipe = cls.from_pretrained(str(local) if local.exists() else pretrained, dtype=dtype_of(dtype))
     except OSError as e:
         raise OSError(
             f"Could not load {pretrained!r} with {cls.__name__}.from_pretrained: {e}\n"
@@ -100,49 +84,6 @@ def load_pipeline(pretrained: str, backbone: str = "dit", dtype: str = "float32"
             f"{pretrained} --local-dir DIR`), copy DIR here and pass model.path=DIR (or model.pretrained=DIR)."
         ) from e
     return pipe.to(device)
-
-
-def _from_transformer_folder(path: Path, dtype=None, height=None, width=None, frames=None) -> ModelHandle:
-    """A `transformer/` folder with `noise_schedule.json` (or `scheduler/`) and, for latent models, `vae/`."""
-    config_file = path / "transformer" / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{path} is neither a saved pipeline (model_index.json) nor a transformer folder "
-            f"(no {config_file}). Save a model with `transformer.save_pretrained(DIR / 'transformer')` and its "
-            "noise schedule as DIR/noise_schedule.json, or a whole pipeline with `pipe.save_pretrained(DIR)`."
-        )
-    class_name = json.loads(config_file.read_text()).get("_class_name", "")
-    _check_transformer_class(class_name, str(config_file))
-    transformer = getattr(diffusers, class_name).from_pretrained(path / "transformer", dtype=_dtype(dtype))
-    schedule_file, scheduler_dir = path / "noise_schedule.json", path / "scheduler" / "scheduler_config.json"
-    if schedule_file.is_file():
-        noise_schedule = json.loads(schedule_file.read_text())
-    elif scheduler_dir.is_file():
-        noise_schedule = json.loads(scheduler_dir.read_text())
-        if "shift" not in noise_schedule:  # DDPM: keep the training betas only, as for a pipeline
-            noise_schedule = {k: v for k, v in noise_schedule.items() if not k.startswith("_")}
-    else:
-        raise FileNotFoundError(
-            f"{path} has a transformer but no noise schedule: expected {schedule_file} (the training noise "
-            f"schedule, e.g. {json.dumps(NOISE_SCHEDULE)}) or {scheduler_dir} (a diffusers scheduler's "
-            "save_pretrained)."
-        )
-    vae = None
-    if (path / "vae" / "config.json").is_file():
-        vae_class = json.loads((path / "vae" / "config.json").read_text()).get("_class_name", "AutoencoderKL")
-        vae = getattr(diffusers, vae_class).from_pretrained(path / "vae", dtype=_dtype(dtype))
-        vae = vae.eval().requires_grad_(False)
-    shape = None
-    if frames is not None:
-        raise ValueError(f"{path} holds an image transformer: `frames` is for video pipelines (Wan).")
-    for name, side in (("height", height), ("width", width)):
-        if side is not None and (not isinstance(side, int) or side < 1):
-            raise ValueError(f"{name}={side!r}: give a positive number of pixels.")
-    if height or width:
-        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        c = transformer.config
-        shape = (c.in_channels, (height or width) // scale, (width or height) // scale)
-    return ModelHandle(transformer.eval().requires_grad_(False), noise_schedule, vae=vae, shape=shape)
 
 
 def _tiny_dit() -> ModelHandle:
@@ -233,4 +174,4 @@ def load_model(name_or_path: str | Path | Mapping | None = None, path: str | Pat
         backbone = pipeline_backbone(folder)
         dtype, device = options.pop("dtype", "float32"), options.pop("device", "cpu")
         return handle_of(load_pipeline(str(folder), backbone, dtype, device), backbone, **options)
-    return _from_transformer_folder(folder, **options)
+    return load_transformer_folder(folder, **options)

@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
 
+from diffsparse.models.folder import load_transformer_folder
 from diffsparse.models.handle import ModelHandle
 from diffsparse.reference.digits import IMAGE_SIZE, NUM_CLASSES
 
@@ -51,9 +51,7 @@ def load_reference(path: str | Path | None = None) -> ModelHandle:
             f"No reference model at {weights}. Train one with `python train.py --config-name reference` "
             f"(about an hour on a 2-core CPU) and pass its output_dir, or reinstall diffsparse (it ships one)."
         )
-    transformer = DiTTransformer2DModel.from_pretrained(path / "transformer").eval().requires_grad_(False)
-    noise_schedule = json.loads((path / "noise_schedule.json").read_text())
-    return ModelHandle(transformer, noise_schedule)
+    return load_transformer_folder(path)
 
 
 def build_reference_transformer(seed: int = 0) -> DiTTransformer2DModel:
