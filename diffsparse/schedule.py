@@ -1,4 +1,5 @@
-"""`Schedule`: a steps x units grid of token sparsities, the contract between every allocator and the runtime."""
+"""`Schedule`: a steps x units grid of cache actions (a token sparsity, and copy or forecast for the tokens not
+recomputed), the contract between every allocator and the runtime."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from matplotlib.ticker import MaxNLocator
 from diffsparse.accounting.macs import schedule_macs
 from diffsparse.backbones.registry import cacheable_units
 from diffsparse.files import atomic_path
-from diffsparse.levels import SPARSITY_LEVELS
+from diffsparse.levels import ACTION_LEVELS, ACTIONS, SPARSITY_LEVELS
 
 _FORMAT = "diffsparse.schedule"
-_VERSION = 1
+_VERSION = 2  # 2: adds `forecast`; version 1 files (no forecast) still load, as copy everywhere
 
 
 class ScheduleError(ValueError):
@@ -27,15 +28,20 @@ class ScheduleError(ValueError):
 
 
 class Schedule:
-    """A `T x U` grid of sparsities for `T` denoising steps and `U` cacheable units.
+    """A `T x U` grid of actions for `T` denoising steps and `U` cacheable units.
 
-    Row 0 must be all zeros: the first step computes every token and fills the cache. Values come from
-    `SPARSITY_LEVELS`. A schedule stores fractions, not token counts, so it applies at any resolution.
+    Each (step, unit) has a sparsity, the share of the unit's tokens reused (`grid`, values of `SPARSITY_LEVELS`),
+    and, where the sparsity is above 0, a mode for the reused tokens (`forecast`): copy their last output (False)
+    or forecast it by a Taylor step in the step index from their last computations (True). Row 0 must be all zeros:
+    the first step computes every token and fills the cache. A schedule stores fractions, not token counts, so it
+    applies at any resolution.
 
     Args:
         grid: array-like of shape `(num_steps, num_units)` with values in `SPARSITY_LEVELS`.
         units: the unit names (module paths) the columns belong to, as `cacheable_units(model)` returns them.
         meta: free-form JSON-serialisable description (method, budget, ...), saved with the schedule.
+        forecast: array-like of booleans of the grid's shape (None: copy everywhere); ignored where the sparsity
+            is 0 (everything is recomputed there).
 
     Example:
         >>> sched = Schedule.uniform(units=["transformer_blocks.0.attn1", "transformer_blocks.0.ff"], num_steps=4,
@@ -44,7 +50,7 @@ class Schedule:
         ([0.0, 0.0], [0.5, 0.5])
     """
 
-    def __init__(self, grid, units: Sequence[str], meta: dict | None = None):
+    def __init__(self, grid, units: Sequence[str], meta: dict | None = None, forecast=None):
         grid = np.asarray(grid, dtype=np.float64)
         units = tuple(str(u) for u in units)
         if grid.ndim != 2:
@@ -71,8 +77,17 @@ class Schedule:
             raise ScheduleError(
                 "Row 0 of a schedule must be all zeros: the first step computes every token and fills the cache."
             )
+        if forecast is None:
+            forecast = np.zeros(grid.shape, dtype=bool)
+        forecast = np.asarray(forecast)
+        if forecast.shape != grid.shape:
+            raise ScheduleError(f"forecast has shape {forecast.shape}, the grid {grid.shape}: give one mode per cell.")
+        if forecast.dtype != bool and not np.isin(forecast, (0, 1)).all():
+            raise ScheduleError("forecast must hold booleans (or 0 / 1): True forecasts the reused tokens.")
         self._grid = nearest
         self._grid.setflags(write=False)
+        self._forecast = forecast.astype(bool) & (nearest > 0)
+        self._forecast.setflags(write=False)
         self.units = units
         self.meta = dict(meta or {})
 
@@ -102,18 +117,36 @@ class Schedule:
         return cls(grid, units, {"method": "uniform", "sparsity": float(sparsity), **(meta or {})})
 
     @classmethod
-    def from_array(cls, grid, units: Sequence[str], meta: dict | None = None, force_first_step: bool = False):
+    def from_array(
+        cls, grid, units: Sequence[str], meta: dict | None = None, force_first_step: bool = False, forecast=None
+    ) -> Schedule:
         """A schedule from any array-like grid; `force_first_step=True` zeroes row 0 instead of rejecting it."""
         grid = np.array(grid, dtype=np.float64)
         if force_first_step and grid.ndim == 2 and len(grid):
             grid[0] = 0.0
-        return cls(grid, units, meta)
+        return cls(grid, units, meta, forecast)
+
+    @classmethod
+    def from_actions(cls, actions, units: Sequence[str], meta: dict | None = None) -> Schedule:
+        """A schedule from a `(num_steps, num_units)` array of indices into `levels.ACTIONS`."""
+        actions = np.asarray(actions, dtype=np.int64)
+        if actions.size and (actions.min() < 0 or actions.max() >= len(ACTIONS)):
+            raise ScheduleError(f"action indices must lie in 0..{len(ACTIONS) - 1} (levels.ACTIONS).")
+        levels = np.asarray(ACTION_LEVELS)[actions]
+        grid = np.asarray(SPARSITY_LEVELS)[levels]
+        return cls(grid, units, meta, actions >= len(SPARSITY_LEVELS))
 
     # --- views --------------------------------------------------------------------------------------------------
     @property
     def grid(self) -> np.ndarray:
         """The read-only `(num_steps, num_units)` sparsity grid."""
         return self._grid
+
+    @property
+    def forecast(self) -> np.ndarray:
+        """The read-only `(num_steps, num_units)` boolean grid: True where the reused tokens are forecast, False
+        where they are copied (always False where the sparsity is 0)."""
+        return self._forecast
 
     @property
     def num_steps(self) -> int:
@@ -136,15 +169,31 @@ class Schedule:
         """The grid as indices into `SPARSITY_LEVELS` (int64)."""
         return np.rint(self._grid * (len(SPARSITY_LEVELS) - 1)).astype(np.int64)
 
+    def action_indices(self) -> np.ndarray:
+        """The grid as indices into `levels.ACTIONS` (int64): the level, plus copy or forecast."""
+        levels = self.level_indices()
+        return levels + (len(SPARSITY_LEVELS) - 1) * (self._forecast & (levels > 0))
+
+    def with_forecast(self, forecast=True, meta: dict | None = None) -> Schedule:
+        """The same sparsities with the reused tokens forecast (`forecast=True`), copied (False), or as a boolean
+        grid says."""
+        modes = np.broadcast_to(np.asarray(forecast, dtype=bool), self._grid.shape)
+        return Schedule(self._grid, self.units, {**self.meta, **(meta or {})}, modes)
+
     def __eq__(self, other) -> bool:
         if not isinstance(other, Schedule):
             return NotImplemented
-        return self.units == other.units and np.array_equal(self._grid, other._grid)
+        return (
+            self.units == other.units
+            and np.array_equal(self._grid, other._grid)
+            and np.array_equal(self._forecast, other._forecast)
+        )
 
     def __repr__(self) -> str:
+        forecast = f", forecast={self._forecast.mean():.3f}" if self._forecast.any() else ""
         return (
             f"Schedule(num_steps={self.num_steps}, num_units={self.num_units}, "
-            f"mean_sparsity={self.mean_sparsity():.3f}, full_steps={self.full_steps})"
+            f"mean_sparsity={self.mean_sparsity():.3f}, full_steps={self.full_steps}{forecast})"
         )
 
     # --- checks against a runtime -------------------------------------------------------------------------------
@@ -182,7 +231,7 @@ class Schedule:
         else:
             src = np.rint(np.arange(num_steps) * (self.num_steps - 1) / (num_steps - 1)).astype(np.int64)
         meta = {**self.meta, "resampled_from": self.num_steps}
-        return Schedule(self._grid[src], self.units, meta)
+        return Schedule(self._grid[src], self.units, meta, self._forecast[src])
 
     # --- persistence --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -192,6 +241,7 @@ class Schedule:
             "levels": list(SPARSITY_LEVELS),
             "units": list(self.units),
             "sparsity": self._grid.tolist(),
+            "forecast": self._forecast.astype(int).tolist(),
             "meta": self.meta,
         }
 
@@ -199,8 +249,10 @@ class Schedule:
     def from_dict(cls, data: dict, source: str = "schedule") -> Schedule:
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ScheduleError(f"{source} is not a diffsparse schedule (no 'format': '{_FORMAT}' field).")
-        if data.get("version") != _VERSION:
-            raise ScheduleError(f"{source} has schedule version {data.get('version')!r}; this diffsparse reads 1.")
+        if data.get("version") not in (1, _VERSION):
+            raise ScheduleError(
+                f"{source} has schedule version {data.get('version')!r}; this diffsparse reads 1 and {_VERSION}."
+            )
         for key in ("units", "sparsity"):
             if key not in data:
                 raise ScheduleError(f"{source} has no '{key}' field: the file is incomplete, export it again.")
@@ -210,7 +262,14 @@ class Schedule:
                 f"{source}: every row of 'sparsity' must list one value per unit ({len(data['units'])}); "
                 "the file is truncated or was edited by hand."
             )
-        return cls(rows, data["units"], data.get("meta"))
+        forecast = data.get("forecast") if data["version"] >= 2 else None  # version 1: copy everywhere
+        if forecast is not None and (
+            not isinstance(forecast, list)
+            or len(forecast) != len(rows)
+            or any(not isinstance(r, list) or len(r) != len(data["units"]) for r in forecast)
+        ):
+            raise ScheduleError(f"{source}: 'forecast' must list one row per step ({len(rows)}); export it again.")
+        return cls(rows, data["units"], data.get("meta"), forecast)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the schedule as JSON, atomically (a crash never leaves a half-written file)."""
@@ -246,7 +305,8 @@ class Schedule:
         return schedule_macs(self, transformer, **forward_kwargs)
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
-        """Save a heatmap (units x steps, colour = sparsity) as PNG, like the paper's Figure 3."""
+        """Save a heatmap (units x steps, colour = sparsity) as PNG, like the paper's Figure 3; cells whose reused
+        tokens are forecast carry a dot (the legend says so)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         height = min(2 + 0.12 * self.num_units, 14)
@@ -263,6 +323,11 @@ class Schedule:
         ax.set_yticks(range(0, self.num_units, step))
         ax.set_yticklabels([self.units[i] for i in range(0, self.num_units, step)], fontsize=6)
         fig.colorbar(im, ax=ax, ticks=SPARSITY_LEVELS, label="sparsity (fraction of tokens reused)")
+        steps, units = np.nonzero(self._forecast)
+        if len(steps):
+            label = "dot: reused tokens forecast (Taylor); no dot: copied"
+            ax.scatter(steps, units, s=6, c="white", edgecolors="black", linewidths=0.3, label=label)
+            ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False, borderaxespad=0.1)
         ax.set_title(title or f"{self.meta.get('method', 'schedule')}: mean sparsity {self.mean_sparsity():.3f}")
         fig.tight_layout()
         with atomic_path(path) as tmp:

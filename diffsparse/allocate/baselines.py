@@ -7,6 +7,8 @@ sampling-loop setting, not a schedule: `fewer_steps`.
 
 Sources of the shapes (our code, their published recipes):
 - FORA (Selvaraju et al., 2024): reuse whole units, full step every N (N = 2 in DiffSparse's Table 1).
+- Forecast-FORA: FORA's steps with the reused outputs forecast by a Taylor step (TaylorSeer, Liu et al., 2025:
+  first order, from the last two full steps) instead of copied.
 - ToCa (Zou et al., ICLR 2025): full step every N, a fixed fresh-token ratio per module type in between, and a
   ratio that ramps along the trajectory (its DiT recipe: 50 DDIM steps, fresh ratio 0.07, ramped, N = 3-4).
 - DuCa (Zou et al., 2024): ToCa steps alternating with aggressive steps that reuse everything; norm or random
@@ -68,6 +70,13 @@ def fora(units: Sequence[str], num_steps: int, interval: int = 2) -> Schedule:
     grid = np.ones((num_steps, len(units)))
     grid[::interval] = 0.0
     return Schedule(grid, units, {"method": "fora", "interval": interval})
+
+
+@register_allocator("forecast_fora", fit=lambda num_steps: [{"interval": i} for i in range(1, num_steps + 1)])
+def forecast_fora(units: Sequence[str], num_steps: int, interval: int = 2) -> Schedule:
+    """A full step every `interval` steps; every unit's output forecast in between (TaylorSeer's shape)."""
+    copy = fora(units, num_steps, interval)
+    return copy.with_forecast(True, {"method": "forecast_fora"})
 
 
 def _toca_rows(units: Sequence[str], num_steps: int, fresh_ratio: float, ramp: float, kind_weights: dict):

@@ -83,7 +83,9 @@ def apply_token_cache(model: torch.nn.Module, config: TokenCacheConfig | Schedul
     spec = backbone_for(model)
     units = find_units(model)
     selector = make_selector(config.selector, spec.selector_defaults)
-    controller = TokenCacheController(spec, units, schedule, selector, config.cfg)
+    controller = TokenCacheController(
+        spec, units, schedule, selector, config.cfg, config.order(), config.factor_dtype()
+    )
     if selector.signals:
         for u in units:
             if any(row[u.index] is not None for row in controller.signal_plan):

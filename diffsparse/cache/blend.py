@@ -1,12 +1,15 @@
 """Training mode of a unit: compute every token, then blend with the cache through the nested candidate masks.
 
-At step t > 0 a unit with soft choice `h` (|S|,) (one-hot in value, differentiable through the straight-through
-estimator) returns `m * f + (1 - m) * cache`, where f is the unit on all tokens and the per-token weight is
+At step t > 0 a unit with soft choice `h` over the actions (|S| levels with copy, or all of `levels.ACTIONS`: one-hot
+in value, differentiable through the straight-through estimator) returns
 
-    m_i = sum_s h_s [rank_i < fresh(s)],
+    m * f + c * cache + p * forecast,    m_i = sum_a h_a [rank_i < fresh(a)],
+                                         c_i = sum_{copy a} h_a [rank_i >= fresh(a)],
+                                         p_i = sum_{forecast a} h_a [rank_i >= fresh(a)],
 
-rank_i being token i's place in the selector's ranking. With a one-hot h this is exactly the inference result
-(the top fresh(s) tokens recomputed, the rest reused; self-attention over all current tokens), and the loss is
+where f is the unit on all tokens, `forecast` the Taylor step of the reused tokens (`cache.forecast`) and rank_i
+token i's place in the selector's ranking. With a one-hot h this is exactly the inference result (the top fresh(a)
+tokens recomputed, the rest copied or forecast; self-attention over all current tokens), and the loss is
 differentiable in h. It costs a dense forward per step: this mode is for learning schedules, not for speed.
 """
 
@@ -16,7 +19,8 @@ import torch
 
 from diffsparse.backbones.registry import SELF_ATTN
 from diffsparse.cache.attention import attention_with_signals
-from diffsparse.levels import SPARSITY_LEVELS, fresh_tokens
+from diffsparse.cache.forecast import blend_history, forecast
+from diffsparse.levels import ACTIONS, FORECAST, fresh_tokens
 
 
 def token_ranks(score: torch.Tensor, cfg: bool) -> torch.Tensor:
@@ -65,16 +69,25 @@ def blend_output(ctl, u, x: torch.Tensor, out: torch.Tensor, context: int = 0) -
         state.store_full(u.index, out, x.detach(), ctl.selector.needs_inputs, context)
         return out
     n = x.shape[1]
+    h = ctl.choice[state.step, u.index].to(out.dtype)  # (|A|,): the first |S| actions are the levels with copy
+    actions = ACTIONS[: len(h)]
     with torch.no_grad():
         ranks = token_ranks(_scores(ctl, state, u, x.detach()), state.cfg)
-        counts = torch.tensor([fresh_tokens(s, n) for s in SPARSITY_LEVELS], device=ranks.device)
-        candidates = (ranks[..., None] < counts).to(out.dtype)  # (B, N, |S|) nested masks
-    h = ctl.choice[state.step, u.index].to(out.dtype)
+        counts = torch.tensor([fresh_tokens(s, n) for s, _ in actions], device=ranks.device)
+        candidates = (ranks[..., None] < counts).to(out.dtype)  # (B, N, |A|) nested masks
+        forecasts = torch.tensor([mode == FORECAST for _, mode in actions], device=ranks.device, dtype=out.dtype)
     m = (candidates * h).sum(-1, keepdim=True)  # (B, N, 1)
     cache = state.cache[u.index]
-    blended = m * out + (1 - m) * cache
+    stale = (1 - candidates) * h
+    copied = (stale * (1 - forecasts)).sum(-1, keepdim=True)
+    blended = m * out + copied * cache
+    if forecasts.any():
+        predicted = forecast(state, u.index, state.step, ctl.forecast_order)
+        blended = blended + (stale * forecasts).sum(-1, keepdim=True) * predicted
     fresh = ranks < fresh_tokens(ctl.sparsity(state.step, u.index), n)
-    state.cache[u.index] = blended
+    if ctl.history[u.index]:
+        blend_history(state, u.index, out, fresh, ctl.forecast_order, ctl.forecast_dtype)
+    state.cache[u.index] = m * out + (1 - m) * cache  # the last computed outputs, differentiable in the choice
     state.last_fresh[u.index] = torch.where(fresh, state.step, state.last_fresh[u.index])
     if ctl.selector.needs_inputs:
         state.inputs[u.index] = torch.where(fresh[..., None], x.detach(), state.inputs[u.index])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from diffsparse.cache.forecast import FORECAST_ORDERS
 from diffsparse.cache.selectors import SelectorConfig
 from diffsparse.schedule import Schedule
 
@@ -18,6 +21,10 @@ class TokenCacheConfig:
             `SelectorConfig`, or a dict of its fields.
         cfg: whether the batch holds classifier-free-guidance halves that must pick the same tokens: `"auto"` (the
             two halves of the first step's input are equal), `True` or `False`; anything else raises a ValueError.
+        forecast_order: Taylor order of the forecast actions (1 or 2); None: the schedule's `meta["forecast_order"]`
+            (what it was learned with), else 1.
+        forecast_dtype: dtype of the forecast's factors: `"float32"` (default), `"model"` (the model's dtype: half
+            the memory in bf16), or a torch dtype.
 
     Example:
         >>> config = TokenCacheConfig(schedule=Schedule.uniform(pipe.transformer, num_steps=20, sparsity=0.5),
@@ -28,6 +35,8 @@ class TokenCacheConfig:
     schedule: Schedule | None = None
     selector: str | SelectorConfig | dict = field(default_factory=SelectorConfig)
     cfg: bool | str = "auto"
+    forecast_order: int | None = None
+    forecast_dtype: str | torch.dtype = "float32"
 
     def __post_init__(self):
         self.validate()
@@ -40,3 +49,29 @@ class TokenCacheConfig:
                 f"Token-cache option cfg={self.cfg!r} is not valid: use cfg=True (the batch is classifier-free-"
                 "guidance halves), cfg=False (it is not), or cfg='auto' (detect it at the first step)."
             )
+        if self.forecast_order is not None and self.forecast_order not in FORECAST_ORDERS:
+            raise ValueError(f"forecast_order={self.forecast_order!r}: choose one of {FORECAST_ORDERS} (or None).")
+        self.factor_dtype()
+
+    def order(self) -> int:
+        """The forecast order to run: the option, else the schedule's own, else 1."""
+        if self.forecast_order is not None:
+            return self.forecast_order
+        order = (self.schedule.meta.get("forecast_order") if self.schedule is not None else None) or 1
+        if order not in FORECAST_ORDERS:
+            raise ValueError(f"The schedule's meta forecast_order={order!r} is not one of {FORECAST_ORDERS}.")
+        return int(order)
+
+    def factor_dtype(self) -> torch.dtype | None:
+        """The forecast factors' dtype (None: the model's)."""
+        if isinstance(self.forecast_dtype, torch.dtype):
+            return self.forecast_dtype
+        if self.forecast_dtype == "model":
+            return None
+        dtype = getattr(torch, str(self.forecast_dtype), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(
+                f"forecast_dtype={self.forecast_dtype!r}: use 'float32', 'bfloat16', 'float16', 'model' or a "
+                "floating torch dtype."
+            )
+        return dtype

@@ -16,6 +16,7 @@ from diffsparse.backbones.registry import CROSS_ATTN, JOINT, ROPE_SELF, SELF_ATT
 from diffsparse.cache.attention import attention_with_signals
 from diffsparse.cache.blend import blend_forward, blend_output
 from diffsparse.cache.conflicts import refuse_diffusers_caches
+from diffsparse.cache.forecast import forecast, update_history
 from diffsparse.cache.rows import flat_rows, put_rows, take_rows
 from diffsparse.cache.runners import joint_attention, rope_self_attention, single_stream_branch
 from diffsparse.cache.state import TokenCacheController, TrajectoryState
@@ -72,7 +73,8 @@ class TrajectoryHook(ModelHook):
 
 
 class TokenCacheUnitHook(ModelHook):
-    """On one unit's module: compute all, reuse all, or recompute the top-k tokens.
+    """On one unit's module: compute all, reuse all, or recompute the top-k tokens; reused tokens are copied or
+    forecast (`diffsparse.cache.forecast`) as the schedule says.
 
     A FLUX joint attention module carries two units (its image and its text stream); every other module one.
     """
@@ -108,6 +110,21 @@ class TokenCacheUnitHook(ModelHook):
             )
         return cache
 
+    def _stale(self, u: UnitInfo, x: torch.Tensor) -> torch.Tensor:
+        """Unit `u`'s output at this step for tokens it does not recompute: copied, or forecast from their history."""
+        ctl = self.controller
+        cache = self._cached(u, x)
+        if ctl.forecasting(ctl.current.step, u.index):
+            return forecast(ctl.current, u.index, ctl.current.step, ctl.forecast_order)
+        return cache
+
+    def _store_full(self, u: UnitInfo, x: torch.Tensor, out: torch.Tensor, context: int = 0) -> None:
+        """Record `u`'s output `out` on all its tokens (and its forecast history, if it keeps one)."""
+        ctl = self.controller
+        if ctl.history[u.index]:
+            update_history(ctl.current, u.index, out, None, None, ctl.forecast_order, ctl.forecast_dtype)
+        ctl.current.store_full(u.index, out, x, ctl.selector.needs_inputs, context)
+
     def _choose(self, u: UnitInfo, x: torch.Tensor, s: float):
         """The fresh tokens of `u` at sparsity `s` < 1: `(idx (B, k), rows)`; rows None when all are fresh."""
         ctl, state = self.controller, self.controller.current
@@ -120,14 +137,19 @@ class TokenCacheUnitHook(ModelHook):
 
     def _store(self, u: UnitInfo, x: torch.Tensor, out: torch.Tensor, chosen, context: int = 0) -> torch.Tensor:
         """Record the fresh outputs `out` of `u` (input `x`; `context`: its key/value tokens outside `x`); returns
-        its full output (B, N, D)."""
-        state, keep = self.controller.current, self.controller.selector.needs_inputs
+        its full output (B, N, D): the fresh tokens, and the others copied or forecast."""
+        ctl = self.controller
+        state, keep = ctl.current, ctl.selector.needs_inputs
         idx, rows = chosen
         if rows is None:
-            state.store_full(u.index, out, x, keep, context)
+            self._store_full(u, x, out, context)
             return out
+        if ctl.history[u.index]:
+            update_history(state, u.index, out, rows, idx, ctl.forecast_order, ctl.forecast_dtype)
         cache = put_rows(state.cache[u.index], rows, out)
         state.store_partial(u.index, cache, idx, rows, take_rows(x, rows, idx.shape[1]) if keep else None, keep)
+        if ctl.forecasting(state.step, u.index):  # fresh tokens were computed at this step: their forecast is exact
+            return forecast(state, u.index, state.step, ctl.forecast_order)
         return cache
 
     # --- runners --------------------------------------------------------------------------------------------------
@@ -138,7 +160,6 @@ class TokenCacheUnitHook(ModelHook):
         original = self.fn_ref.original_forward
         if ctl.choice is not None:
             return blend_forward(self, module, hidden_states, *args, **kwargs)
-        keep_inputs = ctl.selector.needs_inputs
         s = ctl.sparsity(state.step, u.index)
         if s == 0.0:
             signal = ctl.signal_plan[state.step][u.index]
@@ -150,10 +171,10 @@ class TokenCacheUnitHook(ModelHook):
                 out, state.signals[(u.block, signal)] = attention_with_signals(
                     module, hidden_states, context, mask, signal
                 )
-            state.store_full(u.index, out, hidden_states, keep_inputs, _text_tokens(u, args, kwargs))
+            self._store_full(u, hidden_states, out, _text_tokens(u, args, kwargs))
             return out
         if s == 1.0:
-            return self._cached(u, hidden_states)
+            return self._stale(u, hidden_states)
         chosen = self._choose(u, hidden_states, s)
         if u.runner == ROPE_SELF:
             bound = self.signature.bind(hidden_states, *args, **kwargs).arguments
@@ -183,8 +204,8 @@ class TokenCacheUnitHook(ModelHook):
             n_img, n_txt = img.shape[1], txt.shape[1]
             if ctl.choice is not None:
                 return blend_output(ctl, img_u, img, out[0], n_txt), blend_output(ctl, txt_u, txt, out[1], n_img)
-            state.store_full(img_u.index, out[0], img, ctl.selector.needs_inputs, n_txt)
-            state.store_full(txt_u.index, out[1], txt, ctl.selector.needs_inputs, n_img)
+            self._store_full(img_u, img, out[0], n_txt)
+            self._store_full(txt_u, txt, out[1], n_img)
             return out
         if bound.get("attention_mask") is not None or bound.get("kwargs"):
             raise ValueError(f"{img_u.name}: attention masks and extra attention arguments are not supported.")
@@ -193,10 +214,10 @@ class TokenCacheUnitHook(ModelHook):
             s = ctl.sparsity(state.step, u.index)
             chosen.append(None if s == 1.0 else self._choose(u, x, s))
         if chosen == [None, None]:
-            return self._cached(img_u, img), self._cached(txt_u, txt)
+            return self._stale(img_u, img), self._stale(txt_u, txt)
         fresh = joint_attention(module, img, txt, *chosen, bound["image_rotary_emb"])
         return tuple(
-            self._cached(u, x) if c is None else self._store(u, x, f, c, other.shape[1])
+            self._stale(u, x) if c is None else self._store(u, x, f, c, other.shape[1])
             for u, x, other, f, c in zip((img_u, txt_u), (img, txt), (txt, img), fresh, chosen, strict=True)
         )
 
@@ -211,14 +232,14 @@ class TokenCacheUnitHook(ModelHook):
             txt_out, img_out = self.fn_ref.original_forward(*args, **kwargs)
             if ctl.choice is not None:
                 return txt_out, img + blend_output(ctl, u, img, img_out - img, txt.shape[1])
-            state.store_full(u.index, img_out - img, img, ctl.selector.needs_inputs, txt.shape[1])
+            self._store_full(u, img, img_out - img, txt.shape[1])
             return txt_out, img_out
         if bound.get("joint_attention_kwargs"):
             raise ValueError(f"{u.name}: extra attention arguments are not supported.")
         chosen = None if s == 1.0 else self._choose(u, img, s)
         rotary = bound["image_rotary_emb"]
         txt_branch, img_branch = single_stream_branch(block, img, txt, bound["temb"], rotary, chosen)
-        img_branch = self._cached(u, img) if chosen is None else self._store(u, img, img_branch, chosen, txt.shape[1])
+        img_branch = self._stale(u, img) if chosen is None else self._store(u, img, img_branch, chosen, txt.shape[1])
         return txt + txt_branch, img + img_branch
 
 

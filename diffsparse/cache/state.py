@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import torch
 
 from diffsparse.backbones.registry import CROSS_ATTN, SELF_ATTN, BackboneSpec, UnitInfo
+from diffsparse.cache.forecast import factor_bytes
 from diffsparse.cache.rows import put_rows
 from diffsparse.cache.selectors import ENTROPY, INFLUENCE, TokenSelector
-from diffsparse.levels import fresh_tokens
+from diffsparse.levels import ACTIONS, fresh_tokens
 from diffsparse.schedule import Schedule, ScheduleError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class TrajectoryState:
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> input when each token was computed
     signals: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (block, signal) -> (B, N)
     shapes: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # unit -> (batch, tokens, context tokens)
+    # forecast history (forecast.py): unit -> its divided differences; unit -> step of each token's computation before
+    factors: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    prev_fresh: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.__init__()
@@ -63,12 +67,14 @@ class TrajectoryRecord:
         steps: the steps it ran.
         plan: the sparsity of each unit at each step it ran.
         shapes: unit -> (batch, tokens, context tokens) at its last full compute.
+        forecast_bytes: unit -> the extra memory its forecast history held (factors and step records), in bytes.
     """
 
     context: str
     steps: int
     plan: tuple[tuple[float, ...], ...]
     shapes: dict[int, tuple[int, int, int]]
+    forecast_bytes: dict[int, int] = field(default_factory=dict)
 
 
 class TokenCacheController:
@@ -78,7 +84,16 @@ class TokenCacheController:
     as separate calls), or under `"default"`.
     """
 
-    def __init__(self, spec: BackboneSpec, units: list[UnitInfo], schedule: Schedule, selector: TokenSelector, cfg):
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        units: list[UnitInfo],
+        schedule: Schedule,
+        selector: TokenSelector,
+        cfg,
+        forecast_order: int = 1,
+        forecast_dtype: torch.dtype | None = torch.float32,
+    ):
         schedule.check_units([u.name for u in units])
         missing = [s for s in selector.signals if s not in {_SIGNAL_OF_KIND.get(u.kind) for u in units}]
         if missing:
@@ -91,12 +106,13 @@ class TokenCacheController:
         self.schedule = schedule
         self.selector = selector
         self.cfg_mode = cfg
-        self.plan: list[list[float]] = schedule.grid.tolist()
-        self.signal_plan = self._plan_signals()
+        self.forecast_order = forecast_order
+        self.forecast_dtype = forecast_dtype  # None: the model's dtype
+        self.choice: torch.Tensor | None = None  # (T, U, |A|) soft choice: training mode (see blend.py)
+        self._set_plans(schedule)
         self.states: dict[str, TrajectoryState] = {}
         self.current: TrajectoryState | None = None
         self.paused = False
-        self.choice: torch.Tensor | None = None  # (T, U, |S|) soft choice: training mode (see blend.py)
         self._warned_short: set[int] = set()  # step counts of short trajectories already warned about
         self.last_trajectory: TrajectoryRecord | None = None
 
@@ -106,10 +122,20 @@ class TokenCacheController:
         if choice is not None and tuple(choice.shape[:2]) != schedule.grid.shape:
             raise ValueError(f"choice {tuple(choice.shape)} does not match the schedule {schedule.grid.shape}")
         self.reset()
+        self.choice = choice
+        self._set_plans(schedule)
+
+    def _set_plans(self, schedule: Schedule) -> None:
+        """Plans of the schedule: sparsities, forecast modes, and which units keep a forecast history (those that
+        forecast somewhere; every unit in training mode over all actions, where any may be chosen)."""
         self.schedule = schedule
         self.plan = schedule.grid.tolist()
+        self.forecast_plan: list[list[bool]] = schedule.forecast.tolist()
+        history = schedule.forecast.any(axis=0)
+        if self.choice is not None and self.choice.shape[-1] == len(ACTIONS):
+            history[:] = True
+        self.history = history.tolist()
         self.signal_plan = self._plan_signals()
-        self.choice = choice
 
     def _plan_signals(self) -> list[list[str | None]]:
         """Which attention signal each (step, unit) must compute: only on full computes with partial steps after."""
@@ -127,6 +153,10 @@ class TokenCacheController:
 
     def sparsity(self, step: int, unit: int) -> float:
         return self.plan[step][unit]
+
+    def forecasting(self, step: int, unit: int) -> bool:
+        """Whether unit `unit` forecasts (rather than copies) the tokens it reuses at `step`."""
+        return self.forecast_plan[step][unit]
 
     def fresh(self, step: int, unit: int, num_tokens: int) -> int:
         return fresh_tokens(self.plan[step][unit], num_tokens)
@@ -229,7 +259,8 @@ class TokenCacheController:
         if name is None:
             name = next((n for n, s in self.states.items() if s is state), "default")
         ran = state.step + 1
-        return TrajectoryRecord(name, ran, tuple(tuple(row) for row in self.plan[:ran]), dict(state.shapes))
+        plan = tuple(tuple(row) for row in self.plan[:ran])
+        return TrajectoryRecord(name, ran, plan, dict(state.shapes), factor_bytes(state))
 
     def snapshot(self):
         """A function that puts the controller back as it is now: schedule, mode and trajectory states.
@@ -237,7 +268,8 @@ class TokenCacheController:
         For recomputing a step in the backward pass (gradient checkpointing), which may run after the caller has
         switched schedules or modes.
         """
-        mode = {k: getattr(self, k) for k in ("schedule", "plan", "signal_plan", "choice", "paused")}
+        keys = ("schedule", "plan", "forecast_plan", "history", "signal_plan", "choice", "paused")
+        mode = {k: getattr(self, k) for k in keys}
         saved = {name: dataclasses.replace(state, **_copied_dicts(state)) for name, state in self.states.items()}
         current = next((name for name, state in self.states.items() if state is self.current), None)
         rng = self.selector.random_state()
@@ -270,4 +302,4 @@ def _copied_dicts(state: TrajectoryState) -> dict:
     return {f.name: dict(getattr(state, f.name)) for f in dataclasses.fields(state) if f.name in _DICT_FIELDS}
 
 
-_DICT_FIELDS = ("cache", "last_fresh", "inputs", "signals", "shapes")
+_DICT_FIELDS = ("cache", "last_fresh", "inputs", "signals", "shapes", "factors", "prev_fresh")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,7 @@ class TokenCacheSummary:
         unit_macs_dense: what the units would have spent dense; None if unknown. MACs outside the units (embeddings,
             norms, final layer) are the same either way and are not counted here (see `Schedule.macs`).
         context: the pipeline's cache context of the trajectory (`"cond"`, `"uncond"`) or `"default"`.
+        forecast_bytes: unit name -> the extra memory its forecast history held (bytes; units that forecast only).
     """
 
     steps: int
@@ -34,6 +35,7 @@ class TokenCacheSummary:
     macs_saved: int | None
     unit_macs_dense: int | None
     context: str
+    forecast_bytes: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         if not self.steps:
@@ -43,6 +45,8 @@ class TokenCacheSummary:
         if self.macs_saved is not None and self.unit_macs_dense:
             share = 100 * self.macs_saved / self.unit_macs_dense
             text += f", {self.macs_saved / 1e9:.3g} GMACs saved ({share:.1f}% of the units')"
+        if self.forecast_bytes:
+            text += f", forecast history {sum(self.forecast_bytes.values()) / 2**20:.3g} MiB"
         return text
 
 
@@ -74,6 +78,9 @@ def token_cache_summary(model: torch.nn.Module) -> TokenCacheSummary:
         saved += b * sum(c * (full - unit_macs(u, n, fresh_tokens(s, n), m)) for s, c in levels.items())
     known = len(units) == len(controller.units)
     fraction = sum(fresh) / (total * record.steps) if total else None
+    names = {u.index: u.name for u in controller.units}
+    forecast_bytes = {names[i]: size for i, size in record.forecast_bytes.items()}
     return TokenCacheSummary(
-        record.steps, fresh, total, fraction, saved if known else None, dense if known else None, record.context
-    )
+        record.steps, fresh, total, fraction, saved if known else None, dense if known else None, record.context,
+        forecast_bytes,
+    )  # fmt: skip
