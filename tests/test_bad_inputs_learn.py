@@ -6,7 +6,6 @@ import lightning as L
 import pytest
 import torch
 
-from diffsparse.allocate import baselines
 from diffsparse.learn.data import ConditionDataModule
 from diffsparse.learn.module import ScheduleLearner
 
@@ -43,10 +42,17 @@ def test_num_full_outside_one_to_num_steps_is_refused(num_full):
         learner(num_full=num_full)
 
 
-def test_num_full_none_is_tocas_count_and_a_number_is_kept():
+def test_num_full_none_lets_the_dp_choose_the_full_steps_and_a_number_is_kept():
     default = learner()
-    toca = baselines.budget_schedules(default.table, default.timesteps, 0.5)["toca"]
-    assert default.num_full == len(toca.full_steps)
+    assert default.num_full is None and default.step_logits is None and default.full_steps() is None
+    schedule, _ = default.choice()
+    assert schedule.full_steps[0] == 0 and default.table.saved_fraction(schedule) >= 0.5
+    fixed = learner(num_full=3)
+    assert (
+        fixed.num_full == 3
+        and len(fixed.full_steps()) == 3
+        and set(fixed.full_steps()) <= set(fixed.choice()[0].full_steps)
+    )
     assert learner(num_full=1).num_full == 1
     assert learner(num_full=8).num_full == 8
 
@@ -68,7 +74,10 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
     path = tmp_path / "stage1.ckpt"
     torch.save({"state_dict": stage1.state_dict(), "hyper_parameters": dict(stage1.hparams)}, path)
     stage2 = learner(stage=2, stage1_checkpoint=str(path))
-    assert stage2.stage1_full_steps == stage1.full_steps()
+    assert stage2.stage1_full_steps == stage1.choice()[0].full_steps  # the DP chose them: those of its schedule
+    fixed = learner(num_full=2)
+    torch.save({"state_dict": fixed.state_dict(), "hyper_parameters": dict(fixed.hparams)}, path)
+    assert learner(stage=2, stage1_checkpoint=str(path)).stage1_full_steps == fixed.full_steps()  # its step DP's
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,49 @@ def test_flow_matching_models_learn_a_schedule_end_to_end(family, tmp_path):
     stage2 = [f"experiment=tiny_{family}_stage1", "learn.stage=2", f"learn.stage1_checkpoint={s1}/stage1.ckpt"]
     s2 = Schedule.load(train(tmp_path / "s2", *stage2, f"learn.captions={path}") / "schedule.json")
     assert s2.meta["stage"] == 2 and s2.meta["saved_macs"] >= budget
+
+
+def test_the_recipe_starts_from_the_best_validated_start_and_never_exports_worse(tmp_path):
+    common = ["experiment=learn", "model=tiny", "learn.num_steps=8", "data.train_size=8", "data.val_size=4",
+              "data.batch_size=4"]  # fmt: skip
+    out = train(tmp_path / "learn", *common, "trainer.max_epochs=2")
+    metrics = json.loads((out / "metrics.json").read_text())
+    scores = metrics["start_scores"]
+    assert set(scores) == {"toca", "fora", "forecast_fora", "uniform"}
+    assert metrics["start"] == min(scores, key=scores.get) and metrics["start_val_l2"] == min(scores.values())
+    sched = Schedule.load(out / "schedule.json")
+    assert sched.meta["saved_macs"] >= 0.5
+    if metrics["exported"] == "learned":
+        assert metrics["best_val_l2"] < metrics["start_val_l2"]
+    else:
+        assert metrics["start_val_l2"] <= metrics["best_val_l2"] and sched.meta["kept_start"]
+    # nothing learned (lr 0): every epoch validates as the start does, and the start itself is exported
+    frozen = train(tmp_path / "frozen", *common, "trainer.max_epochs=1", "learn.lr=0.0")
+    metrics = json.loads((frozen / "metrics.json").read_text())
+    assert metrics["exported"] == "start" and metrics["best_val_l2"] == pytest.approx(metrics["start_val_l2"])
+    assert Schedule.load(frozen / "schedule.json").meta["method"] == metrics["start"]
+
+
+def test_the_recipe_in_python_is_the_recipe_of_the_config():
+    from omegaconf import OmegaConf
+
+    from diffsparse.learn.recipe import RECIPE_DATA, RECIPE_EPOCHS, RECIPE_LEARN
+
+    config = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "experiment" / "learn.yaml"))
+    assert config["learn"] == RECIPE_LEARN and config["data"] == RECIPE_DATA
+    assert config["trainer"]["max_epochs"] == RECIPE_EPOCHS
+
+
+def test_evaluate_learn_adds_the_recipe_s_schedule_at_every_budget(tmp_path, monkeypatch):
+    import diffsparse.evaluate.learned as learned
+    from diffsparse.evaluate.command import main
+
+    monkeypatch.setattr(learned, "learn_recipe", partial(learned.learn_recipe, max_epochs=1))
+    out = tmp_path / "eval"
+    main(["--model", "tiny", "--quick", "--threads", "1", "--feature-net", "none", "--methods", "fora",
+          "--budgets", "0.3", "0.5", "--learn", "--out", str(out)])  # fmt: skip
+    for budget in ("0.30", "0.50"):
+        sched = Schedule.load(out / f"learned-{budget}" / "schedule.json")
+        assert sched.meta["saved_macs"] >= float(budget)
+    table = (out / "pareto.csv").read_text()
+    assert table.count("learned,") == 2

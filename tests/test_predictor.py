@@ -5,7 +5,14 @@ import torch
 
 from diffsparse.accounting.macs import MacTable
 from diffsparse.allocate.baselines import toca
-from diffsparse.learn.predictor import CostPredictor, choose, schedule_from_levels, straight_through
+from diffsparse.learn.predictor import (
+    CostPredictor,
+    choose,
+    schedule_from_choice,
+    schedule_from_levels,
+    straight_through,
+)
+from diffsparse.levels import ACTIONS
 
 UNITS = [f"transformer_blocks.{i}.{leaf}" for i in range(3) for leaf in ("attn1", "ff")]
 
@@ -39,3 +46,17 @@ def test_straight_through_is_hard_forward_and_reaches_the_costs_backward():
     with torch.no_grad():
         predictor.logits -= 10 * predictor.logits.grad
     assert predictor()[1, 0, 4] < costs[1, 0, 4]
+
+
+def test_over_actions_the_dp_gives_back_a_forecasting_start_and_forecasts_cost_what_their_level_costs():
+    init = toca(UNITS, 9, fresh_ratio=0.25, interval=3, ramp=0.0)
+    modes = np.zeros(init.grid.shape, dtype=bool)
+    modes[:, :3] = True
+    init = init.with_forecast(modes)
+    table = MacTable(tuple(UNITS), np.tile(np.array([[400, 300, 200, 100, 0]], dtype=np.int64), (6, 1)), other=0)
+    costs = CostPredictor(9, 6, init=init, forecast=True)()
+    assert costs.shape == (9, 6, len(ACTIONS))
+    actions = choose(costs, table.saved_fraction(init) - 1e-3, table)
+    assert schedule_from_choice(actions, len(ACTIONS), UNITS) == init
+    # a forecast saves exactly its level's MACs: the same schedule copying everything saves the same
+    assert table.saved_fraction(init) == table.saved_fraction(init.with_forecast(False))

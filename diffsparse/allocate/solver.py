@@ -8,8 +8,11 @@ an integer amount `w[i, j]`. The program minimises the summed cost while the sum
 then back-tracks the choices. O(items x B x |S|) time and about items x B bytes for the back-pointers. Numpy in
 and out, no torch; the kernel is jitted with numba.
 
-Budgets in MACs are discretised into `resolution` quanta: savings are rounded down and the budget up, so a
-solution of the discrete problem always saves at least the budget in real MACs.
+Budgets in MACs are discretised into quanta: savings are rounded down and the budget up, so a solution of the
+discrete problem always saves at least the budget in real MACs. Where the units' savings share a common divisor
+that splits the largest possible saving into at most `EXACT_QUANTA` quanta (transformer sizes are multiples of
+large powers of two), that divisor is the quantum and no saving is rounded; otherwise the largest saving is split
+into `resolution` quanta (rounding a unit's saving down by less than one quantum).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import numba
 import numpy as np
 
 from diffsparse.accounting.macs import MacTable
-from diffsparse.levels import SPARSITY_LEVELS
+from diffsparse.levels import ACTION_LEVELS, ACTIONS, SPARSITY_LEVELS
 
-RESOLUTION = 8192  # MAC quanta the largest possible saving is split into (`solve_schedule`)
+RESOLUTION = 8192  # MAC quanta the largest possible saving is split into (`solve_schedule`) when not exact
+EXACT_QUANTA = 65536  # at most this many quanta of the savings' common divisor: exact savings
 
 
 class InfeasibleBudget(ValueError):
@@ -92,18 +96,23 @@ def solve(costs: np.ndarray, savings: np.ndarray, budget: int, exact: bool = Fal
 
 
 def solve_schedule(costs: np.ndarray, budget: float, table: MacTable | None = None, resolution: int = RESOLUTION):
-    """Level indices (T, U) for a cost tensor (T, U, |S|): row 0 all zeros, the rest chosen by the DP.
+    """Level indices (T, U) for a cost tensor (T, U, |S|), or action indices for a cost tensor over all actions
+    (T, U, |A|) (`levels.ACTIONS`: a level with copy or forecast, which saves what its level saves): row 0 all
+    zeros, the rest chosen by the DP.
 
     Args:
-        costs: cost of each level for each (step, unit); row 0 is ignored (the first step computes everything).
+        costs: cost of each level or action for each (step, unit); row 0 is ignored (the first step computes
+            everything).
         budget: the fraction to save. With a `MacTable` it is a fraction of the dense trajectory's MACs (units
             differ in cost; our default); without, the paper's plain average sparsity over all T x U.
         resolution: number of MAC quanta the largest possible saving is split into.
     """
     costs = np.asarray(costs, dtype=np.float64)
     steps, units, levels = costs.shape
-    if levels != len(SPARSITY_LEVELS):
-        raise ValueError(f"costs need {len(SPARSITY_LEVELS)} levels in the last axis, got {levels}")
+    if levels not in (len(SPARSITY_LEVELS), len(ACTIONS)):
+        raise ValueError(
+            f"costs need {len(SPARSITY_LEVELS)} levels or {len(ACTIONS)} actions in the last axis, got {levels}"
+        )
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"budget must be in [0, 1], got {budget}")
     if table is not None and len(table.units) != units:
@@ -111,6 +120,8 @@ def solve_schedule(costs: np.ndarray, budget: float, table: MacTable | None = No
     check_budget(budget, steps, table, units, resolution=resolution)
     items = costs[1:].reshape(-1, levels)
     savings, target, _ = _discretised(budget, steps, table, units, resolution)
+    if levels == len(ACTIONS):
+        savings = savings[:, list(ACTION_LEVELS)]
     picked = solve(items, savings, target)
     return np.concatenate([np.zeros((1, units), dtype=np.int64), picked.reshape(steps - 1, units)])
 
@@ -125,10 +136,15 @@ def _discretised(budget: float, steps: int, table: MacTable | None, units: int, 
         savings = np.tile(np.arange(levels, dtype=np.int64), (items, 1))
         target = math.ceil(budget * (levels - 1) * steps * units - 1e-9)
         return savings, target, float((levels - 1) * steps * units)
-    macs = table.level_macs.astype(np.float64)
+    macs = table.level_macs.astype(np.int64)
     saved = macs[:, :1] - macs
     dense_total = float(table.dense_step) * steps
-    quantum = max(saved.max(axis=1).sum() * (steps - 1) / resolution, 1e-12)
+    most = float(saved.max(axis=1).sum()) * (steps - 1)
+    divisor = int(np.gcd.reduce(saved[saved > 0])) if (saved > 0).any() else 0
+    if divisor > 0 and most / divisor <= EXACT_QUANTA:
+        quantum = float(divisor)
+    else:
+        quantum = max(most / resolution, 1e-12)
     savings = np.tile(np.floor(saved / quantum + 1e-9).astype(np.int64), (steps - 1, 1))
     target = math.ceil(budget * dense_total / quantum - 1e-9)
     return savings, target, dense_total / quantum

@@ -1,7 +1,9 @@
 """Exporting a learned schedule when training ends: a rank-zero Lightning callback and the files it writes.
 
 The exported costs are those of the best checkpoint (`trainer.checkpoint_callback`: the lowest `val/l2`, the hard
-schedule on held-out conditions), or the last ones when validation never ran.
+schedule on held-out conditions), or the last ones when validation never ran. When the learner chose among several
+hand-made starts, the chosen start is exported instead if it validated at least as well as the best checkpoint:
+a learned schedule never validates worse than its start.
 """
 
 from __future__ import annotations
@@ -20,21 +22,25 @@ from diffsparse.learn.module import ScheduleLearner
 from diffsparse.schedule import Schedule
 
 
-def export_schedule(learner: ScheduleLearner, out_dir: str | Path) -> dict:
-    """Write the learner's schedule (`schedule.json`), its costs (`costs.safetensors`) and the heatmap
-    (`schedule.png`) to `out_dir`; return where the schedule is, the MACs it saves and its full steps."""
+def export_schedule(learner: ScheduleLearner, out_dir: str | Path, schedule: Schedule | None = None) -> dict:
+    """Write the learner's schedule (or `schedule`), its costs (`costs.safetensors`) and the heatmap (`schedule.png`)
+    to `out_dir`; return where the schedule is, the MACs it saves and its full steps."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    schedule, _ = learner.choice()
+    if schedule is None:
+        schedule, _ = learner.choice()
     saved = learner.table.saved_fraction(schedule)
-    schedule = Schedule(schedule.grid, schedule.units, {**schedule.meta, "saved_macs": saved})
+    schedule = Schedule(schedule.grid, schedule.units, {**schedule.meta, "saved_macs": saved}, schedule.forecast)
     schedule.save(out / "schedule.json")
     tensors = {"layer_costs": learner.layer_costs().detach().contiguous()}
     if learner.step_logits is not None:
         tensors["step_costs"] = learner.step_logits.detach().softmax(-1).contiguous()
     save_file(tensors, out / "costs.safetensors")
-    schedule.plot(out / "schedule.png", title=f"learned, stage {learner.hparams.stage}: saves {saved:.1%} of MACs")
-    return {"schedule": str(out / "schedule.json"), "saved_macs": saved, "full_steps": schedule.full_steps}
+    method = schedule.meta.get("method", "learned")
+    title = f"{method}, stage {learner.hparams.stage}: saves {saved:.1%} of MACs"
+    schedule.plot(out / "schedule.png", title=title)
+    return {"schedule": str(out / "schedule.json"), "saved_macs": saved, "full_steps": schedule.full_steps,
+            "forecast_share": float(schedule.forecast.mean())}  # fmt: skip
 
 
 class ScheduleExport(L.Callback):
@@ -71,7 +77,17 @@ class ScheduleExport(L.Callback):
             learner = ScheduleLearner.load_from_checkpoint(best.best_model_path, map_location="cpu")
             shutil.copy(best.best_model_path, self.out_dir / f"stage{learner.hparams.stage}.ckpt")
             best_score = best.best_model_score
-        metrics = export_schedule(learner, self.out_dir)
-        metrics["best_val_l2"] = float(best_score) if best_score is not None else None
+        start = pl_module.start
+        best_score = float(best_score) if best_score is not None else None
+        kept_start = start is not None and (best_score is None or start["val_l2"] <= best_score)
+        chosen = None
+        if kept_start:
+            chosen = pl_module.start_schedule()
+            chosen = Schedule(chosen.grid, chosen.units, {**chosen.meta, "kept_start": True}, chosen.forecast)
+        metrics = export_schedule(learner, self.out_dir, chosen)
+        metrics["best_val_l2"] = best_score
+        if start is not None:
+            metrics.update(start=start["name"], start_val_l2=start["val_l2"], start_scores=start["scores"],
+                           exported="start" if kept_start else "learned")  # fmt: skip
         metrics.update(minutes=round(minutes, 2), peak_rss_mb=peak_rss_mb)
         write_json(self.metrics_path, metrics)

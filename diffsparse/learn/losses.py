@@ -1,4 +1,4 @@
-"""Distillation losses between the student's and the teacher's final samples: LPIPS (the paper's), L2, SSIM.
+"""Distillation losses between the student's and the teacher's final samples: LPIPS (the paper's), L2, SSIM, PSNR.
 
 Inputs are images in [-1, 1], (B, C, H, W). `make_loss(name)` returns a callable giving one scalar.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-LOSSES = ("lpips", "l2", "ssim")
+LOSSES = ("lpips", "l2", "ssim", "psnr")
 _LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
                          "squeeze": "squeezenet1_1-b8a52dc0.pth"}  # fmt: skip
 
@@ -23,6 +23,13 @@ class LpipsWeightsMissing(FileNotFoundError):
 
 def l2_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student, teacher)
+
+
+def psnr_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Minus the mean per-sample PSNR (dB, images in [-1, 1] mapped to [0, 1]; the evaluation's PSNR, uncapped):
+    every sample counts alike, where the mean L2 is led by the worst ones."""
+    mse = (student - teacher).pow(2).flatten(1).mean(1) / 4  # [0, 1] units
+    return 10 * torch.log10(mse + 1e-12).mean()
 
 
 def ssim_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -67,6 +74,8 @@ def make_loss(name: str):
         return l2_loss
     if name == "ssim":
         return ssim_loss
+    if name == "psnr":
+        return psnr_loss
     if name == "lpips":
         return lpips_loss()
     raise ValueError(f"Unknown loss {name!r}; choose one of {LOSSES}.")

@@ -1,12 +1,16 @@
 """Learning a schedule (DiffSparse Algorithm 1) as a `LightningModule` whose only parameters are costs.
 
-Each training step: costs -> DP choice under the budget -> straight-through one-hot -> a student rollout in
-training mode (every unit blends fresh and cached tokens through the chosen nested masks) -> loss against the
-dense teacher's samples from the same noise -> gradients into the costs. The model stays frozen.
+Each training step: costs -> DP choice of an action per (step, unit) under the budget (a level of S, and for the
+reused tokens copy or forecast) -> straight-through one-hot -> a student rollout in training mode (every unit
+blends fresh, copied and forecast tokens through the chosen nested masks) -> loss against the dense teacher's
+samples from the same noise -> gradients into the costs. The model stays frozen.
 
-Stage 1 also learns step costs (T x 2) and picks `num_full` full steps with its own DP; the layer DP then fills
-the other steps. Stage 2 starts from a stage-1 checkpoint: the layer costs' "compute all" entries at the chosen
-full steps are lowered by `delta` (eq. 9) and the unified layer costs are fine-tuned alone.
+The costs start from a hand-made schedule fitted to the budget: with several `starts`, the one whose hard schedule
+validates best (on the validation conditions, their own noise seeds) before any training. Stage 1 lets the DP
+choose how many steps are full under the budget; with `num_full` set it also learns step costs (T x 2) and picks
+exactly that many full steps with its own DP, the layer DP filling the others. Stage 2 starts from a stage-1
+checkpoint: the layer costs' "compute all" entries at stage 1's full steps are lowered by `delta` (eq. 9) and the
+unified layer costs are fine-tuned alone.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_ca
 from diffsparse.cache.control import set_soft_choice, token_cache_paused
 from diffsparse.learn.data import split_batch
 from diffsparse.learn.losses import make_loss
-from diffsparse.learn.predictor import CostPredictor, choose, schedule_from_levels, straight_through, tie_broken
+from diffsparse.learn.predictor import CostPredictor, choose, schedule_from_choice, straight_through, tie_broken
 from diffsparse.models.captions import load_captions, null_conditions
 from diffsparse.models.loading import load_model
 from diffsparse.models.sampling import initial_noise, sample
@@ -31,7 +35,10 @@ from diffsparse.reference.model import DEFAULT_GUIDANCE
 from diffsparse.schedule import Schedule
 
 # The settings that define the learning problem: a run can only be resumed (`ckpt_path`) with the same ones.
-PROBLEM_SETTINGS = ("model", "sampler", "num_steps", "budget", "stage", "num_full", "loss", "selector", "guidance")
+PROBLEM_SETTINGS = ("model", "sampler", "num_steps", "budget", "stage", "num_full", "loss", "selector", "guidance",
+                    "forecast", "forecast_order")  # fmt: skip
+# The recipe's hand-made starts (`allocate.registry` names), each fitted to the budget.
+RECIPE_STARTS = ("toca", "fora", "forecast_fora", "uniform")
 STAGE1_HOWTO = (
     "run stage 1 first (`python train.py experiment=digits_stage1` writes <output_dir>/stage1.ckpt) and pass "
     "learn.stage1_checkpoint=PATH"
@@ -51,7 +58,7 @@ def _check_settings(num_steps, budget, stage, num_full, stage1_checkpoint) -> No
     if num_full is not None and not 1 <= num_full <= num_steps:
         raise ValueError(
             f"learn.num_full={num_full}: the number of full steps must be in 1..learn.num_steps ({num_steps}); the "
-            "first step is always full, so at least 1. Leave learn.num_full=null for ToCa's count at this budget."
+            "first step is always full, so at least 1. Leave learn.num_full=null to let the DP choose them."
         )
     if stage == 2:
         if stage1_checkpoint is None or stage1_checkpoint == "???":
@@ -66,9 +73,14 @@ class ScheduleLearner(L.LightningModule):
     Args:
         model: a model name, folder or `model` config mapping (see `diffsparse.models.loading.load_model`).
         budget: fraction of the dense trajectory's MACs to save.
-        stage: 1 (step and layer costs, `num_full` full steps) or 2 (unified layer costs, from `stage1_checkpoint`).
-        num_full: full steps in stage 1 (the first step included); default: as many as the ToCa schedule that
-            initialises the layer costs.
+        stage: 1 (from hand-made starts) or 2 (unified layer costs, from `stage1_checkpoint`).
+        num_full: full steps in stage 1 (the first step included), picked by learned step costs; default (None):
+            the DP chooses how many steps are full, under the budget.
+        starts: hand-made allocators (`allocate.registry` names) fitted to the budget; the costs start from the
+            one that validates best. One name: that one, without validating.
+        forecast: learn over every action of `levels.ACTIONS` (copy or forecast the reused tokens); False: the
+            paper's levels with copy only.
+        forecast_order: Taylor order of the forecast actions (1 or 2), saved in the schedule's meta.
         loss: `lpips`, `l2` or `ssim`.
         lr, step_lr: AdamW learning rates of the layer and the step costs.
         temperature: of the soft assignment that carries the straight-through gradient.
@@ -101,8 +113,12 @@ class ScheduleLearner(L.LightningModule):
         dtype: str = "float32",
         captions: str | None = None,
         checkpoint_steps: bool = False,
+        starts: list[str] | tuple[str, ...] = ("toca",),
+        forecast: bool = False,
+        forecast_order: int = 1,
     ):
         super().__init__()
+        starts = list(starts)
         self.save_hyperparameters()
         _check_settings(num_steps, budget, stage, num_full, stage1_checkpoint)
         self._ref = load_model(model)  # not a submodule: frozen, and kept out of checkpoints
@@ -121,15 +137,25 @@ class ScheduleLearner(L.LightningModule):
         self.timesteps = scheduler.timesteps.tolist()
         self.table = self._ref.mac_table()
         check_budget(budget, num_steps, self.table, budget_name="learn.budget", steps_name="learn.num_steps")
-        init = baselines.budget_schedules(self.table, self.timesteps, budget)["toca"]
-        self.layer_costs = CostPredictor(num_steps, len(self.units), init=init).to(self._dtype)
-        self.num_full = len(init.full_steps) if num_full is None else num_full
+        fitted = baselines.budget_schedules(self.table, self.timesteps, budget)
+        unknown = [name for name in starts if name not in fitted]
+        if not starts or unknown:
+            raise ValueError(f"learn.starts={starts}: choose one or more of {sorted(fitted)}.")
+        if not forecast and any(fitted[name].forecast.any() for name in starts):
+            raise ValueError(f"learn.starts={starts} has a forecasting start but learn.forecast=false: drop it.")
+        # each start as the DP makes it from costs initialised to it: a hand-made schedule fitted to the budget may
+        # save a little less than it, the DP's version saves at least the budget (and is where learning begins)
+        self.starts = {name: self._projected(fitted[name]) for name in starts}
+        self.start: dict | None = None  # the chosen start and its validation L2 (`choose_start`)
+        init = fitted[starts[0]]
+        self.layer_costs = CostPredictor(num_steps, len(self.units), init=init, forecast=forecast).to(self._dtype)
+        self.num_full = num_full
         self.step_logits = None
-        if stage == 1:
+        if stage == 1 and num_full is not None:
             logits = torch.zeros(num_steps, 2, dtype=self._dtype)
-            logits[init.full_steps, 0] = -2.0  # ToCa's full steps start out cheap to keep full
+            logits[init.full_steps, 0] = -2.0  # the start's full steps start out cheap to keep full
             self.step_logits = nn.Parameter(logits)
-        else:
+        elif stage == 2:
             self._warm_start(stage1_checkpoint)
         self.loss_fn = make_loss(loss)
         self._teacher: dict[int, torch.Tensor] = {}
@@ -137,6 +163,7 @@ class ScheduleLearner(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to resume from a checkpoint of a different problem (`PROBLEM_SETTINGS`): its costs would be
         continued at this run's settings, or not fit them at all."""
+        self.start = checkpoint.get("recipe_start", self.start)
         saved = checkpoint.get("hyper_parameters") or {}
         differ = [k for k in PROBLEM_SETTINGS if k in saved and k in self.hparams and saved[k] != self.hparams[k]]
         if differ:
@@ -156,7 +183,7 @@ class ScheduleLearner(L.LightningModule):
             message = f"learn.stage1_checkpoint={checkpoint} is not a Lightning checkpoint: {STAGE1_HOWTO}."
             raise ValueError(message) from e
         state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
-        if "step_logits" not in state or "layer_costs.logits" not in state:
+        if "layer_costs.logits" not in state:
             raise ValueError(f"learn.stage1_checkpoint={checkpoint} holds no stage-1 costs: {STAGE1_HOWTO}.")
         saved = ckpt.get("hyper_parameters") or {}
         same = ("model", "sampler", "num_steps", "selector", "guidance")
@@ -167,16 +194,25 @@ class ScheduleLearner(L.LightningModule):
                 f"learn.stage1_checkpoint={checkpoint} was learned for another problem ({pairs}): stage 2 must "
                 "keep stage 1's model, sampler, step count, selector and guidance."
             )
-        num_full = ckpt.get("hyper_parameters", {}).get("num_full") or self.num_full
         logits = state["layer_costs.logits"].clone().to(self._dtype)
-        full = pick_full_steps(state["step_logits"].softmax(-1).double().numpy(), num_full)
+        if logits.shape != self.layer_costs.logits.shape:
+            raise ValueError(
+                f"learn.stage1_checkpoint={checkpoint} has costs over {logits.shape[-1]} choices, this run "
+                f"{self.layer_costs.logits.shape[-1]}: keep stage 1's learn.forecast."
+            )
+        if state.get("step_logits") is not None:
+            num_full = saved.get("num_full") or self.num_full
+            full = pick_full_steps(state["step_logits"].softmax(-1).double().numpy(), num_full)
+        else:  # stage 1 let the DP choose its full steps: those of its schedule
+            levels = choose(logits.softmax(-1), self.hparams.budget, self.table).numpy()
+            full = [int(t) for t in (levels == 0).all(axis=1).nonzero()[0]]
         logits[full, :, 0] -= self.hparams.delta
         with torch.no_grad():
             self.layer_costs.logits.copy_(logits)
         self.stage1_full_steps = full
 
     def full_steps(self) -> list[int] | None:
-        if self.step_logits is None:
+        if self.step_logits is None or self.num_full is None:
             return None
         return pick_full_steps(tie_broken(self.step_logits.softmax(-1)), self.num_full)
 
@@ -197,7 +233,9 @@ class ScheduleLearner(L.LightningModule):
             compute_all = torch.nn.functional.one_hot(torch.zeros_like(levels), costs.shape[-1]).to(h.dtype)
             h = hs[:, 0, None, None] * compute_all + hs[:, 1, None, None] * h
         meta = {"method": "learned", "stage": self.hparams.stage, "budget": self.hparams.budget}
-        return schedule_from_levels(levels, self.units, meta), h
+        if self.hparams.forecast:
+            meta["forecast_order"] = self.hparams.forecast_order
+        return schedule_from_choice(levels, costs.shape[-1], self.units, meta), h
 
     # --- rollouts -------------------------------------------------------------------------------------------------
     @property
@@ -213,7 +251,54 @@ class ScheduleLearner(L.LightningModule):
         self._ref.transformer.to(self.device)
         if self._ref.vae is not None:
             self._ref.vae.to(self.device)
-        apply_token_cache(self.transformer, self.choice()[0], selector=self.hparams.selector)
+        apply_token_cache(self.transformer, self.choice()[0], selector=self.hparams.selector,
+                          forecast_order=self.hparams.forecast_order)  # fmt: skip
+        resuming = self._trainer is not None and self.trainer.ckpt_path is not None
+        if stage == "fit" and self.hparams.stage == 1 and len(self.starts) > 1 and not resuming:
+            self.choose_start(self.trainer.datamodule.val_dataloader())
+
+    def _projected(self, start: Schedule) -> Schedule:
+        """`start` as the DP gives it back under the budget from costs initialised to it."""
+        costs = CostPredictor(len(self.timesteps), len(self.units), init=start, forecast=self.hparams.forecast)()
+        choice = choose(costs.detach(), self.hparams.budget, self.table)
+        return schedule_from_choice(choice, costs.shape[-1], self.units, {**start.meta, "start": True})
+
+    def validation_l2(self, schedule: Schedule, batches) -> float:
+        """Mean squared error of `schedule`'s samples (the inference path) against the teacher's, over `batches`:
+        what `val/l2` logs for an epoch."""
+        total, count = 0.0, 0
+        for batch in batches:
+            conditions, seeds = split_batch(batch)
+            conditions = {k: v.to(self.device) for k, v in conditions.items()}
+            conditions = {k: v.to(self._dtype) if v.is_floating_point() else v for k, v in conditions.items()}
+            noise = self._noise(seeds)
+            target = self.teacher(conditions, seeds, noise)
+            set_soft_choice(self.transformer, schedule, None)
+            with torch.no_grad():
+                student = self._rollout(conditions, noise)
+            total += float(torch.nn.functional.mse_loss(student, target)) * len(noise)
+            count += len(noise)
+        return total / max(count, 1)
+
+    def choose_start(self, batches) -> dict:
+        """Validate every start; restart the costs from the best. Returns {name: validation L2}."""
+        batches = list(batches)
+        scores = {name: self.validation_l2(schedule, batches) for name, schedule in self.starts.items()}
+        best = min(scores, key=scores.get)
+        self.layer_costs.restart(self.starts[best])
+        if self.step_logits is not None:
+            with torch.no_grad():
+                self.step_logits.zero_()
+                self.step_logits[self.starts[best].full_steps, 0] = -2.0
+        self.start = {"name": best, "val_l2": scores[best], "scores": scores}
+        return scores
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["recipe_start"] = self.start
+
+    def start_schedule(self) -> Schedule | None:
+        """The chosen start, fitted to the budget (None before `choose_start`)."""
+        return None if self.start is None else self.starts[self.start["name"]]
 
     def teardown(self, stage: str) -> None:
         remove_token_cache(self.transformer)
