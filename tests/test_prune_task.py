@@ -79,7 +79,7 @@ def test_evaluate_refuses_a_missing_plan(tmp_path):
 def test_evaluate_rows_for_a_plan_routed_and_stitched(tmp_path):
     import csv
 
-    from diffsparse.evaluate.harness import main
+    from diffsparse.evaluate.command import main
     from diffsparse.tasks.prune import prune
 
     plan = prune(compose_prune(tmp_path / "p", "prune.schedule=mosaic", "prune.num_steps=5"))["pruned"]

@@ -1,5 +1,5 @@
 """`python -m diffsparse.evaluate`."""
 
-from diffsparse.evaluate.harness import main
+from diffsparse.evaluate.command import main
 
 main()

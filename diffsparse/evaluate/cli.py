@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffsparse.evaluate.methods import BUILDERS
+from diffsparse.evaluate.builders import BUILDERS
 from diffsparse.models.sampling import SCHEDULERS
 from diffsparse.reference.featurenet import WEIGHTS as FEATURE_NET_WEIGHTS
 from diffsparse.reference.model import DEFAULT_GUIDANCE
@@ -53,6 +53,15 @@ class EvalConfig:
     )
     steps: int = option(50, help="denoising steps of the dense run")
     budget: float = option(0.5, help="fraction of dense MACs to save")
+    budgets: list[float] = option(
+        default_factory=list,
+        nargs="+",
+        metavar="B",
+        help="a Pareto sweep instead of one --budget: the whole evaluation at each of these fractions of dense MACs "
+        "to save (each in (0, 1)), dense sampled and timed once for all of them, every method fitted to each; "
+        "writes OUT/budget-B/ (the one-budget outputs) and, across budgets, pareto.md/.csv/.json with "
+        "pareto_psnr.png and pareto_l2.png (quality vs measured speed-up, one line per method)",
+    )
     methods: list[str] = option(
         default_factory=lambda: list(ALL_METHODS),
         nargs="+",
@@ -79,9 +88,10 @@ class EvalConfig:
         default_factory=list,
         flag="--schedule",
         action="append",
-        metavar="NAME=PATH",
+        metavar="NAME[@B]=PATH",
         help="also evaluate this schedule JSON (e.g. a learned one) as a row called NAME (a "
-        "plain file name, not a built-in row's); repeatable",
+        "plain file name, not a built-in row's), at every budget; NAME@B=PATH: only at budget B (one of --budgets, "
+        "or --budget), so one row NAME can take a schedule learned for each budget; repeatable",
     )
     pruned: list[str] = option(
         default_factory=list,
@@ -89,6 +99,12 @@ class EvalConfig:
         metavar="NAME=DIR",
         help="also evaluate this pruning plan (train.py experiment=prune_*: <output_dir>/pruned) "
         "as a row called NAME; repeatable",
+    )
+    learn: bool = option(
+        False,
+        action="store_true",
+        help="learn a schedule at the budget (every budget of --budgets) with the recipe of `train.py "
+        "experiment=learn`, into OUT/learned-B/, and add it as the row 'learned'",
     )
     stitched: list[str] | None = option(
         None,
@@ -101,7 +117,8 @@ class EvalConfig:
         "toca",
         cli_default=None,
         metavar="ROW",
-        help="add paired ΔFD / ΔL2 columns against this row ('none': leave them out). Default: toca when it is run",
+        help="add paired ΔFD / ΔL2 / ΔPSNR columns against this row ('none': leave them out). Default: toca when "
+        "it is run",
     )
     feature_net: str | None = option(
         None,
@@ -119,7 +136,7 @@ class EvalConfig:
         "captions.txt OUT.safetensors`)",
     )
     budget_tolerance: float = option(
-        0.05, help="flag rows whose measured MAC saving is further than this from --budget"
+        0.05, help="flag rows whose measured MAC saving is further than this from --budget (each of --budgets)"
     )
 
 
@@ -140,6 +157,7 @@ def check_config(cfg: EvalConfig) -> None:
             raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
     if not 0.0 <= cfg.budget < 1.0:
         raise UsageError(f"--budget must be in [0, 1), got {cfg.budget}")
+    _check_budgets(cfg)
     if not 0.0 <= cfg.budget_tolerance < 1.0:
         raise UsageError(f"--budget-tolerance must be in [0, 1), got {cfg.budget_tolerance}")
     if cfg.sampler is not None and cfg.sampler not in SCHEDULERS:
@@ -171,16 +189,74 @@ def check_config(cfg: EvalConfig) -> None:
         )
 
 
+def budgets_of(cfg: EvalConfig) -> list[float]:
+    """The budgets a run evaluates: `--budgets`, or the one `--budget`."""
+    return list(cfg.budgets) or [cfg.budget]
+
+
+def budget_folder(budget: float) -> str:
+    """The folder of one budget of a sweep: `budget-0.40` (more digits where two would round it)."""
+    return f"budget-{budget:.2f}" if round(budget, 2) == budget else f"budget-{budget:g}"
+
+
+def _check_budgets(cfg: EvalConfig) -> None:
+    if not cfg.budgets:
+        return
+    if cfg.budget != EvalConfig.budget:
+        raise UsageError(f"--budget {cfg.budget} and --budgets: give one (--budgets runs the evaluation at each)")
+    for b in cfg.budgets:
+        if not 0.0 < b < 1.0:
+            raise UsageError(f"--budgets must each be in (0, 1), got {b}")
+    folders = [budget_folder(b) for b in cfg.budgets]
+    twice = sorted({f for f in folders if folders.count(f) > 1})
+    if twice:
+        raise UsageError(f"--budgets: {', '.join(f.removeprefix('budget-') for f in twice)} given twice")
+
+
+def schedule_item(item: str) -> tuple[str, float | None, str]:
+    """A `--schedule` item's row name, budget (None: every budget) and path: `NAME=PATH` or `NAME@B=PATH`."""
+    head, _, path = item.partition("=")
+    name, at, budget = head.rpartition("@") if "@" in head else (head, "", "")
+    if not at:
+        return name, None, path
+    try:
+        return name, float(budget), path
+    except ValueError:
+        raise UsageError(f"--schedule {item!r}: NAME@B=PATH takes a budget B, got {budget!r}") from None
+
+
+def schedules_at(cfg: EvalConfig, budget: float) -> list[str]:
+    """The `--schedule` rows at one budget, as `NAME=PATH`: the plain ones and those of `NAME@budget=PATH`."""
+    items = []
+    for item in cfg.schedules:
+        name, at, path = schedule_item(item)
+        if at is None or _same_budget(at, budget):
+            items.append(f"{name}={path}")
+    return items
+
+
+def _same_budget(a: float, b: float) -> bool:
+    return abs(a - b) < 1e-9
+
+
 def _extra_rows(cfg: EvalConfig) -> list[str]:
-    """The names of the --schedule and --pruned rows, checked: NAME=PATH, a plain file name (it names
-    samples/NAME.png under --out), not a built-in row's, each once; and their files present."""
+    """The names of the --schedule and --pruned rows, checked: NAME=PATH (NAME@B=PATH: a --schedule row at budget B
+    only, one of the run's), a plain file name (it names samples/NAME.png under --out), not a built-in row's, each
+    once per budget; and their files present."""
     reserved = {n.lower() for n in (*ALL_METHODS, *ROW_NAMES.values())}
-    names = []
+    names, budgets = [], budgets_of(cfg)
+    taken: dict[str, list[float | None]] = {}  # row name (lower case) -> its budgets (None: every budget)
     for option, items in (("--schedule", cfg.schedules), ("--pruned", cfg.pruned)):
         for item in items:
-            name, _, path = item.partition("=")
+            if option == "--schedule":
+                name, at, path = schedule_item(item)
+            else:
+                (name, _, path), at = item.partition("="), None
             if not name or not path:
                 raise UsageError(f"{option} takes NAME={'DIR' if option == '--pruned' else 'PATH'}, got {item!r}")
+            if at is not None and not any(_same_budget(at, b) for b in budgets):
+                run = " ".join(f"{b:g}" for b in budgets)
+                raise UsageError(f"--schedule {name}@{at:g}: {at:g} is not a budget of this run ({run})")
             if name in (".", "..") or name != Path(name).name or "\\" in name or name != name.strip():
                 raise UsageError(
                     f"{option} {name!r}: the row's name must be a plain file name (it names samples/<NAME>.png "
@@ -188,13 +264,16 @@ def _extra_rows(cfg: EvalConfig) -> list[str]:
                 )
             if name.lower() in reserved:
                 raise UsageError(f"{option} {name}: the name of a built-in row; call it something else")
-            if name.lower() in {n.lower() for n in names}:
-                raise UsageError(f"{option} {name}: two extra rows of that name")
+            others = taken.setdefault(name.lower(), [])
+            if others and (at is None or None in others or any(_same_budget(at, b) for b in others)):
+                raise UsageError(f"{option} {name}: two extra rows of that name" + (" at one budget" if at else ""))
+            others.append(at)
             if option == "--schedule" and not Path(path).is_file():
                 raise UsageError(f"--schedule {name}: no file at {path}")
             if option == "--pruned" and not (Path(path) / "plan.json").is_file():
                 raise UsageError(f"--pruned {name}: no pruning plan (plan.json) in {path}")
-            names.append(name)
+            if name not in names:
+                names.append(name)
     pruned = [item.partition("=")[0] for item in cfg.pruned]
     if cfg.stitched is not None:
         unknown = set(cfg.stitched) - set(pruned)
@@ -212,6 +291,8 @@ def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field, annotatio
         options["default"] = f.default_factory() if f.default is dataclasses.MISSING else f.default
     if isinstance(annotation, types.UnionType):  # `int | None`: an int when given
         annotation = next(t for t in typing.get_args(annotation) if t is not type(None))
+    if typing.get_origin(annotation) is list:  # `list[float]`: each item a float
+        annotation = typing.get_args(annotation)[0]
     if annotation in (int, float):
         options["type"] = annotation
     flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
@@ -224,7 +305,8 @@ def parse_args(argv=None) -> EvalConfig:
     p = argparse.ArgumentParser(
         prog="python -m diffsparse.evaluate",
         description="every way of saving compute, side by side on one model, from the same noise.",
-        epilog="Example (the README table): python -m diffsparse.evaluate --steps 50 --budget 0.5 --out eval/ref50",
+        epilog="Example (the README table): python -m diffsparse.evaluate --steps 50 --budget 0.5 --out eval/ref50. "
+        "A Pareto sweep: python -m diffsparse.evaluate --steps 50 --budgets 0.3 0.5 0.7 --out eval/pareto50",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(EvalConfig)

@@ -15,11 +15,11 @@ overview to overview.png. Every setting that cannot work is refused before any s
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -28,6 +28,7 @@ from diffsparse.allocate import baselines
 from diffsparse.allocate.solver import InfeasibleBudget
 from diffsparse.backbones.registry import backbone_for
 from diffsparse.cache.selectors import make_selector
+from diffsparse.evaluate.builders import BUILDERS
 from diffsparse.evaluate.cli import (
     ALL_METHODS,
     EvalConfig,
@@ -36,8 +37,9 @@ from diffsparse.evaluate.cli import (
     default_feature_net,
     parse_args,
     row_name,
+    schedules_at,
 )
-from diffsparse.evaluate.methods import BUILDERS, SCHEDULE_METHODS, Fitting, Method, applied
+from diffsparse.evaluate.methods import SCHEDULE_METHODS, Fitting, Method, Unavailable, applied
 from diffsparse.evaluate.metrics import (
     fd_estimate,
     frechet_distance,
@@ -59,7 +61,7 @@ from diffsparse.reference.digits import to_unit_range
 from diffsparse.reference.featurenet import feature_net_and_data
 from diffsparse.schedule import Schedule
 
-__all__ = ["ALL_METHODS", "EvalConfig", "UsageError", "evaluate", "main", "parse_args"]
+__all__ = ["ALL_METHODS", "EvalConfig", "UsageError", "evaluate", "parse_args"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,14 @@ class Runner:
         self.conditions = conditions if conditions is not None else make_conditions(ref, cfg)
         self.labels = self.conditions.labels
         self.noise = initial_noise(cfg.samples, ref.sample_shape, cfg.seed)
+        self._dense_macs: dict[int, float] = {}
+
+    def dense_macs(self, count: int) -> float:
+        """MACs per image of dense sampling on the first `count` conditions (sampled once per count: the budgets
+        of a sweep share it)."""
+        if count not in self._dense_macs:
+            self._dense_macs[count] = self.run(Method("dense", self.cfg.steps), count)[1]
+        return self._dense_macs[count]
 
     def run(self, method: Method, count: int | None = None) -> tuple[torch.Tensor, float]:
         """x0 for the first `count` conditions (default: all), and the MACs per image counted while sampling."""
@@ -162,9 +172,25 @@ class Runner:
         return run
 
 
-def build_methods(cfg: EvalConfig, runner: Runner) -> list[Method]:
-    """The requested methods, each fitted to `cfg.budget` (hand-made schedules analytically, diffusers' caches by
-    measuring their MACs on `calibration_samples` conditions)."""
+def fit_schedules(cfg: EvalConfig, runner: Runner) -> dict[str, Schedule]:
+    """The hand-made schedules of `cfg.methods` fitted to `cfg.budget`, by allocator name, without sampling
+    anything: a budget they cannot meet is refused here (`UsageError`)."""
+    families = [m for m in cfg.methods if m in SCHEDULE_METHODS]
+    if not families:
+        return {}
+    scheduler = runner.ref.scheduler(cfg.sampler)
+    scheduler.set_timesteps(cfg.steps)
+    try:
+        return baselines.budget_schedules(runner.ref.mac_table(), scheduler.timesteps.tolist(), cfg.budget)
+    except InfeasibleBudget as e:
+        raise UsageError(f"--budget {cfg.budget}, --steps {cfg.steps}: {e} The hand-made schedules {families} are "
+                         "fitted to these; or leave them out of --methods.") from e  # fmt: skip
+
+
+def build_methods(cfg: EvalConfig, runner: Runner, schedules: dict[str, Schedule] | None = None) -> list[Method]:
+    """The requested methods, each fitted to `cfg.budget` (hand-made schedules analytically, `schedules` when
+    already fitted by `fit_schedules`; diffusers' caches by measuring their MACs on `calibration_samples`
+    conditions)."""
     ref, steps = runner.ref, cfg.steps
     unknown = sorted(set(cfg.methods) - set(ALL_METHODS))
     if unknown:
@@ -172,25 +198,21 @@ def build_methods(cfg: EvalConfig, runner: Runner) -> list[Method]:
     scheduler = ref.scheduler(cfg.sampler)
     scheduler.set_timesteps(steps)
     table = ref.mac_table()
-    schedules, families = {}, [m for m in cfg.methods if m in SCHEDULE_METHODS]
-    if families:  # fitted before anything is sampled: a budget they cannot meet is refused here
-        try:
-            schedules = baselines.budget_schedules(table, scheduler.timesteps.tolist(), cfg.budget)
-        except InfeasibleBudget as e:
-            raise UsageError(f"--budget {cfg.budget}, --steps {steps}: {e} The hand-made schedules {families} are "
-                             "fitted to these; or leave them out of --methods.") from e  # fmt: skip
+    if schedules is None:  # fitted before anything is sampled
+        schedules = fit_schedules(cfg, runner)
     calib = min(cfg.calibration_samples, cfg.samples)
-    dense_macs = None
 
     def saved(method: Method) -> float:
-        nonlocal dense_macs
-        if dense_macs is None:
-            dense_macs = runner.run(Method("dense", steps), calib)[1]
-        return 1.0 - runner.run(method, calib)[1] / dense_macs
+        return 1.0 - runner.run(method, calib)[1] / runner.dense_macs(calib)
 
     fit = Fitting(steps, cfg.budget, ref.transformer, schedules, cfg.selector, saved)
-    methods = [BUILDERS[name](fit) for name in cfg.methods]
-    for item in cfg.schedules:
+    methods = []
+    for name in cfg.methods:
+        try:
+            methods.append(BUILDERS[name](fit))
+        except Unavailable as e:  # a peer not installed here (or not for this model): its row skipped, and said so
+            log.warning("%s: row skipped (%s)", row_name(name), e)
+    for item in schedules_at(cfg, cfg.budget):
         name, path = item.split("=", 1)
         sched = Schedule.load(path)
         if sched.num_steps != steps:
@@ -264,67 +286,119 @@ def prepare(ref: ModelHandle, cfg: EvalConfig):
     return conditions, (net, real_features)
 
 
-def evaluate(cfg: EvalConfig, command: str = "") -> list[dict]:
-    """Run the evaluation described by `cfg`; write the table, samples and overview to `cfg.output_dir`."""
+@dataclass
+class Session:
+    """What every row of an evaluation shares, at any budget: the config, the loaded model, the conditions, the
+    feature network with the real images' features (None without one), the runner and LPIPS (None without its
+    weights)."""
+
+    cfg: EvalConfig
+    ref: ModelHandle
+    conditions: Conditions
+    metric: tuple | None
+    runner: Runner
+    lpips_fn: Callable | None
+
+
+def start(cfg: EvalConfig) -> Session:
+    """Check `cfg` (before anything is loaded), settle its defaults (dense first), load the model and run the
+    checks that need it; nothing sampled yet."""
     check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if "dense" not in cfg.methods:
-        cfg.methods = ["dense", *cfg.methods]
+    cfg.methods = ["dense", *(m for m in cfg.methods if m != "dense")]
     if cfg.compare_to is not None:
         cfg.compare_to = row_name(cfg.compare_to)
     if cfg.feature_net is None:
         cfg.feature_net = default_feature_net(cfg.model)
-    out = Path(cfg.output_dir)
     ref = load_model(cfg.model)
     conditions, metric = prepare(ref, cfg)
-    runner = Runner(ref, cfg, conditions)
-    methods = build_methods(cfg, runner)
-    lpips_fn = lpips_metric()
-    rows, images, features_of, l2_of = [], {}, {}, {}
-    for method in tqdm(methods, desc="methods"):
-        x, macs = runner.run(method)
-        decoded = runner.decode(x)
-        images[method.name] = to_unit_range(decoded)
-        row = {"method": method.name, "steps": method.num_steps, "setting": method.note, "gmacs_per_image": macs / 1e9,
-               "weights_mb": method.weight_bytes(ref.transformer) / 2**20}  # fmt: skip
-        if method.pruning is not None:
-            row["prep_minutes"] = method.knobs["prep_minutes"]
-        if metric is not None:
-            net, real_features = metric
-            with torch.no_grad():
-                features = net.features(decoded.clamp(-1, 1))
-                logits = net.head(features)
-            features_of[method.name] = features.numpy()
-            row["fd"] = fd_estimate(features.numpy(), real_features, rounds=max(cfg.bootstrap_rounds // 5, 20))
-            if conditions.labels is not None:
-                correct = (logits.argmax(1) == conditions.labels).double()
-                row["accuracy"] = mean_estimate(correct, cfg.bootstrap_rounds)
-        if method.name != "dense":
-            dense_images = images["dense"]
-            l2_of[method.name] = l2(images[method.name], dense_images).numpy()
-            row["l2"] = mean_estimate(l2_of[method.name], cfg.bootstrap_rounds)
-            row["psnr"] = mean_estimate(psnr(images[method.name], dense_images), cfg.bootstrap_rounds)
-            row["ssim"] = mean_estimate(ssim(images[method.name], dense_images), cfg.bootstrap_rounds)
-            if lpips_fn is not None:
-                row["lpips"] = mean_estimate(lpips_fn(images[method.name], dense_images), cfg.bootstrap_rounds)
-        rows.append(row)
+    return Session(cfg, ref, conditions, metric, Runner(ref, cfg, conditions), lpips_metric())
+
+
+@dataclass
+class Measured:
+    """A method sampled and measured: its row (quality numbers; no timing yet), its images in [0, 1], and what
+    the paired columns need: its features (with a feature network) and per-sample L2 / PSNR vs dense."""
+
+    method: Method
+    row: dict
+    images: torch.Tensor
+    features: np.ndarray | None = None
+    per_sample: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def copy(self) -> Measured:
+        """The same measurement with its own row (a sweep's budgets each add their columns to dense's)."""
+        return Measured(self.method, dict(self.row), self.images, self.features, self.per_sample)
+
+
+def measure(session: Session, method: Method, dense: torch.Tensor | None) -> Measured:
+    """Sample `method` on every condition and measure it: MACs, weights, FD and class accuracy (with a feature
+    network), and fidelity to the `dense` images ([0, 1]; None: this is dense)."""
+    cfg, runner, ref = session.cfg, session.runner, session.ref
+    x, macs = runner.run(method)
+    decoded = runner.decode(x)
+    images = to_unit_range(decoded)
+    row = {"method": method.name, "steps": method.num_steps, "setting": method.note, "gmacs_per_image": macs / 1e9,
+           "weights_mb": method.weight_bytes(ref.transformer) / 2**20}  # fmt: skip
+    measured = Measured(method, row, images)
+    if method.pruning is not None:
+        row["prep_minutes"] = method.knobs["prep_minutes"]
+    if session.metric is not None:
+        net, real_features = session.metric
+        with torch.no_grad():
+            features = net.features(decoded.clamp(-1, 1))
+            logits = net.head(features)
+        measured.features = features.numpy()
+        row["fd"] = fd_estimate(measured.features, real_features, rounds=max(cfg.bootstrap_rounds // 5, 20))
+        labels = session.conditions.labels
+        if labels is not None:
+            row["accuracy"] = mean_estimate((logits.argmax(1) == labels).double(), cfg.bootstrap_rounds)
+    if dense is not None:
+        measured.per_sample = {"l2": l2(images, dense).numpy(), "psnr": psnr(images, dense).numpy()}
+        row["l2"] = mean_estimate(measured.per_sample["l2"], cfg.bootstrap_rounds)
+        row["psnr"] = mean_estimate(measured.per_sample["psnr"], cfg.bootstrap_rounds)
+        row["ssim"] = mean_estimate(ssim(images, dense), cfg.bootstrap_rounds)
+        if session.lpips_fn is not None:
+            row["lpips"] = mean_estimate(session.lpips_fn(images, dense), cfg.bootstrap_rounds)
+    return measured
+
+
+def finish(session: Session, cfg: EvalConfig, measured: list[Measured], speedups: list[Speedup], command: str,
+           out: Path) -> list[dict]:  # fmt: skip
+    """The table of one budget (`cfg.budget`; dense first in `measured`, then `speedups` row by row): paired Δ
+    columns, MAC reduction and budget check, speed-ups; written to `out` with the sample grids. Returns the rows."""
+    rows = [m.row for m in measured]
     if cfg.compare_to is not None:
-        add_paired_differences(rows, features_of, l2_of, metric[1] if metric else None, cfg)
+        features_of = {m.method.name: m.features for m in measured if m.features is not None}
+        per_sample = {m.method.name: m.per_sample for m in measured if m.per_sample}
+        add_paired_differences(rows, features_of, per_sample, session.metric[1] if session.metric else None, cfg)
     dense_macs = rows[0]["gmacs_per_image"]
-    budget = budget_check(rows, dense_macs, cfg)
-    timing_count = min(cfg.timing_samples, cfg.samples)
-    for method, row in zip(tqdm(methods, desc="timing"), rows, strict=True):
+    for row, speed, (saved, off) in zip(rows, speedups, budget_check(rows, dense_macs, cfg), strict=True):
         row["mac_reduction"] = dense_macs / row["gmacs_per_image"]
-        if method.name == "dense":
-            row.update(Speedup(1.0, 1.0, 1.0).as_row())
-        else:
-            row.update(speedup_of(runner, method, methods[0], cfg.rounds, timing_count).as_row())
-    for row, (saved, off) in zip(rows, budget, strict=True):
+        row.update(speed.as_row())
         row["saved_macs"], row["off_budget"] = saved, off
-    columns = conditions.distinct if conditions.distinct <= 16 else 8
-    write_results(rows, images, cfg, command, out, conditions.description, columns)
+    c = session.conditions
+    images = {m.method.name: m.images for m in measured}
+    write_results(rows, images, cfg, command, out, c.description, c.distinct if c.distinct <= 16 else 8)
     return rows
+
+
+def evaluate(cfg: EvalConfig, command: str = "") -> list[dict]:
+    """Run the evaluation described by `cfg` at its one budget; write the table, samples and overview to
+    `cfg.output_dir`. (`--budgets`, a sweep over several: `diffsparse.evaluate.pareto.sweep`.)"""
+    if cfg.budgets:
+        raise ValueError("cfg.budgets: a sweep over several budgets is diffsparse.evaluate.pareto.sweep(cfg)")
+    session = start(cfg)
+    methods = build_methods(cfg, session.runner)
+    measured = []
+    for method in tqdm(methods, desc="methods"):
+        measured.append(measure(session, method, measured[0].images if measured else None))
+    timing_count = min(cfg.timing_samples, cfg.samples)
+    speedups = [Speedup(1.0, 1.0, 1.0)]
+    for method in tqdm(methods[1:], desc="timing"):
+        speedups.append(speedup_of(session.runner, method, methods[0], cfg.rounds, timing_count))
+    return finish(session, cfg, measured, speedups, command, Path(cfg.output_dir))
 
 
 def budget_check(rows: list[dict], dense_macs: float, cfg: EvalConfig) -> list[tuple[float, bool]]:
@@ -341,10 +415,13 @@ def budget_check(rows: list[dict], dense_macs: float, cfg: EvalConfig) -> list[t
     return checked
 
 
-def add_paired_differences(rows, features_of: dict, l2_of: dict, real_features, cfg: EvalConfig) -> None:
-    """Columns `dfd` (with a feature network) and `dl2`: each row's FD and L2 minus those of `cfg.compare_to`, on
-    the same samples, with paired bootstrap intervals (an interval below 0 means: better than that row, beyond
-    sampling noise)."""
+def add_paired_differences(rows, features_of: dict, per_sample: dict, real_features, cfg: EvalConfig) -> None:
+    """Columns `dfd` (with a feature network), `dl2` and `dpsnr`: each row's FD, L2 and PSNR minus those of
+    `cfg.compare_to`, on the same samples, with paired bootstrap intervals (for FD and L2 an interval below 0,
+    for PSNR one above 0, means: better than that row, beyond sampling noise).
+
+    `features_of`: row name -> features; `per_sample`: row name -> {"l2": ..., "psnr": ...} per-sample values
+    against dense (dense itself has none, so it gets no `dl2` / `dpsnr`)."""
     base = cfg.compare_to
     for row in rows:
         name = row["method"]
@@ -358,22 +435,13 @@ def add_paired_differences(rows, features_of: dict, l2_of: dict, real_features, 
 
             rounds = max(cfg.bootstrap_rounds // 5, 20)
             row["dfd"] = paired_difference(dfd, len(a), rounds, cfg.seed, normal=True)
-        if name in l2_of and base in l2_of:
-            la, lb = l2_of[name], l2_of[base]
-            row["dl2"] = paired_difference(lambda i, la=la, lb=lb: float((la[i] - lb[i]).mean()), len(la),
-                                           cfg.bootstrap_rounds, cfg.seed)  # fmt: skip
+        for column, key in (("dl2", "l2"), ("dpsnr", "psnr")):
+            if key in per_sample.get(name, {}) and key in per_sample.get(base, {}):
+                row[column] = mean_difference(per_sample[name][key], per_sample[base][key], cfg.bootstrap_rounds,
+                                              cfg.seed)  # fmt: skip
 
 
-def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse_args(argv)
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        evaluate(cfg, command=shlex.join(["python", "-m", "diffsparse.evaluate", *args]))
-    except UsageError as e:  # found before any sampling: said as argparse says its errors
-        print(f"python -m diffsparse.evaluate: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
+def mean_difference(a: np.ndarray, b: np.ndarray, rounds: int = 1000, seed: int = 0):
+    """Mean of the per-sample differences `a - b` (two rows on the same samples), with a paired bootstrap interval
+    (`metrics.paired_difference`)."""
+    return paired_difference(lambda i: float((a[i] - b[i]).mean()), len(a), rounds, seed)

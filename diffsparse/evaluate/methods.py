@@ -1,10 +1,12 @@
 """Ways to save compute on one model, as runnable methods: dense, fewer steps, our token-cache schedules (every
-hand-made allocator of `allocate.registry`), and diffusers' own caches (FirstBlockCache, TaylorSeer,
-PyramidAttentionBroadcast) through `diffusers.hooks`.
+hand-made allocator of `allocate.registry`), diffusers' own caches (FirstBlockCache, TaylorSeer,
+PyramidAttentionBroadcast) through `diffusers.hooks`, and peers: other engines' caches (cache-dit, `peers.py`),
+run where their package is installed (`pip install -e '.[peers]'`).
 
 A `Method` says how many steps to sample and what to put on the transformer; `applied(method, transformer)`
-yields the transformer to sample with (diffusers' caches go on a copy, so the original is never touched).
-`BUILDERS` makes each method by its command-line name, fitted to a budget (`Fitting`).
+yields the transformer to sample with (diffusers' caches and a method's own `apply` go on a copy, so the original
+is never touched). `builders.BUILDERS` makes each method by its command-line name, fitted to a budget (`Fitting`); a
+builder that cannot run here raises `Unavailable`, and the harness skips that row with its note.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from diffsparse.schedule import Schedule
 
 @dataclass
 class Method:
-    """One row of the evaluation: a name, the step count, and at most one of a schedule, a diffusers config or a
-    pruning plan (`prune.PrunePlan`: weights routed into the model, or with `stitched` one pruned copy per stage)."""
+    """One row of the evaluation: a name, the step count, and at most one of a schedule, a diffusers config, a
+    pruning plan (`prune.PrunePlan`: weights routed into the model, or with `stitched` one pruned copy per stage) or
+    `apply`, a function that sets the method up on a copy of the transformer (in place; a peer engine's cache)."""
 
     name: str
     num_steps: int
@@ -39,6 +42,7 @@ class Method:
     knobs: dict = field(default_factory=dict)
     pruning: object | None = None
     stitched: bool = False
+    apply: Callable[[torch.nn.Module], None] | None = None
 
     def weight_bytes(self, transformer: torch.nn.Module) -> int:
         """Bytes of the weights this method keeps in memory: the model's, plus the routed store's pruned weights, or
@@ -74,7 +78,8 @@ def _apply_diffusers_cache(model: torch.nn.Module, config) -> None:
 
 @contextmanager
 def applied(method: Method, transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The transformer set up for `method`: token cache applied (and removed after), or a diffusers-cached copy."""
+    """The transformer set up for `method`: token cache applied (and removed after), or a copy with a diffusers
+    cache or the method's own `apply` on it."""
     if method.pruning is not None:
         plan = method.pruning
         if method.stitched:
@@ -85,9 +90,12 @@ def applied(method: Method, transformer: torch.nn.Module) -> Iterator[torch.nn.M
             yield transformer
         finally:
             remove_pruning(transformer)
-    elif method.diffusers_config is not None:
+    elif method.apply is not None or method.diffusers_config is not None:
         model = copy.deepcopy(transformer)
-        _apply_diffusers_cache(model, method.diffusers_config)
+        if method.apply is not None:
+            method.apply(model)
+        else:
+            _apply_diffusers_cache(model, method.diffusers_config)
         yield model
     elif method.schedule is not None:
         options = {} if method.selector is None else {"selector": method.selector}
@@ -189,7 +197,7 @@ class Fitting:
     saved: Callable[[Method], float]
 
 
-def _schedule_method(spec: AllocatorSpec) -> Callable[[Fitting], Method]:
+def schedule_method(spec: AllocatorSpec) -> Callable[[Fitting], Method]:
     """The evaluation row of a registered hand-made allocator: its schedule fitted to the budget."""
 
     def build(fit: Fitting) -> Method:
@@ -201,7 +209,7 @@ def _schedule_method(spec: AllocatorSpec) -> Callable[[Fitting], Method]:
     return build
 
 
-def _fewer_steps(fit: Fitting) -> Method:
+def fewer_steps_method(fit: Fitting) -> Method:
     n = fewer_steps(fit.steps, fit.budget)
     return Method("fewer-steps", n, note=f"{n} steps", knobs={"steps": n})
 
@@ -211,29 +219,25 @@ def _described(method: Method) -> Method:
     return method
 
 
-def _first_block_cache(fit: Fitting) -> Method:
+def first_block_cache_method(fit: Fitting) -> Method:
     threshold = fit_threshold(lambda t: fit.saved(first_block_cache(fit.steps, t)), fit.budget)
     return _described(first_block_cache(fit.steps, threshold))
 
 
-def _taylorseer(fit: Fitting) -> Method:
+def taylorseer_method(fit: Fitting) -> Method:
     options = [taylorseer(fit.steps, n, unit_patterns(fit.transformer)[0]) for n in range(2, 7)]
     return _described(min(options, key=lambda m: abs(fit.saved(m) - fit.budget)))
 
 
-def _pab(fit: Fitting) -> Method:
+def pab_method(fit: Fitting) -> Method:
     attention = unit_patterns(fit.transformer)[1]
     return _described(pyramid_attention_broadcast(fit.steps, 2, attention_pattern=attention))
 
 
-# Every method of `python -m diffsparse.evaluate --methods`, by name, in the table's default order.
-BUILDERS: dict[str, Callable[[Fitting], Method]] = {
-    "dense": lambda fit: Method("dense", fit.steps),
-    "fewer-steps": _fewer_steps,
-    **{spec.method: _schedule_method(spec) for spec in ALLOCATORS.values()},
-    "fbc": _first_block_cache,
-    "taylorseer": _taylorseer,
-    "pab": _pab,
-}
+class Unavailable(Exception):
+    """A method that cannot run here (its optional package is not installed, or it does not take this model): the
+    harness skips its row and says why (the message) in the log and under the table."""
+
+
 # The hand-made allocators' methods: command-line name -> allocator name.
 SCHEDULE_METHODS = {spec.method: spec.name for spec in ALLOCATORS.values()}

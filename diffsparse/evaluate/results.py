@@ -12,11 +12,46 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
+from diffsparse.evaluate.builders import skipped_notes
 from diffsparse.evaluate.metrics import Estimate
 from diffsparse.files import atomic_path
 
-COLUMNS = ("fd", "accuracy", "l2", "psnr", "ssim", "lpips", "dfd", "dl2")
+COLUMNS = ("fd", "accuracy", "l2", "psnr", "ssim", "lpips", "dfd", "dl2", "dpsnr")
 OFF_BUDGET = "⚠"
+DIGITS = {"fd": 2, "accuracy": 3, "l2": 2, "psnr": 2, "ssim": 3, "lpips": 3, "dfd": 2, "dl2": 2, "dpsnr": 2}
+SCALE = {"l2": 1e4, "dl2": 1e4}
+DELTA_NOTE = (
+    "Δ columns: the row minus {}, on the same samples, with paired bootstrap intervals (an interval "
+    "that leaves out 0: a difference beyond sampling noise)."
+)
+
+
+def column_names(compare_to: str | None) -> dict[str, str]:
+    """The tables' headers of the quality columns (the Δ ones against `compare_to`)."""
+    return {"fd": "FD ↓", "accuracy": "accuracy ↑", "l2": "L2 vs dense (x1e-4) ↓", "psnr": "PSNR vs dense ↑",
+            "ssim": "SSIM vs dense ↑", "lpips": "LPIPS vs dense ↓", "dfd": f"ΔFD vs {compare_to} ↓",
+            "dl2": f"ΔL2 vs {compare_to} (x1e-4) ↓", "dpsnr": f"ΔPSNR vs {compare_to} ↑"}  # fmt: skip
+
+
+def estimate_cell(row: dict, column: str) -> str:
+    """A quality column of a row as a table cell: `value [low, high]`, or — where the row has none."""
+    e, d, k = row.get(column), DIGITS[column], SCALE.get(column, 1.0)
+    return f"{e.value * k:.{d}f} [{e.low * k:.{d}f}, {e.high * k:.{d}f}]" if e else "—"
+
+
+def flat_rows(rows: list[dict], metrics) -> list[dict]:
+    """Rows for CSV and JSON: each `Estimate` of `metrics` as three keys (`psnr`, `psnr_low`, `psnr_high`; blank
+    where the row has none)."""
+    flat = []
+    for r in rows:
+        item = {k: v for k, v in r.items() if not isinstance(v, Estimate)}
+        for c in metrics:
+            e = r.get(c)
+            item.update(
+                {c: e.value, f"{c}_low": e.low, f"{c}_high": e.high} if e else {c: "", f"{c}_low": "", f"{c}_high": ""}
+            )
+        flat.append(item)
+    return flat
 
 
 def write_results(
@@ -28,22 +63,18 @@ def write_results(
     (one per class of a class-conditional model).
     """
     out.mkdir(parents=True, exist_ok=True)
-    metrics = [c for c in COLUMNS if any(c in r for r in rows)]
-    flat = []
-    for r in rows:
-        item = {k: v for k, v in r.items() if not isinstance(v, Estimate)}
-        for c in metrics:
-            e = r.get(c)
-            item.update(
-                {c: e.value, f"{c}_low": e.low, f"{c}_high": e.high} if e else {c: "", f"{c}_low": "", f"{c}_high": ""}
-            )
-        flat.append(item)
+    flat = flat_rows(rows, [c for c in COLUMNS if any(c in r for r in rows)])
     table = markdown_table(rows, cfg, command, conditions)
-    _write_atomic(out / "results.csv", lambda f: _csv(f, flat))
-    _write_atomic(out / "results.json", lambda f: json.dump({"config": asdict(cfg), "rows": flat}, f, indent=2))
-    _write_atomic(out / "results.md", lambda f: f.write(table))
+    write_tables(out, "results", flat, cfg, table)
     save_grids(images, out, columns=columns)
     print(table)
+
+
+def write_tables(out: Path, stem: str, flat: list[dict], cfg, table: str) -> None:
+    """`stem`.csv, `stem`.json (with the config) and `stem`.md in `out`, each written whole or not at all."""
+    _write_atomic(out / f"{stem}.csv", lambda f: _csv(f, flat))
+    _write_atomic(out / f"{stem}.json", lambda f: json.dump({"config": asdict(cfg), "rows": flat}, f, indent=2))
+    _write_atomic(out / f"{stem}.md", lambda f: f.write(table))
 
 
 def _csv(f, flat: list[dict]) -> None:
@@ -61,11 +92,7 @@ def _write_atomic(path: Path, write) -> None:
 def markdown_table(rows: list[dict], cfg, command: str, conditions: str = "") -> str:
     """The results as a markdown table; intervals are 95 % bootstrap intervals over the samples."""
     metrics = [c for c in COLUMNS if any(c in r for r in rows)]
-    names = {"fd": "FD ↓", "accuracy": "accuracy ↑", "l2": "L2 vs dense (x1e-4) ↓", "psnr": "PSNR vs dense ↑",
-             "ssim": "SSIM vs dense ↑", "lpips": "LPIPS vs dense ↓",
-             "dfd": f"ΔFD vs {cfg.compare_to} ↓", "dl2": f"ΔL2 vs {cfg.compare_to} (x1e-4) ↓"}  # fmt: skip
-    digits = {"fd": 2, "accuracy": 3, "l2": 2, "psnr": 2, "ssim": 3, "lpips": 3, "dfd": 2, "dl2": 2}
-    scale = {"l2": 1e4, "dl2": 1e4}
+    names = column_names(cfg.compare_to)
     header = ["method", "setting", "steps", "GMACs / image", "MAC reduction", "speed-up (min-max)"]
     pruned = any("prep_minutes" in r for r in rows)
     header += ["weights MB", "prep. min"] if pruned else []
@@ -79,24 +106,22 @@ def markdown_table(rows: list[dict], cfg, command: str, conditions: str = "") ->
         ]  # fmt: skip
         if pruned:
             cells += [f"{r['weights_mb']:.2f}", f"{r['prep_minutes']:.2f}" if "prep_minutes" in r else "—"]
-        for c in metrics:
-            e, d, k = r.get(c), digits[c], scale.get(c, 1.0)
-            cells.append(f"{e.value * k:.{d}f} [{e.low * k:.{d}f}, {e.high * k:.{d}f}]" if e else "—")
+        cells += [estimate_cell(r, c) for c in metrics]
         lines.append("| " + " | ".join(cells) + " |")
-    compared = any(c in metrics for c in ("dfd", "dl2"))
+    compared = any(c in metrics for c in ("dfd", "dl2", "dpsnr"))
     settings = (
         f"{cfg.samples} samples ({conditions}), {cfg.sampler} {cfg.steps} steps, "
         f"guidance {cfg.guidance}, budget {cfg.budget:.0%} of dense MACs, selector {cfg.selector}, seed {cfg.seed}; "
         f"speed-up: median of {cfg.rounds} dense/method alternations on {min(cfg.timing_samples, cfg.samples)} "
         f"samples, {torch.get_num_threads()} threads. Brackets: 95 % bootstrap intervals over samples"
-        + (f"; Δ columns: the row minus {cfg.compare_to}, on the same samples, with paired bootstrap intervals."
-           if compared else ".")
+        + (f"; {DELTA_NOTE.format(cfg.compare_to)}" if compared else ".")
         + (" Weights MB: parameters kept in memory (routed: the model plus the plan's stored pruned weights; "
            "stitched: one pruned copy per stage). Prep. min: calibration + pruning (+ search) time of the plan."
            if pruned else "")
         + (f" {OFF_BUDGET}: the row's MAC saving is more than {cfg.budget_tolerance:.0%} of dense MACs off the "
            f"budget, so it is not compared at the budget." if any(r.get("off_budget") for r in rows) else "")
         + ("" if "fd" in metrics else " No FD / class accuracy: no feature network for this data (--feature-net).")
+        + "".join(f" Row skipped: {note}." for note in skipped_notes(cfg.methods))
     )  # fmt: skip
     return "\n".join([f"`{command}`" if command else "", "", *lines, "", settings, ""])
 
