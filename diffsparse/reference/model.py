@@ -54,7 +54,19 @@ def load_reference(path: str | Path | None = None) -> ModelHandle:
     return load_transformer_folder(path)
 
 
-def build_reference_transformer(seed: int = 0) -> DiTTransformer2DModel:
-    """The reference DiT's architecture with random weights (seeded by `seed`), to train."""
+def build_reference_transformer(seed: int = 0, **architecture) -> DiTTransformer2DModel:
+    """The reference DiT's architecture with random weights (seeded by `seed`), to train.
+
+    Keyword arguments override entries of `ARCHITECTURE` (e.g. `num_layers=4`) for another model of the family.
+    """
+    unknown = sorted(set(architecture) - set(ARCHITECTURE))
+    if unknown:
+        raise ValueError(f"Unknown architecture settings {unknown}; settable: {sorted(ARCHITECTURE)}.")
     torch.manual_seed(seed)
-    return DiTTransformer2DModel(**ARCHITECTURE)
+    return DiTTransformer2DModel(**{**ARCHITECTURE, **architecture})
+
+
+def reference_noise_schedule(beta_schedule: str = NOISE_SCHEDULE["beta_schedule"]) -> dict:
+    """`NOISE_SCHEDULE` with another diffusers `beta_schedule` (`linear`, `scaled_linear`, `squaredcos_cap_v2`,
+    ...); `beta_start` and `beta_end` stay (the cosine schedule ignores them)."""
+    return {**NOISE_SCHEDULE, "beta_schedule": beta_schedule}

@@ -18,7 +18,12 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, S
 from tqdm.auto import tqdm
 
 from diffsparse.reference.digits import NUM_CLASSES, load_digits
-from diffsparse.reference.model import NOISE_SCHEDULE, build_reference_transformer
+from diffsparse.reference.model import (
+    ARCHITECTURE,
+    NOISE_SCHEDULE,
+    build_reference_transformer,
+    reference_noise_schedule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +55,34 @@ def train_reference(
     label_dropout: float = 0.1,
     log_every: int = 50,
     seed: int = 0,
+    num_layers: int = ARCHITECTURE["num_layers"],
+    num_attention_heads: int = ARCHITECTURE["num_attention_heads"],
+    attention_head_dim: int = ARCHITECTURE["attention_head_dim"],
+    patch_size: int = ARCHITECTURE["patch_size"],
+    beta_schedule: str = NOISE_SCHEDULE["beta_schedule"],
 ) -> dict:
     """Train the reference DiT with the epsilon-prediction DDPM loss on all 1,797 digits; save the EMA weights.
 
     Labels are replaced by the null class with probability `label_dropout`, once per sample, so the model also
     learns the unconditional prediction for classifier-free guidance. (The model stays in eval mode: in train mode
     diffusers would drop labels again, independently in every block.)
+
+    The defaults are the shipped reference's recipe; `num_layers`, `num_attention_heads`, `attention_head_dim`,
+    `patch_size` and `beta_schedule` (a diffusers DDPM `beta_schedule`, e.g. `squaredcos_cap_v2`) train another
+    model of the same family (`python train.py --config-name second_model`).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     images, labels = load_digits()
-    noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
-    model = build_reference_transformer(seed).eval()
+    architecture = dict(
+        num_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        patch_size=patch_size,
+    )
+    noise_schedule = reference_noise_schedule(beta_schedule)
+    noise_sched = DDPMScheduler(**noise_schedule)
+    model = build_reference_transformer(seed, **architecture).eval()
     ema = constant_ema(model, ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     lr_schedule = warmup_cosine(opt, steps, warmup)
@@ -92,7 +113,7 @@ def train_reference(
     minutes = (time.perf_counter() - start) / 60
     ema.copy_to(model.parameters())  # the shipped weights are the EMA's
     model.save_pretrained(out / "transformer", safe_serialization=True)
-    (out / "noise_schedule.json").write_text(json.dumps(NOISE_SCHEDULE, indent=2) + "\n")
+    (out / "noise_schedule.json").write_text(json.dumps(noise_schedule, indent=2) + "\n")
     with open(out / "loss.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "minutes"])
         writer.writeheader()
@@ -101,6 +122,7 @@ def train_reference(
         steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
         label_dropout=label_dropout, seed=seed, train_minutes=round(minutes, 1),
         threads=torch.get_num_threads(), final_loss=history[-1]["loss"],
+        architecture=architecture, noise_schedule=noise_schedule,
     )  # fmt: skip
     (out / "training.json").write_text(json.dumps(recipe, indent=2) + "\n")
     _plot_loss(history, out / "loss.png")
