@@ -228,7 +228,7 @@ def readme_blocks(section: str = "Use it") -> list[str]:
 
 def test_the_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
     blocks = readme_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     monkeypatch.chdir(tmp_path)
     pipe = tiny_pipeline("dit")
     pipe.set_progress_bar_config(disable=True)
@@ -240,5 +240,6 @@ def test_the_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
         SELECTORS.pop("mean", None)
     assert Schedule.load("s.json") == namespace["sched"] and Path("s.png").is_file()
     assert len(namespace["images"]) == 2
+    assert namespace["fc"].forecast.any() and namespace["partial"].forecast[1:].all()
     assert "token cache (default): 20 steps" in capsys.readouterr().out
     assert _hookless(pipe.transformer)

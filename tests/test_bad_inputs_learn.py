@@ -44,7 +44,7 @@ def test_num_full_outside_one_to_num_steps_is_refused(num_full):
 
 def test_num_full_none_lets_the_dp_choose_the_full_steps_and_a_number_is_kept():
     default = learner()
-    assert default.num_full is None and default.step_logits is None and default.full_steps() is None
+    assert default.num_full is None and default.full_steps() is None  # no fixed count: the DP's choice
     schedule, _ = default.choice()
     assert schedule.full_steps[0] == 0 and default.table.saved_fraction(schedule) >= 0.5
     fixed = learner(num_full=3)

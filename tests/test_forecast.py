@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,24 @@ def test_schedule_file_keeps_the_modes_and_old_files_mean_copy(tmp_path):
     assert Schedule.from_actions(sched.action_indices(), units) == sched
     with pytest.raises(ValueError, match="forecast_order"):
         apply_token_cache(torch.nn.Linear(1, 1), sched, forecast_order=3)
+
+
+def test_copy_only_schedules_give_the_samples_they_gave_before_forecasting_existed():
+    """The shipped (copy-only) schedule's samples, stored from the code before forecast actions (commit fc184c6):
+    bit-equal there on this machine; 1e-5 here, as other machines' BLAS may differ in the last bits."""
+    from diffsparse.models.loading import load_model
+    from diffsparse.reference.model import DEFAULT_GUIDANCE, SHIPPED_SCHEDULE
+
+    ref = load_model("reference")
+    sched = Schedule.load(SHIPPED_SCHEDULE)
+    assert not sched.forecast.any()
+    apply_token_cache(ref.transformer, sched)
+    try:
+        noise = initial_noise(4, ref.sample_shape, 7)
+        with torch.no_grad():
+            x = sample(ref.transformer, ref.scheduler("ddim"), torch.tensor([0, 3, 7, 9]), noise, 50,
+                       DEFAULT_GUIDANCE, null_class=ref.num_classes)  # fmt: skip
+    finally:
+        remove_token_cache(ref.transformer)
+    before = torch.load(Path(__file__).parent / "data" / "shipped_schedule_samples.pt")
+    assert (x - before).abs().max() <= 1e-5

@@ -173,6 +173,8 @@ def check_config(cfg: EvalConfig) -> None:
             break
     rows = [row_name(m) for m in dict.fromkeys(["dense", *cfg.methods])]
     rows += _extra_rows(cfg)
+    if cfg.learn:
+        rows.append("learned")  # the row --learn adds
     if cfg.compare_to is not None and row_name(cfg.compare_to) not in rows:
         raise UsageError(
             f"--compare-to {cfg.compare_to}: not a row of this run; choose one of {rows} (or 'none': no Δ columns)"

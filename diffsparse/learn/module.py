@@ -6,9 +6,11 @@ blends fresh, copied and forecast tokens through the chosen nested masks) -> los
 samples from the same noise -> gradients into the costs. The model stays frozen.
 
 The costs start from a hand-made schedule fitted to the budget: with several `starts`, the one whose hard schedule
-validates best (on the validation conditions, their own noise seeds) before any training. Stage 1 lets the DP
-choose how many steps are full under the budget; with `num_full` set it also learns step costs (T x 2) and picks
-exactly that many full steps with its own DP, the layer DP filling the others. Stage 2 starts from a stage-1
+validates best (on the validation conditions, their own noise seeds) before any training. Stage 1 also learns step
+costs (T x 2, full or not). By default the DP chooses how many steps are full under the budget: a step's cost of
+being full lowers the "compute all" cost of every unit at that step, and the steps whose units all compute
+everything are its full steps; their gradient comes through the straight-through step choice. With `num_full`
+set, a step DP picks exactly that many full steps and the layer DP fills the others. Stage 2 starts from a stage-1
 checkpoint: the layer costs' "compute all" entries at stage 1's full steps are lowered by `delta` (eq. 9) and the
 unified layer costs are fine-tuned alone.
 """
@@ -150,8 +152,8 @@ class ScheduleLearner(L.LightningModule):
         init = fitted[starts[0]]
         self.layer_costs = CostPredictor(num_steps, len(self.units), init=init, forecast=forecast).to(self._dtype)
         self.num_full = num_full
-        self.step_logits = None
-        if stage == 1 and num_full is not None:
+        self.step_logits = None  # stage 1: (T, 2) costs of each step being full or not
+        if stage == 1:
             logits = torch.zeros(num_steps, 2, dtype=self._dtype)
             logits[init.full_steps, 0] = -2.0  # the start's full steps start out cheap to keep full
             self.step_logits = nn.Parameter(logits)
@@ -200,11 +202,15 @@ class ScheduleLearner(L.LightningModule):
                 f"learn.stage1_checkpoint={checkpoint} has costs over {logits.shape[-1]} choices, this run "
                 f"{self.layer_costs.logits.shape[-1]}: keep stage 1's learn.forecast."
             )
-        if state.get("step_logits") is not None:
-            num_full = saved.get("num_full") or self.num_full
-            full = pick_full_steps(state["step_logits"].softmax(-1).double().numpy(), num_full)
+        step_logits = state.get("step_logits")
+        if step_logits is not None and saved.get("num_full"):
+            full = pick_full_steps(step_logits.softmax(-1).double().numpy(), saved["num_full"])
         else:  # stage 1 let the DP choose its full steps: those of its schedule
-            levels = choose(logits.softmax(-1), self.hparams.budget, self.table).numpy()
+            dp_costs = logits.softmax(-1)
+            if step_logits is not None:
+                step_costs = step_logits.to(dp_costs.dtype).softmax(-1)
+                dp_costs[:, :, 0] += (step_costs[:, 0] - step_costs[:, 1])[:, None]
+            levels = choose(dp_costs, self.hparams.budget, self.table).numpy()
             full = [int(t) for t in (levels == 0).all(axis=1).nonzero()[0]]
         logits[full, :, 0] -= self.hparams.delta
         with torch.no_grad():
@@ -223,8 +229,14 @@ class ScheduleLearner(L.LightningModule):
         dp_costs = costs.detach().clone()
         if full is not None:
             dp_costs[full, :, 0] = -1e3  # full steps compute everything; the layer DP fills the rest
+        elif self.step_logits is not None:
+            # the DP chooses the full steps: a step's cost of being full lowers "compute all" of all its units
+            step_costs = self.step_logits.detach().softmax(-1)
+            dp_costs[:, :, 0] += (step_costs[:, 0] - step_costs[:, 1])[:, None]
         levels = choose(dp_costs, self.hparams.budget, self.table)
         h = straight_through(costs, levels, self.hparams.temperature)
+        if full is None and self.step_logits is not None:
+            full = [int(t) for t in (levels == 0).all(dim=1).nonzero().flatten()]
         if full is not None:
             step_costs = self.step_logits.softmax(-1)
             is_full = torch.ones(len(costs), dtype=torch.long, device=costs.device)
