@@ -29,11 +29,11 @@ RECIPE_LEARN = {
     "starts": list(RECIPE_STARTS),
     "forecast": True,
     "forecast_order": 1,
-    "lr": 0.5,
+    "lr": 0.2,
 }
 # `data.*` and `trainer.max_epochs` of conf/experiment/learn.yaml
-RECIPE_DATA = {"train_size": 48, "val_size": 20, "batch_size": 8}
-RECIPE_EPOCHS = 6
+RECIPE_DATA = {"train_size": 96, "val_size": 64, "batch_size": 8}
+RECIPE_EPOCHS = 4
 
 
 def learn_recipe(
