@@ -10,9 +10,9 @@ and out, no torch; the kernel is jitted with numba.
 
 Budgets in MACs are discretised into quanta: savings are rounded down and the budget up, so a solution of the
 discrete problem always saves at least the budget in real MACs. Where the units' savings share a common divisor
-that splits the largest possible saving into at most `EXACT_QUANTA` quanta (transformer sizes are multiples of
-large powers of two), that divisor is the quantum and no saving is rounded; otherwise the largest saving is split
-into `resolution` quanta (rounding a unit's saving down by less than one quantum).
+that splits the largest possible saving into at most twice `resolution` quanta (transformer sizes are multiples
+of large powers of two), that divisor is the quantum and no saving is rounded; otherwise the largest saving is
+split into `resolution` quanta (rounding a unit's saving down by less than one quantum).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from diffsparse.accounting.macs import MacTable
 from diffsparse.levels import ACTION_LEVELS, ACTIONS, SPARSITY_LEVELS
 
 RESOLUTION = 8192  # MAC quanta the largest possible saving is split into (`solve_schedule`) when not exact
-EXACT_QUANTA = 65536  # at most this many quanta of the savings' common divisor: exact savings
 
 
 class InfeasibleBudget(ValueError):
@@ -141,7 +140,7 @@ def _discretised(budget: float, steps: int, table: MacTable | None, units: int, 
     dense_total = float(table.dense_step) * steps
     most = float(saved.max(axis=1).sum()) * (steps - 1)
     divisor = int(np.gcd.reduce(saved[saved > 0])) if (saved > 0).any() else 0
-    if divisor > 0 and most / divisor <= EXACT_QUANTA:
+    if divisor > 0 and most / divisor <= 2 * resolution:  # exact, at a bounded cost (time and back-pointers)
         quantum = float(divisor)
     else:
         quantum = max(most / resolution, 1e-12)

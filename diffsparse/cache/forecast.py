@@ -28,8 +28,9 @@ def forecast(state, unit: int, step: int, order: int) -> torch.Tensor:
     factors = state.factors.get(unit)
     if factors is None:  # computed once so far: nothing to extrapolate from
         return cache
-    dt = (step - state.last_fresh[unit]).unsqueeze(-1).to(factors[0].dtype)
-    out = cache.to(factors[0].dtype) + factors[0] * dt
+    dtype = torch.promote_types(cache.dtype, factors[0].dtype)  # fresh rows come back exactly
+    dt = (step - state.last_fresh[unit]).unsqueeze(-1).to(dtype)
+    out = cache.to(dtype) + factors[0] * dt
     if order >= 2 and len(factors) > 1:
         out = out + factors[1] * (dt * (step - state.prev_fresh[unit]).unsqueeze(-1).to(dt.dtype))
     return out.to(cache.dtype)
@@ -42,6 +43,10 @@ def update_history(state, unit: int, fresh: torch.Tensor, rows, idx, order: int,
     cache = state.cache.get(unit)
     dtype = dtype or fresh.dtype
     if cache is None:
+        return
+    if rows is None and cache.shape != fresh.shape:  # a new batch or resolution at a full step: start afresh
+        state.factors.pop(unit, None)
+        state.prev_fresh.pop(unit, None)
         return
     step = state.step
     old = cache if rows is None else take_rows(cache, rows, idx.shape[1])

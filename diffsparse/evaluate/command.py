@@ -7,6 +7,8 @@ import logging
 import shlex
 import sys
 
+import torch
+
 from diffsparse.evaluate.cli import UsageError, check_config, parse_args
 from diffsparse.evaluate.harness import evaluate
 from diffsparse.evaluate.learned import learned_rows
@@ -20,6 +22,8 @@ def main(argv=None) -> None:
     try:
         if cfg.learn:
             check_config(cfg)  # every setting checked before the learning, which takes minutes per budget
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)  # the learning runs in this process too
             cfg.schedules = [*cfg.schedules, *learned_rows(cfg)]
         run = sweep if cfg.budgets else evaluate
         run(cfg, command=shlex.join(["python", "-m", "diffsparse.evaluate", *args]))

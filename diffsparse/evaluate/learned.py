@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from diffsparse.backbones.registry import backbone_for
-from diffsparse.evaluate.cli import EvalConfig, budgets_of
+from diffsparse.evaluate.cli import EvalConfig, budget_folder, budgets_of
 from diffsparse.learn.recipe import learn_recipe
 from diffsparse.models.loading import load_model
 from diffsparse.models.sampling import is_flow_matching
@@ -26,7 +26,7 @@ def learned_rows(cfg: EvalConfig) -> list[str]:
     del ref
     items = []
     for budget in budgets_of(cfg):
-        out = Path(cfg.output_dir) / f"learned-{budget:.2f}"
+        out = Path(cfg.output_dir) / budget_folder(budget).replace("budget-", "learned-", 1)
         log.info("learning a schedule at budget %g with the recipe into %s", budget, out)
         path = learn_recipe(cfg.model, budget, out, num_steps=cfg.steps, sampler=sampler, guidance=cfg.guidance,
                             selector=selector, captions=cfg.captions, seed=cfg.seed)  # fmt: skip

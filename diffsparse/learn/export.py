@@ -89,5 +89,7 @@ class ScheduleExport(L.Callback):
         if start is not None:
             metrics.update(start=start["name"], start_val_l2=start["val_l2"], start_scores=start["scores"],
                            exported="start" if kept_start else "learned")  # fmt: skip
+            if kept_start:
+                metrics["costs"] = "costs.safetensors and the checkpoints hold the learned costs, not the start's"
         metrics.update(minutes=round(minutes, 2), peak_rss_mb=peak_rss_mb)
         write_json(self.metrics_path, metrics)

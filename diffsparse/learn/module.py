@@ -210,7 +210,7 @@ class ScheduleLearner(L.LightningModule):
             if step_logits is not None:
                 step_costs = step_logits.to(dp_costs.dtype).softmax(-1)
                 dp_costs[:, :, 0] += (step_costs[:, 0] - step_costs[:, 1])[:, None]
-            levels = choose(dp_costs, self.hparams.budget, self.table).numpy()
+            levels = choose(dp_costs, saved.get("budget", self.hparams.budget), self.table).numpy()
             full = [int(t) for t in (levels == 0).all(axis=1).nonzero()[0]]
         logits[full, :, 0] -= self.hparams.delta
         with torch.no_grad():
@@ -265,15 +265,20 @@ class ScheduleLearner(L.LightningModule):
             self._ref.vae.to(self.device)
         apply_token_cache(self.transformer, self.choice()[0], selector=self.hparams.selector,
                           forecast_order=self.hparams.forecast_order)  # fmt: skip
-        resuming = self._trainer is not None and self.trainer.ckpt_path is not None
-        if stage == "fit" and self.hparams.stage == 1 and len(self.starts) > 1 and not resuming:
+
+    def on_fit_start(self) -> None:
+        """Choose the start (stage 1, several starts): after a checkpoint's restore, which brings its own."""
+        if self.hparams.stage == 1 and len(self.starts) > 1 and self.start is None:
             self.choose_start(self.trainer.datamodule.val_dataloader())
 
     def _projected(self, start: Schedule) -> Schedule:
         """`start` as the DP gives it back under the budget from costs initialised to it."""
         costs = CostPredictor(len(self.timesteps), len(self.units), init=start, forecast=self.hparams.forecast)()
         choice = choose(costs.detach(), self.hparams.budget, self.table)
-        return schedule_from_choice(choice, costs.shape[-1], self.units, {**start.meta, "start": True})
+        meta = {**start.meta, "start": True}
+        if self.hparams.forecast:
+            meta["forecast_order"] = self.hparams.forecast_order
+        return schedule_from_choice(choice, costs.shape[-1], self.units, meta)
 
     def validation_l2(self, schedule: Schedule, batches) -> float:
         """Mean squared error of `schedule`'s samples (the inference path) against the teacher's, over `batches`:
@@ -297,6 +302,8 @@ class ScheduleLearner(L.LightningModule):
         batches = list(batches)
         scores = {name: self.validation_l2(schedule, batches) for name, schedule in self.starts.items()}
         best = min(scores, key=scores.get)
+        if self._trainer is not None:  # every process restarts from the same start (rank 0's)
+            best = self.trainer.strategy.broadcast(best, src=0)
         self.layer_costs.restart(self.starts[best])
         if self.step_logits is not None:
             with torch.no_grad():

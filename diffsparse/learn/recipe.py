@@ -58,7 +58,7 @@ def learn_recipe(
     data = ConditionDataModule(num_classes=learner.num_classes, captions=captions, **RECIPE_DATA)
     best = ModelCheckpoint(dirpath=out / "checkpoints", filename="{epoch}", monitor="val/l2", mode="min",
                            save_top_k=1, save_last=True, enable_version_counter=False)  # fmt: skip
-    trainer = L.Trainer(default_root_dir=out, accelerator="cpu", devices=1, max_epochs=max_epochs,
+    trainer = L.Trainer(default_root_dir=out, accelerator="auto", devices=1, max_epochs=max_epochs,
                         log_every_n_steps=1, enable_model_summary=False, callbacks=[best, ScheduleExport(out)],
                         logger=CSVLogger(out, name="logs"))  # fmt: skip
     trainer.fit(learner, data)
