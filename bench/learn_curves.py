@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def curve(run: Path) -> tuple[list[int], list[float], dict]:
@@ -35,6 +36,7 @@ def main(argv: list[str]) -> None:
         ax.plot(epochs, values, "o-", label="learned (hard schedule, each epoch)")
         ax.axhline(metrics["start_val_l2"], ls="--", c="gray", label=f"best start: {metrics['start']}")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation L2 vs dense")
         ax.set_title(f"{name}: exported {metrics['exported']}", fontsize=9)

@@ -71,7 +71,10 @@ def test_config_mistakes_are_refused_with_the_fix(model):
         apply_token_cache(model, TokenCacheConfig(schedule=sched), selector="norm")
     with pytest.raises(TypeError, match=r"Schedule, got NoneType.*TokenCacheConfig\(schedule=...\)"):
         apply_token_cache(model, TokenCacheConfig(selector="norm"))
-    with pytest.raises(TypeError, match="Unknown token-cache option.*valid: \\['cfg', 'selector'\\]"):
+    with pytest.raises(
+        TypeError,
+        match="Unknown token-cache option.*valid: \\['cfg', 'forecast_dtype', 'forecast_order', 'selector'\\]",
+    ):
         apply_token_cache(model, sched, schedule=sched)
     with pytest.raises(TypeError, match="pipeline's transformer"):
         Schedule.uniform(tiny_pipeline("dit"), num_steps=3, sparsity=0.5)
