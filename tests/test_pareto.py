@@ -12,7 +12,7 @@ from PIL import Image
 import diffsparse.evaluate.harness as harness
 from diffsparse.evaluate.cli import EvalConfig, UsageError
 from diffsparse.evaluate.command import main
-from diffsparse.evaluate.harness import add_paired_differences
+from diffsparse.evaluate.compare import add_paired_differences
 from diffsparse.evaluate.pareto import sweep
 from diffsparse.models.loading import load_model
 from diffsparse.schedule import Schedule
