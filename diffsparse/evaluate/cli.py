@@ -11,8 +11,9 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffsparse.backbones.registry import backbone_for
 from diffsparse.evaluate.builders import BUILDERS
-from diffsparse.models.sampling import SCHEDULERS
+from diffsparse.models.sampling import SCHEDULERS, is_flow_matching
 from diffsparse.reference.featurenet import WEIGHTS as FEATURE_NET_WEIGHTS
 from diffsparse.reference.model import DEFAULT_GUIDANCE
 
@@ -331,3 +332,10 @@ def parse_args(argv=None) -> EvalConfig:
     except UsageError as e:
         p.error(str(e))
     return cfg
+
+
+def model_defaults(ref, cfg: EvalConfig) -> tuple[str, str]:
+    """The run's sampler and token selector: the given ones, else flow for flow-matching models and ddim for the
+    others, and the backbone's default selector."""
+    sampler = cfg.sampler or ("flow" if is_flow_matching(ref.noise_schedule) else "ddim")
+    return sampler, cfg.selector or backbone_for(ref.transformer).selector_defaults.get("name", "toca")

@@ -35,6 +35,7 @@ from diffsparse.evaluate.cli import (
     UsageError,
     check_config,
     default_feature_net,
+    model_defaults,
     parse_args,
     row_name,
     schedules_at,
@@ -54,7 +55,7 @@ from diffsparse.evaluate.timing import Speedup, Stopwatch, speedup
 from diffsparse.models.captions import forward_conditions, load_captions, null_conditions
 from diffsparse.models.handle import ModelHandle
 from diffsparse.models.loading import load_model
-from diffsparse.models.sampling import initial_noise, is_flow_matching, sample, sample_batched
+from diffsparse.models.sampling import initial_noise, sample, sample_batched
 from diffsparse.prune.plan import PrunePlan
 from diffsparse.reference.digits import to_unit_range
 from diffsparse.reference.featurenet import feature_net_and_data
@@ -253,14 +254,12 @@ def prepare(ref: ModelHandle, cfg: EvalConfig):
     """The checks that need the model, before any sampling: the sampler and the token selector fit it, its
     conditions, and the feature network's image size. Returns the conditions and (feature network, features of
     the real images), or None without a feature network."""
-    if cfg.sampler is None:
-        cfg.sampler = "flow" if is_flow_matching(ref.noise_schedule) else "ddim"
+    cfg.sampler, cfg.selector = model_defaults(ref, cfg)
     try:
         ref.scheduler(cfg.sampler)
     except ValueError as e:
         raise UsageError(f"--sampler {cfg.sampler}: {e}") from e
     defaults = backbone_for(ref.transformer).selector_defaults
-    cfg.selector = cfg.selector or defaults.get("name", "toca")
     try:
         make_selector(cfg.selector, defaults)
     except ValueError as e:

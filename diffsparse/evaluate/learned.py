@@ -6,11 +6,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from diffsparse.backbones.registry import backbone_for
-from diffsparse.evaluate.cli import EvalConfig, budget_folder, budgets_of
+from diffsparse.evaluate.cli import EvalConfig, budget_folder, budgets_of, model_defaults
 from diffsparse.learn.recipe import learn_recipe
 from diffsparse.models.loading import load_model
-from diffsparse.models.sampling import is_flow_matching
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +18,7 @@ LEARNED_ROW = "learned"
 def learned_rows(cfg: EvalConfig) -> list[str]:
     """Learn a schedule for `cfg.model` at each budget of the run (with its steps, sampler, guidance, selector and
     captions) into `cfg.output_dir`/learned-B/; returns the `--schedule` items of the rows (`learned@B=PATH`)."""
-    ref = load_model(cfg.model)
-    sampler = cfg.sampler or ("flow" if is_flow_matching(ref.noise_schedule) else "ddim")
-    selector = cfg.selector or backbone_for(ref.transformer).selector_defaults.get("name", "toca")
-    del ref
+    sampler, selector = model_defaults(load_model(cfg.model), cfg)
     items = []
     for budget in budgets_of(cfg):
         out = Path(cfg.output_dir) / budget_folder(budget).replace("budget-", "learned-", 1)

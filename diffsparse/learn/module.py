@@ -69,6 +69,15 @@ def _check_settings(num_steps, budget, stage, num_full, stage1_checkpoint) -> No
             raise ValueError(f"learn.stage1_checkpoint={stage1_checkpoint} is not a file: {STAGE1_HOWTO}.")
 
 
+def with_step_costs(costs: torch.Tensor, step_logits: torch.Tensor) -> torch.Tensor:
+    """The DP's costs (T, U, |A|) when it chooses the full steps itself: each step's cost of being full minus that
+    of not being full (`step_logits` (T, 2), softmax-normalised) added to "compute all" of every unit there."""
+    step_costs = step_logits.to(costs.dtype).softmax(-1)
+    costs = costs.clone()
+    costs[:, :, 0] += (step_costs[:, 0] - step_costs[:, 1])[:, None]
+    return costs
+
+
 class ScheduleLearner(L.LightningModule):
     """Learns a (T x U) schedule for one model, sampler, step count and MAC budget.
 
@@ -208,8 +217,7 @@ class ScheduleLearner(L.LightningModule):
         else:  # stage 1 let the DP choose its full steps: those of its schedule
             dp_costs = logits.softmax(-1)
             if step_logits is not None:
-                step_costs = step_logits.to(dp_costs.dtype).softmax(-1)
-                dp_costs[:, :, 0] += (step_costs[:, 0] - step_costs[:, 1])[:, None]
+                dp_costs = with_step_costs(dp_costs, step_logits)
             levels = choose(dp_costs, saved.get("budget", self.hparams.budget), self.table).numpy()
             full = [int(t) for t in (levels == 0).all(axis=1).nonzero()[0]]
         logits[full, :, 0] -= self.hparams.delta
@@ -230,9 +238,7 @@ class ScheduleLearner(L.LightningModule):
         if full is not None:
             dp_costs[full, :, 0] = -1e3  # full steps compute everything; the layer DP fills the rest
         elif self.step_logits is not None:
-            # the DP chooses the full steps: a step's cost of being full lowers "compute all" of all its units
-            step_costs = self.step_logits.detach().softmax(-1)
-            dp_costs[:, :, 0] += (step_costs[:, 0] - step_costs[:, 1])[:, None]
+            dp_costs = with_step_costs(dp_costs, self.step_logits.detach())
         levels = choose(dp_costs, self.hparams.budget, self.table)
         h = straight_through(costs, levels, self.hparams.temperature)
         if full is None and self.step_logits is not None:
@@ -285,11 +291,7 @@ class ScheduleLearner(L.LightningModule):
         what `val/l2` logs for an epoch."""
         total, count = 0.0, 0
         for batch in batches:
-            conditions, seeds = split_batch(batch)
-            conditions = {k: v.to(self.device) for k, v in conditions.items()}
-            conditions = {k: v.to(self._dtype) if v.is_floating_point() else v for k, v in conditions.items()}
-            noise = self._noise(seeds)
-            target = self.teacher(conditions, seeds, noise)
+            conditions, noise, target = self._inputs({k: v.to(self.device) for k, v in batch.items()})
             set_soft_choice(self.transformer, schedule, None)
             with torch.no_grad():
                 student = self._rollout(conditions, noise)
@@ -349,12 +351,16 @@ class ScheduleLearner(L.LightningModule):
                 self._teacher[int(seeds[i])] = xi
         return torch.stack([self._teacher[int(s)] for s in seeds])
 
-    def _prepare(self, batch):
-        """(conditions, noise, the teacher's samples, the current schedule and its straight-through choice)."""
+    def _inputs(self, batch):
+        """(conditions in the learner's dtype, noise, the teacher's samples) of a batch."""
         conditions, seeds = split_batch(batch)
         conditions = {k: v.to(self._dtype) if v.is_floating_point() else v for k, v in conditions.items()}
         noise = self._noise(seeds)
-        return conditions, noise, self.teacher(conditions, seeds, noise), *self.choice()
+        return conditions, noise, self.teacher(conditions, seeds, noise)
+
+    def _prepare(self, batch):
+        """(conditions, noise, the teacher's samples, the current schedule and its straight-through choice)."""
+        return *self._inputs(batch), *self.choice()
 
     def training_step(self, batch, batch_idx):
         conditions, noise, target, schedule, h = self._prepare(batch)
