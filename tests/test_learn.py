@@ -98,6 +98,10 @@ def test_the_recipe_starts_from_the_best_validated_start_and_never_exports_worse
         assert metrics["best_val_l2"] < metrics["start_val_l2"]
     else:
         assert metrics["start_val_l2"] <= metrics["best_val_l2"] and sched.meta["kept_start"]
+    # then refined by swaps: from what it would have exported, kept only if it validates better
+    refine = metrics["refine"]
+    assert refine["val_l2_before"] == pytest.approx(min(metrics["start_val_l2"], metrics["best_val_l2"]))
+    assert refine["kept"] == ("refined_swaps" in sched.meta) == (refine["val_l2_after"] < refine["val_l2_before"])
     # nothing learned (lr 0): every epoch validates as the start does, and the start itself is exported
     frozen = train(tmp_path / "frozen", *common, "trainer.max_epochs=1", "learn.lr=0.0")
     metrics = json.loads((frozen / "metrics.json").read_text())

@@ -3,7 +3,9 @@
 The exported costs are those of the best checkpoint (`trainer.checkpoint_callback`: the lowest `val/l2`, the hard
 schedule on held-out conditions), or the last ones when validation never ran. When the learner chose among several
 hand-made starts, the chosen start is exported instead if it validated at least as well as the best checkpoint:
-a learned schedule never validates worse than its start.
+a learned schedule never validates worse than its start. With `learn.refine_passes`, the exported schedule is
+first refined by neighbouring-step swaps (`refine.refine_schedule`), and the refined one is kept only if it
+validates better.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from safetensors.torch import save_file
 
 from diffsparse.files import write_json
 from diffsparse.learn.module import ScheduleLearner
+from diffsparse.learn.refine import refine_schedule
 from diffsparse.schedule import Schedule
 
 
@@ -46,7 +49,7 @@ def export_schedule(learner: ScheduleLearner, out_dir: str | Path, schedule: Sch
 class ScheduleExport(L.Callback):
     """At the end of `fit`, on rank 0: the best checkpoint's schedule, costs and heatmap (`export_schedule`), that
     checkpoint copied to `stage{N}.ckpt`, and `metrics.json` (what `export_schedule` returns, `best_val_l2`,
-    `minutes` of training and the process's `peak_rss_mb`).
+    `refine` (what the refinement did), `minutes` of training and refinement and the process's `peak_rss_mb`).
 
     Args:
         out_dir: the folder the files go to (the run's output directory).
@@ -69,7 +72,6 @@ class ScheduleExport(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: ScheduleLearner) -> None:
-        minutes = (time.perf_counter() - self._start) / 60
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # of training, before the reload
         best = trainer.checkpoint_callback
         learner, best_score = pl_module, None
@@ -84,12 +86,24 @@ class ScheduleExport(L.Callback):
         if kept_start:
             chosen = pl_module.start_schedule()
             chosen = Schedule(chosen.grid, chosen.units, {**chosen.meta, "kept_start": True}, chosen.forecast)
+        refined = None
+        if pl_module.hparams.get("refine_passes", 0) > 0 and trainer.datamodule is not None:
+            chosen = chosen if chosen is not None else learner.choice()[0]
+            data, hp, began = trainer.datamodule, pl_module.hparams, time.perf_counter()
+            val_l2 = start["val_l2"] if kept_start else best_score
+            train, val = data.train_dataloader(), data.val_dataloader()
+            chosen, refined = refine_schedule(pl_module.validation_l2, chosen, train, val, hp.refine_passes,
+                                              hp.refine_size, val_l2)  # fmt: skip
+            refined["minutes"] = round((time.perf_counter() - began) / 60, 2)
         metrics = export_schedule(learner, self.out_dir, chosen)
         metrics["best_val_l2"] = best_score
+        if refined is not None:
+            metrics["refine"] = refined
         if start is not None:
             metrics.update(start=start["name"], start_val_l2=start["val_l2"], start_scores=start["scores"],
                            exported="start" if kept_start else "learned")  # fmt: skip
             if kept_start:
                 metrics["costs"] = "costs.safetensors and the checkpoints hold the learned costs, not the start's"
+        minutes = (time.perf_counter() - self._start) / 60  # training and the refinement
         metrics.update(minutes=round(minutes, 2), peak_rss_mb=peak_rss_mb)
         write_json(self.metrics_path, metrics)
