@@ -1,6 +1,6 @@
 """Validation curves of recipe runs (`python train.py experiment=learn logger=csv ...`): val/l2 per epoch, with the
-chosen start's validation L2 as a dashed line and the exported schedule after the neighbouring-step swaps as a
-star, one panel per run.
+chosen start's validation L2 as a dashed line and the schedule after the neighbouring-step swaps (`learn.refine`)
+as a star, one panel per run.
 
 python bench/learn_curves.py OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]
 """
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
         ax.plot(epochs, values, "o-", label="learned (hard schedule, each epoch)")
         ax.axhline(metrics["start_val_l2"], ls="--", c="gray", label=f"best start: {metrics['start']}")
         refine = metrics.get("refine")
-        if refine:
+        if refine and refine["val_l2_after"] is not None:
             kept = "kept" if refine["kept"] else "not kept"
             label = f"after {len(refine['moves'])} swaps ({kept})"
             ax.plot([len(epochs)], [refine["val_l2_after"]], "*", ms=12, c="C3", label=label)

@@ -1,5 +1,6 @@
 """Refining a schedule by neighbouring-step swaps: the moves, the greedy search, and the learner's use of it."""
 
+import json
 from functools import partial
 
 import numpy as np
@@ -7,11 +8,19 @@ import pytest
 import torch
 
 from diffsparse.allocate.baselines import forecast_fora
-from diffsparse.learn.refine import first_conditions, refine_by_swaps, swap_moves
+from diffsparse.learn.refine import first_conditions, refine_by_swaps, refine_schedule, swap_moves
+from diffsparse.schedule import Schedule
+
+UNITS = ["a", "b", "c"]
 
 
 def full_steps(actions: np.ndarray) -> list[int]:
     return [int(t) for t in np.flatnonzero((actions == 0).all(axis=1))]
+
+
+def distance_to(target):
+    """A score that prefers the full steps `target` (exact: it ignores the limit)."""
+    return lambda a, limit=None: float(sum(abs(x - y) for x, y in zip(full_steps(a), target, strict=True)))
 
 
 def test_moves_are_the_neighbouring_steps_that_differ_and_never_step_0():
@@ -20,58 +29,122 @@ def test_moves_are_the_neighbouring_steps_that_differ_and_never_step_0():
     assert swap_moves(np.zeros((5, 2), dtype=int)) == []
 
 
-def test_swaps_move_full_steps_towards_a_better_score_and_keep_the_macs():
-    actions = forecast_fora(["a", "b", "c"], 12, interval=2).action_indices()  # full at 0, 2, 4, 6, 8, 10
-    target = [0, 3, 5, 6, 8, 11]  # a score that prefers these full steps
-
-    def score(a):
-        return float(sum(abs(x - y) for x, y in zip(full_steps(a), target, strict=True)))
-
-    refined, report = refine_by_swaps(actions, score, passes=3, progress=False)
+def test_swaps_move_full_steps_towards_a_better_score_and_keep_the_rows():
+    actions = forecast_fora(UNITS, 12, interval=2).action_indices()  # full at 0, 2, 4, 6, 8, 10
+    target = [0, 3, 5, 6, 8, 11]
+    refined, report = refine_by_swaps(actions, distance_to(target), passes=3, progress=False)
     assert full_steps(refined) == target and report["score_after"] == 0.0 < report["score_before"]
-    # a swap permutes steps: the same rows (so the same MACs), and step 0 untouched
+    # a swap permutes steps: the same rows, and step 0 untouched
     assert sorted(map(tuple, refined)) == sorted(map(tuple, actions)) and (refined[0] == actions[0]).all()
-    assert all(b == a + 1 for a, b in report["moves"]) and report["rollouts"] > len(report["moves"])
+    assert report["moves"] == [(2, 3), (4, 5), (10, 11)]
+    # the start, then pass 1: 10 candidates, of which (3, 4) and (5, 6) were made no-ops by the swap kept just
+    # before them and are skipped; pass 2: the 7 pairs that differ, none better, which ends the search
+    assert report["rollouts"] == 1 + 8 + 7
+
+
+def test_a_target_two_steps_away_needs_a_second_pass():
+    actions = forecast_fora(UNITS, 8, interval=4).action_indices()  # full at 0, 4
+    refined, report = refine_by_swaps(actions, distance_to([0, 2]), passes=1, progress=False)
+    assert full_steps(refined) == [0, 3]  # one pass moves a full step by one
+    refined, report = refine_by_swaps(actions, distance_to([0, 2]), passes=3, progress=False)
+    assert full_steps(refined) == [0, 2] and report["moves"] == [(3, 4), (2, 3)]
 
 
 def test_nothing_is_kept_unless_the_score_falls_by_min_gain():
     actions = forecast_fora(["a"], 10, interval=2).action_indices()
     values = iter([1.0] + [0.995] * 100)  # every candidate 0.5 % better: below the 1 % needed
-    refined, report = refine_by_swaps(actions, lambda a: next(values), min_gain=0.01, progress=False)
+    refined, report = refine_by_swaps(actions, lambda a, limit: next(values), min_gain=0.01, progress=False)
     assert (refined == actions).all() and report["moves"] == [] and report["score_after"] == 1.0
     with pytest.raises(ValueError, match="min_gain"):
-        refine_by_swaps(actions, lambda a: 0.0, min_gain=1.0)
+        refine_by_swaps(actions, lambda a, limit: 0.0, min_gain=1.0)
 
 
-def test_the_learner_keeps_a_refinement_only_if_it_validates_better():
-    from diffsparse.learn.data import ConditionDataModule
-    from diffsparse.learn.module import ScheduleLearner
-    from diffsparse.learn.refine import refine_schedule
+def stub_l2(train_target, val_target):
+    """A `validation_l2` that scores full steps against one target on training batches (seeds < 100) and another
+    on validation batches (seeds >= 100)."""
 
-    learner = ScheduleLearner(model="tiny", num_steps=8, budget=0.5, forecast=True, starts=["forecast_fora"],
-                              loss="l2")  # fmt: skip
-    data = ConditionDataModule(num_classes=learner.num_classes, train_size=8, val_size=4, batch_size=2)
-    data.setup("fit")
-    learner.setup("fit")
-    start, val = learner.starts["forecast_fora"], data.val_dataloader()
-    refine = partial(refine_schedule, learner.validation_l2, passes=2, size=5, progress=False)
-    refined, report = refine(start, data.train_dataloader(), val)
-    assert report["conditions"] == 5 and report["val_l2_before"] == learner.validation_l2(start, val)
-    assert sorted(map(tuple, refined.action_indices())) == sorted(map(tuple, start.action_indices()))
-    if report["kept"]:  # kept: validates better, and is what the report says
-        assert report["val_l2_after"] < report["val_l2_before"]
-        assert refined.meta["refined_swaps"] == len(report["moves"])
-        assert learner.validation_l2(refined, val) == pytest.approx(report["val_l2_after"])
-    else:
-        assert refined is start
-    # told its validation L2 is 0, nothing can validate better: the schedule comes back as it was
-    same, report = refine(start, data.train_dataloader(), val, val_l2=0.0)
-    assert same is start and not report["kept"]
+    def validation_l2(schedule: Schedule, batches) -> float:
+        target = val_target if int(batches[0]["seed"][0]) >= 100 else train_target
+        return distance_to(target)(schedule.action_indices())
+
+    return validation_l2
+
+
+def batches(first: int, size: int, batch: int = 2) -> list[dict]:
+    return [{"class_labels": torch.arange(i, i + batch) % 3, "seed": torch.arange(i, i + batch)}
+            for i in range(first, first + size, batch)]  # fmt: skip
+
+
+def test_a_refinement_is_kept_only_if_it_validates_better():
+    start = forecast_fora(UNITS, 8, interval=2).with_forecast(True, {"method": "forecast_fora"})  # full 0, 2, 4, 6
+    better = [0, 3, 5, 7]
+    refine = partial(refine_schedule, passes=2, size=4, batch=3, progress=False)
+    refined, report = refine(stub_l2(better, better), start, batches(0, 8), batches(100, 4))
+    assert report["kept"] and full_steps(refined.action_indices()) == better and report["conditions"] == 4
+    assert report["val_l2_after"] == 0.0 < report["val_l2_before"] and refined.meta["refined_swaps"] == 3
+    assert refined.meta["method"] == "forecast_fora"
+    # better on the training conditions, worse on validation: the start comes back
+    same, report = refine(stub_l2(better, [0, 2, 4, 6]), start, batches(0, 8), batches(100, 4))
+    assert same is start and report["moves"] and not report["kept"]
+    # nothing better on training: no validation needed, nothing kept
+    same, report = refine(stub_l2([0, 2, 4, 6], better), start, batches(0, 8), batches(100, 4))
+    assert same is start and report["moves"] == [] and report["val_l2_before"] is None
+
+
+def test_the_refined_schedule_saves_exactly_the_macs_of_its_start():
+    from diffsparse.models.loading import load_model
+
+    table = load_model("tiny").mac_table()
+    start = forecast_fora(list(table.units), 8, interval=2)
+    refined, report = refine_schedule(stub_l2([0, 3, 5, 7], [0, 3, 5, 7]), start, batches(0, 4), batches(100, 2),
+                                      size=4, progress=False)  # fmt: skip
+    assert report["kept"] and refined != start
+    assert table.saved_fraction(refined) == table.saved_fraction(start)
 
 
 def test_the_first_conditions_are_taken_in_order_and_rebatched():
-    batches = [{"seed": torch.arange(i, i + 3), "class_labels": torch.arange(i, i + 3) % 2} for i in (0, 3, 6)]
-    out = first_conditions(batches, size=7, batch_size=4)
-    assert [b["seed"].tolist() for b in out] == [[0, 1, 2, 3], [4, 5, 6]]
+    given = [{"seed": torch.arange(i, i + 3), "emb": torch.ones(3, 2, 4) * i} for i in (0, 3, 6)]
+    out = first_conditions(given, size=7, batch_size=4)
+    assert [b["seed"].tolist() for b in out] == [[0, 1, 2, 3], [4, 5, 6]] and out[1]["emb"].shape == (3, 2, 4)
+    assert [b["seed"].tolist() for b in first_conditions(given, size=6, batch_size=3)] == [[0, 1, 2], [3, 4, 5]]
+    assert sum(len(b["seed"]) for b in first_conditions(given, size=50, batch_size=32)) == 9  # all there are
     with pytest.raises(ValueError, match="training conditions"):
-        first_conditions([], size=4)
+        first_conditions([], size=4, batch_size=2)
+
+
+def test_refinement_settings_that_cannot_work_are_refused_before_learning():
+    from diffsparse.learn.module import ScheduleLearner
+
+    for bad in ({"refine_passes": -1}, {"refine_size": 0}, {"refine_batch": 0}):
+        with pytest.raises(ValueError, match="learn.refine_passes"):
+            ScheduleLearner(model="tiny", num_steps=8, **bad)
+
+
+def test_a_clearly_worse_candidate_stops_its_rollouts_early_and_nothing_else_changes():
+    start = forecast_fora(UNITS, 8, interval=2).with_forecast(True, {"method": "forecast_fora"})  # full 0, 2, 4, 6
+    calls = []
+
+    def validation_l2(schedule, parts):  # the start 1 on every condition, every swap 10: each is stopped early
+        calls.append(len(parts[0]["seed"]))
+        return 1.0 if schedule.full_steps == [0, 2, 4, 6] else 10.0
+
+    same, report = refine_schedule(validation_l2, start, batches(0, 8), batches(100, 4), size=8, batch=2,
+                                   progress=False)  # fmt: skip
+    assert same is start and report["moves"] == []
+    candidates = report["rollouts"] - 1
+    # the start on all 8 conditions; each candidate stops after its first batch of 2 (10 x 2 / 8 >= 0.99)
+    assert candidates == 6 and report["rolled_out"] == 8 + 2 * candidates == sum(calls)
+
+
+def test_a_failed_refinement_leaves_the_learned_schedule_exported(tmp_path, monkeypatch):
+    import diffsparse.learn.export as export
+    from diffsparse.learn.recipe import learn_recipe
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(export, "refine_schedule", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        learn_recipe("tiny", 0.5, tmp_path, num_steps=8, max_epochs=1)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert Schedule.load(tmp_path / "schedule.json").meta["saved_macs"] >= 0.5 and "refine" not in metrics

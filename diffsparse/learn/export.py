@@ -3,8 +3,8 @@
 The exported costs are those of the best checkpoint (`trainer.checkpoint_callback`: the lowest `val/l2`, the hard
 schedule on held-out conditions), or the last ones when validation never ran. When the learner chose among several
 hand-made starts, the chosen start is exported instead if it validated at least as well as the best checkpoint:
-a learned schedule never validates worse than its start. With `learn.refine_passes`, the exported schedule is
-first refined by neighbouring-step swaps (`refine.refine_schedule`), and the refined one is kept only if it
+a learned schedule never validates worse than its start. With `learn.refine_passes`, that schedule is exported,
+then refined by neighbouring-step swaps (`refine.refine_schedule`) and exported again if the refined one
 validates better.
 """
 
@@ -48,8 +48,9 @@ def export_schedule(learner: ScheduleLearner, out_dir: str | Path, schedule: Sch
 
 class ScheduleExport(L.Callback):
     """At the end of `fit`, on rank 0: the best checkpoint's schedule, costs and heatmap (`export_schedule`), that
-    checkpoint copied to `stage{N}.ckpt`, and `metrics.json` (what `export_schedule` returns, `best_val_l2`,
-    `refine` (what the refinement did), `minutes` of training and refinement and the process's `peak_rss_mb`).
+    checkpoint copied to `stage{N}.ckpt`, and `metrics.json` (what `export_schedule` returns, `best_val_l2`, what
+    was `exported`, `refine` (what the refinement did), `minutes` since the run began and the process's peak
+    resident memory during training, `peak_rss_mb`).
 
     Args:
         out_dir: the folder the files go to (the run's output directory).
@@ -86,24 +87,32 @@ class ScheduleExport(L.Callback):
         if kept_start:
             chosen = pl_module.start_schedule()
             chosen = Schedule(chosen.grid, chosen.units, {**chosen.meta, "kept_start": True}, chosen.forecast)
-        refined = None
-        if pl_module.hparams.get("refine_passes", 0) > 0 and trainer.datamodule is not None:
-            chosen = chosen if chosen is not None else learner.choice()[0]
-            data, hp, began = trainer.datamodule, pl_module.hparams, time.perf_counter()
-            val_l2 = start["val_l2"] if kept_start else best_score
-            train, val = data.train_dataloader(), data.val_dataloader()
-            chosen, refined = refine_schedule(pl_module.validation_l2, chosen, train, val, hp.refine_passes,
-                                              hp.refine_size, val_l2)  # fmt: skip
-            refined["minutes"] = round((time.perf_counter() - began) / 60, 2)
-        metrics = export_schedule(learner, self.out_dir, chosen)
-        metrics["best_val_l2"] = best_score
-        if refined is not None:
-            metrics["refine"] = refined
+        metrics = {"best_val_l2": best_score}
         if start is not None:
             metrics.update(start=start["name"], start_val_l2=start["val_l2"], start_scores=start["scores"],
                            exported="start" if kept_start else "learned")  # fmt: skip
-            if kept_start:
-                metrics["costs"] = "costs.safetensors and the checkpoints hold the learned costs, not the start's"
-        minutes = (time.perf_counter() - self._start) / 60  # training and the refinement
+        self._write(learner, chosen, metrics, peak_rss_mb)
+        hp = pl_module.hparams
+        if hp.refine_passes > 0 and trainer.datamodule is not None:
+            # written first, so that a failed or interrupted refinement leaves the learned schedule exported
+            chosen = chosen if chosen is not None else learner.choice()[0]
+            data, began = trainer.datamodule, time.perf_counter()
+            pl_module.to(next(pl_module.transformer.parameters()).device)  # Lightning's teardown moved it to the CPU
+            chosen, report = refine_schedule(pl_module.validation_l2, chosen, data.train_dataloader(),
+                                             data.val_dataloader(), passes=hp.refine_passes, size=hp.refine_size,
+                                             batch=hp.refine_batch)  # fmt: skip
+            report["minutes"] = round((time.perf_counter() - began) / 60, 2)
+            metrics["refine"] = report
+            if report["kept"]:
+                metrics["exported"] = f"{metrics.get('exported', 'learned')} + {len(report['moves'])} swaps"
+            self._write(learner, chosen, metrics, peak_rss_mb)
+
+    def _write(self, learner: ScheduleLearner, chosen: Schedule | None, metrics: dict, peak_rss_mb: float) -> None:
+        """Export `chosen` (None: the learner's choice) and write metrics.json with `metrics`, the export's and the
+        minutes since the run began."""
+        metrics = {**export_schedule(learner, self.out_dir, chosen), **metrics}
+        if chosen is not None and (chosen.meta.get("kept_start") or chosen.meta.get("refined_swaps")):
+            metrics["costs"] = "costs.safetensors and the checkpoints hold the learned costs, not this schedule's"
+        minutes = (time.perf_counter() - self._start) / 60
         metrics.update(minutes=round(minutes, 2), peak_rss_mb=peak_rss_mb)
         write_json(self.metrics_path, metrics)

@@ -7,12 +7,11 @@ samples from the same noise -> gradients into the costs. The model stays frozen.
 
 The costs start from a hand-made schedule fitted to the budget: with several `starts`, the one whose hard schedule
 validates best (on the validation conditions, their own noise seeds) before any training. Stage 1 also learns step
-costs (T x 2, full or not). By default the DP chooses how many steps are full under the budget: a step's cost of
-being full lowers the "compute all" cost of every unit at that step, and the steps whose units all compute
-everything are its full steps; their gradient comes through the straight-through step choice. With `num_full`
-set, a step DP picks exactly that many full steps and the layer DP fills the others. Stage 2 starts from a stage-1
-checkpoint: the layer costs' "compute all" entries at stage 1's full steps are lowered by `delta` (eq. 9) and the
-unified layer costs are fine-tuned alone.
+costs (T x 2, full or not). By default the DP chooses the full steps under the budget: a step's cost of being
+full lowers the "compute all" cost of every unit at that step (a weakness: at a step the DP made full, the layer
+choice is "compute all" too, so its step costs get no gradient). With `num_full` set, a step DP picks that many
+full steps and the layer DP fills the others. Stage 2 starts from a stage-1 checkpoint: "compute all" at its full steps
+lowered by `delta` (eq. 9), the unified layer costs fine-tuned alone.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from diffsparse.cache.control import set_soft_choice, token_cache_paused
 from diffsparse.learn.data import split_batch
 from diffsparse.learn.losses import make_loss
 from diffsparse.learn.predictor import CostPredictor, choose, schedule_from_choice, straight_through, tie_broken
+from diffsparse.learn.refine import check_refine_settings
 from diffsparse.models.captions import load_captions, null_conditions
 from diffsparse.models.loading import load_model
 from diffsparse.models.sampling import initial_noise, sample
@@ -41,10 +41,8 @@ PROBLEM_SETTINGS = ("model", "sampler", "num_steps", "budget", "stage", "num_ful
                     "forecast", "forecast_order")  # fmt: skip
 # The recipe's hand-made starts (`allocate.registry` names), each fitted to the budget.
 RECIPE_STARTS = ("toca", "fora", "forecast_fora", "uniform")
-STAGE1_HOWTO = (
-    "run stage 1 first (`python train.py experiment=digits_stage1` writes <output_dir>/stage1.ckpt) and pass "
-    "learn.stage1_checkpoint=PATH"
-)
+STAGE1_HOWTO = ("run stage 1 first (`python train.py experiment=digits_stage1` writes <output_dir>/stage1.ckpt) "
+                "and pass learn.stage1_checkpoint=PATH")  # fmt: skip
 
 
 def _check_settings(num_steps, budget, stage, num_full, stage1_checkpoint) -> None:
@@ -100,12 +98,11 @@ class ScheduleLearner(L.LightningModule):
             schedule for any split, at about twice the time on a CPU.
         captions: caption embeddings (`diffsparse.captions`) for text-conditional models; their empty prompt is
             the unconditional half of guidance. The data module reads the conditions from the same file.
-        checkpoint_steps: recompute each denoising step in the backward pass instead of keeping its activations:
-            the same gradients, bit for bit. For long trajectories and large models; on the reference model's
-            stage 1 it cut peak memory from 5.1 to 3.1 GB and took 5.68 min instead of 3.82.
-        refine_passes: after training, passes of neighbouring-step swaps over the exported schedule, each judged
-            by rollouts on the first `refine_size` training conditions (`learn.refine.refine_schedule`, run by
-            the export); kept only when the result validates better. 0: none.
+        checkpoint_steps: recompute each denoising step in the backward pass (the same gradients, bit for bit):
+            reference model, stage 1: peak memory 3.1 GB instead of 5.1, 5.68 min instead of 3.82.
+        refine_passes, refine_size, refine_batch: after training, passes of neighbouring-step swaps over the
+            exported schedule (0: none) judged by rollouts on at most `refine_size` training conditions,
+            `refine_batch` a rollout (`learn.refine`, run by the export); kept if it validates better.
     """
 
     def __init__(
@@ -132,11 +129,13 @@ class ScheduleLearner(L.LightningModule):
         forecast_order: int = 1,
         refine_passes: int = 0,
         refine_size: int = 64,
+        refine_batch: int = 16,
     ):
         super().__init__()
         starts = list(starts)
         self.save_hyperparameters()
         _check_settings(num_steps, budget, stage, num_full, stage1_checkpoint)
+        check_refine_settings(refine_passes, refine_size, refine_batch)
         self._ref = load_model(model)  # not a submodule: frozen, and kept out of checkpoints
         self._dtype = getattr(torch, dtype)
         for part in (self._ref.transformer, self._ref.vae):

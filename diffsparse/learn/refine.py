@@ -2,19 +2,20 @@
 
 The DP and the straight-through gradient price each (step, unit, action) on its own; where along the trajectory
 the full steps fall acts through the whole sequence (what a forecast extrapolates from, and where errors
-compound), and the gradient of one rollout hardly sees it. On the reference model, moving one full step of
-forecast-FORA (interval 2) by one step changed the validation L2 by -29 % to +152 % depending on the step, and
-the learned costs had found none of the gains.
+compound), and the gradient of one rollout hardly sees it. On the reference model at budget 0.5, moving one full
+step of forecast-FORA (interval 2) by one step changed the validation L2 by -29 % to +298 % depending on the step
+(`bench/refine-moves/`), while 4 epochs of gradient learning from that start validated no better than it.
 
 A move swaps the actions of steps t and t + 1 (t >= 1: the first step stays full). The MACs of a step's actions do
-not depend on the step, so a swap keeps the schedule's saved MACs exactly and it stays within its budget. Moves
-are tried in trajectory order; one is kept when the score (the L2 of the rollouts on the training conditions)
-falls by at least `min_gain` of its current value. What is kept is then judged on the validation conditions by
-the caller.
+not depend on the step, so a swap keeps the schedule's saved MACs exactly and it stays within its budget. A pass
+tries, in trajectory order, the neighbouring pairs that differ when it begins (skipping those a kept swap has made
+equal); a swap is kept when the score (the L2 of the rollouts on the training conditions) falls below
+(1 - `min_gain`) times its current value. What is kept is then judged on the validation conditions.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -23,8 +24,16 @@ from tqdm.auto import tqdm
 
 from diffsparse.schedule import Schedule
 
-# Conditions per rollout when refining (no gradients: more than a training batch)
-REFINE_BATCH = 32
+log = logging.getLogger(__name__)
+
+
+def check_refine_settings(passes: int, size: int, batch: int) -> None:
+    """Refuse refinement settings that cannot work, before anything is learned."""
+    if passes < 0 or size < 1 or batch < 1:
+        raise ValueError(
+            f"learn.refine_passes={passes}, learn.refine_size={size}, learn.refine_batch={batch}: the passes must "
+            "be >= 0 (0: no refinement), the conditions and the batch >= 1 (e.g. 1, 64 and 16)."
+        )
 
 
 def swap_moves(actions: np.ndarray) -> list[int]:
@@ -34,25 +43,30 @@ def swap_moves(actions: np.ndarray) -> list[int]:
 
 def refine_by_swaps(
     actions: np.ndarray,
-    score: Callable[[np.ndarray], float],
+    score: Callable[[np.ndarray, float], float],
     passes: int = 1,
     min_gain: float = 0.01,
     progress: bool = True,
 ) -> tuple[np.ndarray, dict]:
     """Greedy swaps of neighbouring steps' actions (T, U) that lower `score`; returns the refined actions and a
-    report: the kept moves (t, t + 1), the score before and after, the number of rollouts scored."""
+    report: the kept moves (t, t + 1), the score before and after, the number of candidates scored.
+
+    `score(actions, limit)` is the score, or any value >= `limit` once it is known to reach `limit` (a candidate
+    scoring that much is not kept, so its exact score is not needed)."""
     if passes < 0 or not 0.0 <= min_gain < 1.0:
         raise ValueError(f"passes={passes}, min_gain={min_gain}: passes must be >= 0 and min_gain in [0, 1).")
     current = np.array(actions, copy=True)
-    best = before = float(score(current))
+    best = before = float(score(current, np.inf))
     kept, scored = [], 1
     for p in range(passes):
         moves = swap_moves(current)
         kept_this_pass = 0
         for t in tqdm(moves, desc=f"refine pass {p + 1}/{passes}", disable=not progress, leave=False):
+            if np.array_equal(current[t], current[t + 1]):  # made equal by the swap kept just before
+                continue
             candidate = current.copy()
             candidate[[t, t + 1]] = candidate[[t + 1, t]]
-            value = float(score(candidate))
+            value = float(score(candidate, best * (1.0 - min_gain)))
             scored += 1
             if value < best * (1.0 - min_gain):
                 current, best = candidate, value
@@ -63,8 +77,9 @@ def refine_by_swaps(
     return current, {"moves": kept, "score_before": before, "score_after": best, "rollouts": scored}
 
 
-def first_conditions(batches: Iterable[dict], size: int, batch_size: int = REFINE_BATCH) -> list[dict]:
-    """The first `size` conditions of `batches` (dicts of tensors), re-batched by `batch_size`."""
+def first_conditions(batches: Iterable[dict], size: int, batch_size: int) -> list[dict]:
+    """The first `size` conditions of `batches` (dicts of batch-first tensors; all of them if fewer), re-batched
+    by `batch_size`."""
     taken, count = [], 0
     for batch in batches:
         if count >= size:
@@ -84,25 +99,37 @@ def refine_schedule(
     val_batches: Iterable[dict],
     passes: int = 1,
     size: int = 64,
-    val_l2: float | None = None,
+    batch: int = 16,
     progress: bool = True,
 ) -> tuple[Schedule, dict]:
     """`schedule` refined by `refine_by_swaps`, scored by `validation_l2(schedule, batches)` (the L2 of its
-    rollouts against the dense ones) on the first `size` training conditions. Returns the refined schedule if it
-    validates better than `val_l2` (the schedule's validation L2, measured here when None), else `schedule`; and
-    the report, with `conditions`, `val_l2_before`, `val_l2_after` and `kept`."""
-    batches, val_batches = first_conditions(train_batches, size), list(val_batches)
-    if val_l2 is None:
-        val_l2 = validation_l2(schedule, val_batches)
-    meta = dict(schedule.meta)
+    rollouts against the dense ones) on at most `size` training conditions, `batch` per rollout. Returns the
+    refined schedule if its validation L2 is below the unrefined one's (both measured here, on `val_batches`), else
+    `schedule`; and the report, with `conditions`, `rolled_out` (conditions rolled out in all, early stops
+    included), `val_l2_before`, `val_l2_after` and `kept`."""
+    check_refine_settings(passes, size, batch)
+    batches, val_batches = first_conditions(train_batches, size, batch), list(val_batches)
+    sizes = [len(next(iter(b.values()))) for b in batches]
+    count, rolled, meta = sum(sizes), [0], dict(schedule.meta)
+    if count < size:
+        log.warning("Refining on the %d training conditions there are (learn.refine_size=%d).", count, size)
 
-    def score(actions):
-        return validation_l2(Schedule.from_actions(actions, schedule.units, meta), batches)
+    def score(actions, limit):
+        """The mean L2 over the batches; stops early, at a lower bound >= `limit`, once the sum so far shows it
+        (every term is >= 0), so a clearly worse candidate costs part of the rollouts."""
+        candidate, total = Schedule.from_actions(actions, schedule.units, meta), 0.0
+        for part, n in zip(batches, sizes, strict=True):
+            total += validation_l2(candidate, [part]) * n
+            rolled[0] += n
+            if total / count >= limit:
+                break
+        return total / count
 
     actions, report = refine_by_swaps(schedule.action_indices(), score, passes=passes, progress=progress)
     refined = Schedule.from_actions(actions, schedule.units, {**meta, "refined_swaps": len(report["moves"])})
-    refined_val = validation_l2(refined, val_batches) if report["moves"] else val_l2
-    kept = refined_val < val_l2
-    count = sum(len(next(iter(b.values()))) for b in batches)
-    report.update(conditions=count, val_l2_before=val_l2, val_l2_after=refined_val, kept=kept)
+    before = after = None
+    if report["moves"]:
+        before, after = validation_l2(schedule, val_batches), validation_l2(refined, val_batches)
+    kept = after is not None and after < before
+    report.update(conditions=count, rolled_out=rolled[0], val_l2_before=before, val_l2_after=after, kept=kept)
     return (refined if kept else schedule), report
