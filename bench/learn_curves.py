@@ -45,7 +45,10 @@ def main(argv: list[str]) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch (then: the refinement)")
         ax.set_ylabel("validation L2 vs dense")
-        ax.set_title(f"{name}: exported {metrics['exported']}", fontsize=9)
+        exported = metrics["exported"]
+        if refine and refine["kept"] and "swaps" not in exported:  # metrics.json written before 'exported' said so
+            exported += f" + {len(refine['moves'])} swaps"
+        ax.set_title(f"{name}: exported {exported}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
