@@ -91,7 +91,8 @@ class ScheduleExport(L.Callback):
         if start is not None:
             metrics.update(start=start["name"], start_val_l2=start["val_l2"], start_scores=start["scores"],
                            exported="start" if kept_start else "learned")  # fmt: skip
-        self._write(learner, chosen, metrics, peak_rss_mb)
+        exported = export_schedule(learner, self.out_dir, chosen)
+        self._write(exported, chosen, metrics, peak_rss_mb)
         hp = pl_module.hparams
         if hp.refine_passes > 0 and trainer.datamodule is not None:
             # written first, so that a failed or interrupted refinement leaves the learned schedule exported
@@ -103,14 +104,15 @@ class ScheduleExport(L.Callback):
                                              batch=hp.refine_batch)  # fmt: skip
             report["minutes"] = round((time.perf_counter() - began) / 60, 2)
             metrics["refine"] = report
-            if report["kept"]:
+            if report["kept"]:  # else the files written above stand; only metrics.json gains the report
                 metrics["exported"] = f"{metrics.get('exported', 'learned')} + {len(report['moves'])} swaps"
-            self._write(learner, chosen, metrics, peak_rss_mb)
+                exported = export_schedule(learner, self.out_dir, chosen)
+            self._write(exported, chosen, metrics, peak_rss_mb)
 
-    def _write(self, learner: ScheduleLearner, chosen: Schedule | None, metrics: dict, peak_rss_mb: float) -> None:
-        """Export `chosen` (None: the learner's choice) and write metrics.json with `metrics`, the export's and the
-        minutes since the run began."""
-        metrics = {**export_schedule(learner, self.out_dir, chosen), **metrics}
+    def _write(self, exported: dict, chosen: Schedule | None, metrics: dict, peak_rss_mb: float) -> None:
+        """Write metrics.json: what `export_schedule` returned for `chosen` (None: the learner's choice),
+        `metrics`, and the minutes since the run began."""
+        metrics = {**exported, **metrics}
         if chosen is not None and (chosen.meta.get("kept_start") or chosen.meta.get("refined_swaps")):
             metrics["costs"] = "costs.safetensors and the checkpoints hold the learned costs, not this schedule's"
         minutes = (time.perf_counter() - self._start) / 60
