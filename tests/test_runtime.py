@@ -59,7 +59,8 @@ def test_full_reuse_returns_the_cached_unit_outputs(model, inputs):
     for name in cacheable_units(model):
         module = model.get_submodule(name)
         module.register_forward_hook(lambda m, a, o, name=name: outputs.setdefault(name, []).append(o.clone()))
-    apply_token_cache(model, Schedule.uniform(cacheable_units(model), 5, 1.0))
+    # Blocks run (skip_blocks=False) so that the units are called; tests/test_block_skip.py checks the skip.
+    apply_token_cache(model, Schedule.uniform(cacheable_units(model), 5, 1.0), skip_blocks=False)
     run_loop(model, inputs)
     for name, outs in outputs.items():
         assert len(outs) == 5

@@ -49,10 +49,16 @@ class UnitSpec:
 
 @dataclass(frozen=True)
 class BlockList:
-    """A list of transformer blocks of the model (`attr`) and the units of each block, in the order they run."""
+    """A list of transformer blocks of the model (`attr`) and the units of each block, in the order they run.
+
+    `reused(block, hidden_states, outputs, inputs)`, where given: the block's output at a step where each of its
+    units reuses all its tokens, from their outputs (by child name) and the block's forward arguments (by name),
+    or None where it does not cover the block; the token cache then skips the rest of the block's work.
+    """
 
     attr: str
     units: tuple[UnitSpec, ...]
+    reused: Callable[..., torch.Tensor | None] | None = None
 
 
 def patch_grid(model: torch.nn.Module, inputs: dict) -> tuple[int, ...]:

@@ -21,9 +21,11 @@ from diffsparse.cache.attention import check_standard_attention
 from diffsparse.cache.config import TokenCacheConfig
 from diffsparse.cache.conflicts import refuse_diffusers_caches
 from diffsparse.cache.hooks import (
+    BLOCK_HOOK,
     TRAJECTORY_HOOK,
     UNIT_HOOK,
     PipelineReset,
+    TokenCacheBlockHook,
     TokenCacheUnitHook,
     TrajectoryHook,
     token_cache_controller,
@@ -100,6 +102,12 @@ def apply_token_cache(model: torch.nn.Module, config: TokenCacheConfig | Schedul
     for group in by_module.values():
         module = group[0].module
         add_hook(module, TokenCacheUnitHook(controller, group, inspect.signature(module.forward)), UNIT_HOOK)
+    if config.skip_blocks:
+        for index, block, blocks in _blocks(model):
+            if blocks.reused is not None:
+                named = {u.name.rsplit(".", 1)[-1]: u for u in units if u.block == index}
+                hook = TokenCacheBlockHook(controller, index, named, blocks.reused, inspect.signature(block.forward))
+                add_hook(block, hook, BLOCK_HOOK)
     add_hook(model, TrajectoryHook(controller, signature), TRAJECTORY_HOOK)
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
     if not hasattr(model, _PIPELINE_RESET):
@@ -129,9 +137,20 @@ def _remove(model: torch.nn.Module, stacklevel: int) -> None:
     drop_hook(model, TRAJECTORY_HOOK)
     for module in {id(u.module): u.module for u in find_units(model)}.values():
         drop_hook(module, UNIT_HOOK)
+    for _, block, _ in _blocks(model):
+        drop_hook(block, BLOCK_HOOK)
     registry = getattr(model, "_diffusers_hook", None)
     if registry is not None:
         registry.invalidate_child_registries_cache()
+
+
+def _blocks(model: torch.nn.Module):
+    """(index over all block lists, block, its `BlockList`) of every block of `model`, in execution order."""
+    index = 0
+    for blocks in backbone_for(model).block_lists:
+        for block in getattr(model, blocks.attr):
+            yield index, block, blocks
+            index += 1
 
 
 def reset_token_cache(model: torch.nn.Module) -> None:

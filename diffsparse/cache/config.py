@@ -25,6 +25,9 @@ class TokenCacheConfig:
             (what it was learned with), else 1.
         forecast_dtype: dtype of the forecast's factors: `"float32"` (default), `"model"` (the model's dtype: half
             the memory in bf16), or a torch dtype.
+        skip_blocks: at a step where every unit of a block reuses all its tokens, put the block's output together
+            from theirs and skip the rest of its work (its norms and modulations) where the backbone row says how
+            (`BlockList.reused`: DiT and PixArt). The output is the same bit for bit; False runs every block.
 
     Example:
         >>> config = TokenCacheConfig(schedule=Schedule.uniform(pipe.transformer, num_steps=20, sparsity=0.5),
@@ -37,6 +40,7 @@ class TokenCacheConfig:
     cfg: bool | str = "auto"
     forecast_order: int | None = None
     forecast_dtype: str | torch.dtype = "float32"
+    skip_blocks: bool = True
 
     def __post_init__(self):
         self.validate()
@@ -52,6 +56,8 @@ class TokenCacheConfig:
         if self.forecast_order is not None and self.forecast_order not in FORECAST_ORDERS:
             raise ValueError(f"forecast_order={self.forecast_order!r}: choose one of {FORECAST_ORDERS} (or None).")
         self.factor_dtype()
+        if not isinstance(self.skip_blocks, bool):
+            raise ValueError(f"skip_blocks={self.skip_blocks!r}: use True or False.")
 
     def order(self) -> int:
         """The forecast order to run: the option, else the schedule's own, else 1."""

@@ -24,6 +24,7 @@ from diffsparse.model_hooks import find_hook
 
 TRAJECTORY_HOOK = "diffsparse_token_cache_trajectory"
 UNIT_HOOK = "diffsparse_token_cache_unit"
+BLOCK_HOOK = "diffsparse_token_cache_block"
 
 
 class _ContextReceiver(StateManager):
@@ -72,6 +73,51 @@ class TrajectoryHook(ModelHook):
         return module
 
 
+def cached_output(ctl: TokenCacheController, u: UnitInfo, x: torch.Tensor) -> torch.Tensor:
+    """Unit `u`'s cached output (B, N, D), checked against its input `x` (B, N, ...) at this step."""
+    state = ctl.current
+    cache = state.cache.get(u.index)
+    if cache is None or cache.shape[0] != x.shape[0] or cache.shape[1] != x.shape[1]:
+        raise RuntimeError(
+            f"Unit {u.name} has no cached output for this batch at step {state.step}: a trajectory must start "
+            "with a full step. Call reset_token_cache(model) before sampling with a new batch size or resolution."
+        )
+    return cache
+
+
+def stale_output(ctl: TokenCacheController, u: UnitInfo, x: torch.Tensor) -> torch.Tensor:
+    """Unit `u`'s output at this step for tokens it does not recompute: copied, or forecast from their history."""
+    cache = cached_output(ctl, u, x)
+    if ctl.forecasting(ctl.current.step, u.index):
+        return forecast(ctl.current, u.index, ctl.current.step, ctl.forecast_order)
+    return cache
+
+
+class TokenCacheBlockHook(ModelHook):
+    """On a block whose backbone row can put its output together from its units' (`BlockList.reused`): at a step
+    where each of its units reuses all its tokens, that output, without running the block. Elsewhere, and in
+    training mode, the block runs as usual (its units' hooks do the rest)."""
+
+    def __init__(self, controller: TokenCacheController, block: int, units: dict, reused, signature):
+        super().__init__()
+        self.controller = controller
+        self.block = block
+        self.units = units  # the unit's name in the block (`attn1`, `ff`) -> its UnitInfo
+        self.reused = reused
+        self.signature = signature
+
+    def new_forward(self, module, *args, **kwargs):
+        ctl = self.controller
+        state = ctl.current
+        original = self.fn_ref.original_forward
+        if state is None or ctl.paused or ctl.choice is not None or not ctl.block_reused(state.step, self.block):
+            return original(*args, **kwargs)
+        inputs = self.signature.bind(*args, **kwargs).arguments
+        x = inputs["hidden_states"]
+        out = self.reused(module, x, {name: stale_output(ctl, u, x) for name, u in self.units.items()}, inputs)
+        return original(*args, **kwargs) if out is None else out
+
+
 class TokenCacheUnitHook(ModelHook):
     """On one unit's module: compute all, reuse all, or recompute the top-k tokens; reused tokens are copied or
     forecast (`diffsparse.cache.forecast`) as the schedule says.
@@ -100,24 +146,6 @@ class TokenCacheUnitHook(ModelHook):
         return self._one(module, *args, **kwargs)
 
     # --- helpers --------------------------------------------------------------------------------------------------
-    def _cached(self, u: UnitInfo, x: torch.Tensor) -> torch.Tensor:
-        state = self.controller.current
-        cache = state.cache.get(u.index)
-        if cache is None or cache.shape[0] != x.shape[0] or cache.shape[1] != x.shape[1]:
-            raise RuntimeError(
-                f"Unit {u.name} has no cached output for this batch at step {state.step}: a trajectory must start "
-                "with a full step. Call reset_token_cache(model) before sampling with a new batch size or resolution."
-            )
-        return cache
-
-    def _stale(self, u: UnitInfo, x: torch.Tensor) -> torch.Tensor:
-        """Unit `u`'s output at this step for tokens it does not recompute: copied, or forecast from their history."""
-        ctl = self.controller
-        cache = self._cached(u, x)
-        if ctl.forecasting(ctl.current.step, u.index):
-            return forecast(ctl.current, u.index, ctl.current.step, ctl.forecast_order)
-        return cache
-
     def _store_full(self, u: UnitInfo, x: torch.Tensor, out: torch.Tensor, context: int = 0) -> None:
         """Record `u`'s output `out` on all its tokens (and its forecast history, if it keeps one)."""
         ctl = self.controller
@@ -131,7 +159,7 @@ class TokenCacheUnitHook(ModelHook):
         b, n = x.shape[:2]
         if s == 0.0:
             return torch.arange(n, device=x.device).expand(b, n), None
-        self._cached(u, x)
+        cached_output(ctl, u, x)
         idx = ctl.selector.select(x, ctl.fresh(state.step, u.index, n), state, u)
         return idx, flat_rows(idx, n)
 
@@ -174,7 +202,7 @@ class TokenCacheUnitHook(ModelHook):
             self._store_full(u, hidden_states, out, _text_tokens(u, args, kwargs))
             return out
         if s == 1.0:
-            return self._stale(u, hidden_states)
+            return stale_output(ctl, u, hidden_states)
         chosen = self._choose(u, hidden_states, s)
         if u.runner == ROPE_SELF:
             bound = self.signature.bind(hidden_states, *args, **kwargs).arguments
@@ -214,10 +242,10 @@ class TokenCacheUnitHook(ModelHook):
             s = ctl.sparsity(state.step, u.index)
             chosen.append(None if s == 1.0 else self._choose(u, x, s))
         if chosen == [None, None]:
-            return self._stale(img_u, img), self._stale(txt_u, txt)
+            return stale_output(ctl, img_u, img), stale_output(ctl, txt_u, txt)
         fresh = joint_attention(module, img, txt, *chosen, bound["image_rotary_emb"])
         return tuple(
-            self._stale(u, x) if c is None else self._store(u, x, f, c, other.shape[1])
+            stale_output(ctl, u, x) if c is None else self._store(u, x, f, c, other.shape[1])
             for u, x, other, f, c in zip((img_u, txt_u), (img, txt), (txt, img), fresh, chosen, strict=True)
         )
 
@@ -239,7 +267,9 @@ class TokenCacheUnitHook(ModelHook):
         chosen = None if s == 1.0 else self._choose(u, img, s)
         rotary = bound["image_rotary_emb"]
         txt_branch, img_branch = single_stream_branch(block, img, txt, bound["temb"], rotary, chosen)
-        img_branch = self._stale(u, img) if chosen is None else self._store(u, img, img_branch, chosen, txt.shape[1])
+        img_branch = (
+            stale_output(ctl, u, img) if chosen is None else self._store(u, img, img_branch, chosen, txt.shape[1])
+        )
         return txt + txt_branch, img + img_branch
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from diffsparse.backbones.registry import CROSS_ATTN, SELF_ATTN, BackboneSpec, UnitInfo
@@ -136,6 +137,13 @@ class TokenCacheController:
             history[:] = True
         self.history = history.tolist()
         self.signal_plan = self._plan_signals()
+        blocks = np.array([u.block for u in self.units])
+        reused = schedule.grid == 1.0
+        self.reused_blocks = [set(blocks[row].tolist()) - set(blocks[~row].tolist()) for row in reused]
+
+    def block_reused(self, step: int, block: int) -> bool:
+        """Whether every unit of block `block` reuses all its tokens at `step`."""
+        return block in self.reused_blocks[step]
 
     def _plan_signals(self) -> list[list[str | None]]:
         """Which attention signal each (step, unit) must compute: only on full computes with partial steps after."""
@@ -268,7 +276,7 @@ class TokenCacheController:
         For recomputing a step in the backward pass (gradient checkpointing), which may run after the caller has
         switched schedules or modes.
         """
-        keys = ("schedule", "plan", "forecast_plan", "history", "signal_plan", "choice", "paused")
+        keys = ("schedule", "plan", "forecast_plan", "history", "signal_plan", "reused_blocks", "choice", "paused")
         mode = {k: getattr(self, k) for k in keys}
         saved = {name: dataclasses.replace(state, **_copied_dicts(state)) for name, state in self.states.items()}
         current = next((name for name, state in self.states.items() if state is self.current), None)

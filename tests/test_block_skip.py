@@ -1,0 +1,78 @@
+"""A block whose units all reuse every token at a step is not run: its output is put together from theirs
+(`BlockList.reused`), bit for bit the block's own."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_loop
+from diffusers.models.attention import BasicTransformerBlock
+
+from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
+from diffsparse.backbones.basic_block import reused_basic_block
+from diffsparse.cache import TokenCacheConfig
+
+
+def _schedules(units: list[str]) -> dict[str, Schedule]:
+    """Whole-step copies and forecasts, blocks reused beside blocks that compute, and a random grid."""
+    every = np.ones((5, len(units)))
+    every[0] = 0.0
+    per_block = len(units) // 2  # the tiny models have two blocks
+    mixed = every.copy()
+    mixed[2, :per_block] = 0.5  # block 0 partial, block 1 reused
+    mixed[3, per_block] = 0.0  # one unit of block 1 computes
+    rng = np.random.default_rng(0)
+    grid = rng.choice([0.0, 0.5, 1.0], size=(5, len(units)), p=[0.2, 0.2, 0.6])
+    grid[0] = 0.0
+    return {
+        "copy": Schedule(every, units, {}),
+        "forecast": Schedule(every, units, {}).with_forecast(True),
+        "mixed": Schedule(mixed, units, {}).with_forecast(True),
+        "random": Schedule(grid, units, {}, rng.random(grid.shape) < 0.5),  # each reuse copies or forecasts
+    }
+
+
+@pytest.mark.parametrize("case", ["copy", "forecast", "mixed", "random"])
+def test_skipping_blocks_changes_no_output_bit(model, inputs, case):
+    schedule = _schedules(cacheable_units(model))[case]
+    outs = []
+    for skip in (False, True):
+        apply_token_cache(model, schedule, skip_blocks=skip)
+        outs.append(run_loop(model, inputs))
+        remove_token_cache(model)
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+
+
+def test_a_reused_block_runs_none_of_its_layers(model, inputs):
+    units = cacheable_units(model)
+    schedule = _schedules(units)["mixed"]
+    calls: dict[int, int] = {}
+    for b, block in enumerate(model.transformer_blocks):
+        block.norm1.register_forward_hook(lambda *_, b=b: calls.__setitem__(b, calls.get(b, 0) + 1))
+    apply_token_cache(model, schedule)
+    run_loop(model, inputs)
+    # Block 0 computes at steps 0 and 2, block 1 at steps 0 and 3; every other step reuses both blocks whole.
+    assert calls == {0: 2, 1: 2}
+    remove_token_cache(model)
+    calls.clear()
+    apply_token_cache(model, schedule, skip_blocks=False)
+    run_loop(model, inputs)
+    assert calls == {0: 5, 1: 5}
+
+
+def test_blocks_it_does_not_cover_run_as_usual():
+    torch.manual_seed(0)
+    plain = BasicTransformerBlock(32, 2, 16, norm_type="layer_norm").eval()
+    x = torch.randn(2, 4, 32)
+    outputs = {"attn1": torch.randn(2, 4, 32), "ff": torch.randn(2, 4, 32)}
+    assert reused_basic_block(plain, x, outputs, {}) is None
+    zero = BasicTransformerBlock(32, 2, 16, norm_type="ada_norm_zero", num_embeds_ada_norm=10).eval()
+    inputs = {"timestep": torch.tensor([5, 5]), "class_labels": torch.tensor([1, 2])}
+    assert reused_basic_block(zero, x, outputs, inputs) is not None
+    assert reused_basic_block(zero, x, {"attn1": outputs["attn1"]}, inputs) is None  # the MLP is not a unit
+    gligen = {**inputs, "cross_attention_kwargs": {"gligen": {}}}
+    assert reused_basic_block(zero, x, outputs, gligen) is None
+
+
+def test_skip_blocks_must_be_a_bool():
+    with pytest.raises(ValueError, match="skip_blocks"):
+        TokenCacheConfig(skip_blocks="yes")
