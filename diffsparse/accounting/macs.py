@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from diffsparse.backbones.registry import CROSS_ATTN, JOINT_ATTN, MLP, PARALLEL_BLOCK, TEXT, UnitInfo, find_units
-from diffsparse.levels import SPARSITY_LEVELS, fresh_tokens
+from diffsparse.levels import ACTION_LEVELS, SPARSITY_LEVELS, fresh_tokens
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -121,9 +121,20 @@ class MacTable:
     level_macs: np.ndarray
     other: int
 
+    unit_name = "MACs"  # how budgets on this table are worded
+
     @property
     def dense_step(self) -> int:
         return int(self.level_macs[:, 0].sum()) + self.other
+
+    @property
+    def level_costs(self) -> np.ndarray:
+        return self.level_macs
+
+    @property
+    def action_costs(self) -> np.ndarray:
+        """(U, |A|): copy and forecast compute the same tokens, so an action costs its level's MACs."""
+        return self.level_macs[:, list(ACTION_LEVELS)]
 
     def step_macs(self, level_indices: np.ndarray) -> np.ndarray:
         """MACs of each step for a (T, U) array of level indices."""

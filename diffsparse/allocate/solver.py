@@ -103,7 +103,8 @@ def solve_schedule(costs: np.ndarray, budget: float, table: MacTable | None = No
         costs: cost of each level or action for each (step, unit); row 0 is ignored (the first step computes
             everything).
         budget: the fraction to save. With a `MacTable` it is a fraction of the dense trajectory's MACs (units
-            differ in cost; our default); without, the paper's plain average sparsity over all T x U.
+            differ in cost; our default), with a measured `TimeTable` of its predicted time (per action: a forecast
+            costs more than a copy); without, the paper's plain average sparsity over all T x U.
         resolution: number of MAC quanta the largest possible saving is split into.
     """
     costs = np.asarray(costs, dtype=np.float64)
@@ -118,16 +119,23 @@ def solve_schedule(costs: np.ndarray, budget: float, table: MacTable | None = No
         raise ValueError(f"costs have {units} units, the MAC table {len(table.units)}")
     check_budget(budget, steps, table, units, resolution=resolution)
     items = costs[1:].reshape(-1, levels)
-    savings, target, _ = _discretised(budget, steps, table, units, resolution)
-    if levels == len(ACTIONS):
+    savings, target, _ = _discretised(budget, steps, table, units, resolution, actions=levels == len(ACTIONS))
+    if table is not None:
+        # A measured action slower than computing everything (a partial step's overheads) saves nothing: make it
+        # dearer than computing everything, which saves the same, so that it is never chosen.
+        cost = np.asarray(table.action_costs if levels == len(ACTIONS) else table.level_costs)
+        slower = np.tile(cost > cost[:, :1], (steps - 1, 1))
+        items = np.where(slower, np.maximum(items, items[:, :1]) + 1.0, items)
+    if levels == len(ACTIONS) and table is None:
         savings = savings[:, list(ACTION_LEVELS)]
     picked = solve(items, savings, target)
     return np.concatenate([np.zeros((1, units), dtype=np.int64), picked.reshape(steps - 1, units)])
 
 
-def _discretised(budget: float, steps: int, table: MacTable | None, units: int, resolution: int):
+def _discretised(budget: float, steps: int, table: MacTable | None, units: int, resolution: int, actions=False):
     """The DP's integer problem for a schedule of `steps` x `units`: each item's savings (one row per (step, unit)
-    after the first step), the integer target for `budget`, and the number of integer units per budget fraction."""
+    after the first step; per action with `actions` and a table), the integer target for `budget`, and the number
+    of integer units per budget fraction. The table is a `MacTable` or a measured `TimeTable`."""
     levels = len(SPARSITY_LEVELS)
     items = (steps - 1) * units
     if table is None:
@@ -135,11 +143,12 @@ def _discretised(budget: float, steps: int, table: MacTable | None, units: int, 
         savings = np.tile(np.arange(levels, dtype=np.int64), (items, 1))
         target = math.ceil(budget * (levels - 1) * steps * units - 1e-9)
         return savings, target, float((levels - 1) * steps * units)
-    macs = table.level_macs.astype(np.int64)
-    saved = macs[:, :1] - macs
+    cost = np.asarray(table.action_costs if actions else table.level_costs)
+    saved = np.maximum(cost[:, :1] - cost, 0)  # a measured action may cost more than computing everything
     dense_total = float(table.dense_step) * steps
     most = float(saved.max(axis=1).sum()) * (steps - 1)
-    divisor = int(np.gcd.reduce(saved[saved > 0])) if (saved > 0).any() else 0
+    exact = np.issubdtype(saved.dtype, np.integer) and (saved > 0).any()
+    divisor = int(np.gcd.reduce(saved[saved > 0])) if exact else 0
     if divisor > 0 and most / divisor <= 2 * resolution:  # exact, at a bounded cost (time and back-pointers)
         quantum = float(divisor)
     else:
@@ -185,7 +194,9 @@ def check_budget(
     savings, target, _ = _discretised(budget, num_steps, table, units, resolution)
     if target > int(savings.max(axis=1).sum()):
         most = math.floor(max_saving(num_steps, table, units, resolution) * 100) / 100
-        most_saved = f"{most:.2f} of the MACs can be saved" if table is not None else f"{most:.2f} sparsity on average"
+        most_saved = (
+            f"{most:.2f} of the {table.unit_name} can be saved" if table else f"{most:.2f} sparsity on average"
+        )
         raise InfeasibleBudget(
             f"{budget_name}={budget} cannot be met: with {num_steps} steps and the first one always full, at most "
             f"{most_saved}; choose {budget_name} <= {most:.2f} or more steps ({steps_name})."

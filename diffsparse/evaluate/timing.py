@@ -17,36 +17,14 @@ Example:
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-
-def synchronize(device: torch.device | str | None) -> None:
-    """Wait for the work queued on `device` (CUDA only; CPU work is done when the call returns)."""
-    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
-        torch.cuda.synchronize(device)
-
-
-class Stopwatch:
-    """Times the block it wraps (`seconds`), with the device synchronised when it starts and when it stops."""
-
-    def __init__(self, device: torch.device | str | None = None):
-        self.device = device
-        self.seconds: float | None = None
-
-    def __enter__(self) -> Stopwatch:
-        synchronize(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        synchronize(self.device)
-        self.seconds = time.perf_counter() - self._start
-
+from diffsparse.clock import Stopwatch as Stopwatch  # re-exported: the stopwatch of the timing helper
+from diffsparse.clock import synchronize as synchronize
 
 # A run: called with a `Stopwatch` it must enter around the work to time (set-up such as applying a cache stays
 # outside); returns its output.

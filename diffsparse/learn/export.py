@@ -19,6 +19,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import save_file
 
+from diffsparse.accounting.times import TimeTable
 from diffsparse.files import write_json
 from diffsparse.learn.module import ScheduleLearner
 from diffsparse.learn.refine import refine_schedule
@@ -32,8 +33,13 @@ def export_schedule(learner: ScheduleLearner, out_dir: str | Path, schedule: Sch
     out.mkdir(parents=True, exist_ok=True)
     if schedule is None:
         schedule, _ = learner.choice()
-    saved = learner.table.saved_fraction(schedule)
-    schedule = Schedule(schedule.grid, schedule.units, {**schedule.meta, "saved_macs": saved}, schedule.forecast)
+    saved = learner.macs.saved_fraction(schedule)
+    meta = {**schedule.meta, "saved_macs": saved}
+    timed = isinstance(learner.table, TimeTable)
+    if timed:  # a time budget: the predicted saving, and the table it was predicted with (to reuse)
+        meta.update(saved_time_predicted=learner.table.saved_fraction(schedule), time_table=learner.table.meta)
+        learner.table.save(out / "time_table.json")
+    schedule = Schedule(schedule.grid, schedule.units, meta, schedule.forecast)
     schedule.save(out / "schedule.json")
     tensors = {"layer_costs": learner.layer_costs().detach().contiguous()}
     if learner.step_logits is not None:
@@ -41,9 +47,14 @@ def export_schedule(learner: ScheduleLearner, out_dir: str | Path, schedule: Sch
     save_file(tensors, out / "costs.safetensors")
     method = schedule.meta.get("method", "learned")
     title = f"{method}, stage {learner.hparams.stage}: saves {saved:.1%} of MACs"
+    if timed:
+        title += f", {meta['saved_time_predicted']:.1%} of time (predicted)"
     schedule.plot(out / "schedule.png", title=title)
-    return {"schedule": str(out / "schedule.json"), "saved_macs": saved, "full_steps": schedule.full_steps,
-            "forecast_share": float(schedule.forecast.mean())}  # fmt: skip
+    result = {"schedule": str(out / "schedule.json"), "saved_macs": saved, "full_steps": schedule.full_steps,
+              "forecast_share": float(schedule.forecast.mean())}  # fmt: skip
+    if timed:
+        result["saved_time_predicted"] = meta["saved_time_predicted"]
+    return result
 
 
 class ScheduleExport(L.Callback):
@@ -77,7 +88,11 @@ class ScheduleExport(L.Callback):
         best = trainer.checkpoint_callback
         learner, best_score = pl_module, None
         if best is not None and best.best_model_path:
-            learner = ScheduleLearner.load_from_checkpoint(best.best_model_path, map_location="cpu")
+            overrides = {}
+            if isinstance(pl_module.table, TimeTable):  # the DP of the reloaded costs must see the same table
+                pl_module.table.save(self.out_dir / "time_table.json")
+                overrides["time_table"] = str(self.out_dir / "time_table.json")
+            learner = ScheduleLearner.load_from_checkpoint(best.best_model_path, map_location="cpu", **overrides)
             shutil.copy(best.best_model_path, self.out_dir / f"stage{learner.hparams.stage}.ckpt")
             best_score = best.best_model_score
         start = pl_module.start

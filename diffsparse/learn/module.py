@@ -16,20 +16,19 @@ lowered by `delta` (eq. 9), the unified layer costs fine-tuned alone.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import torch
 from torch import nn
 
 from diffsparse.allocate import baselines
-from diffsparse.allocate.solver import check_budget, check_num_steps, pick_full_steps
+from diffsparse.allocate.solver import check_budget, pick_full_steps
 from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.cache.control import set_soft_choice, token_cache_paused
 from diffsparse.learn.data import split_batch
 from diffsparse.learn.losses import make_loss
 from diffsparse.learn.predictor import CostPredictor, choose, schedule_from_choice, straight_through, tie_broken
 from diffsparse.learn.refine import check_refine_settings
+from diffsparse.learn.settings import STAGE1_HOWTO, budget_table, check_settings
 from diffsparse.models.captions import load_captions, null_conditions
 from diffsparse.models.loading import load_model
 from diffsparse.models.sampling import initial_noise, sample
@@ -38,33 +37,9 @@ from diffsparse.schedule import Schedule
 
 # The settings that define the learning problem: a run can only be resumed (`ckpt_path`) with the same ones.
 PROBLEM_SETTINGS = ("model", "sampler", "num_steps", "budget", "stage", "num_full", "loss", "selector", "guidance",
-                    "forecast", "forecast_order")  # fmt: skip
+                    "forecast", "forecast_order", "budget_unit")  # fmt: skip
 # The recipe's hand-made starts (`allocate.registry` names), each fitted to the budget.
 RECIPE_STARTS = ("toca", "fora", "forecast_fora", "uniform")
-STAGE1_HOWTO = ("run stage 1 first (`python train.py experiment=digits_stage1` writes <output_dir>/stage1.ckpt) "
-                "and pass learn.stage1_checkpoint=PATH")  # fmt: skip
-
-
-def _check_settings(num_steps, budget, stage, num_full, stage1_checkpoint) -> None:
-    """Refuse settings that cannot work, before the model is loaded, with what to set instead."""
-    if stage not in (1, 2):
-        raise ValueError(f"learn.stage={stage}: choose learn.stage=1 (step and layer costs) or 2 (from stage 1).")
-    check_num_steps(num_steps, "learn.num_steps")
-    if not 0.0 < budget < 1.0:
-        raise ValueError(
-            f"learn.budget={budget}: the budget is the fraction of the dense MACs to save, so it must lie strictly "
-            "between 0 and 1 (e.g. learn.budget=0.5)."
-        )
-    if num_full is not None and not 1 <= num_full <= num_steps:
-        raise ValueError(
-            f"learn.num_full={num_full}: the number of full steps must be in 1..learn.num_steps ({num_steps}); the "
-            "first step is always full, so at least 1. Leave learn.num_full=null to let the DP choose them."
-        )
-    if stage == 2:
-        if stage1_checkpoint is None or stage1_checkpoint == "???":
-            raise ValueError(f"learn.stage=2 starts from a stage-1 checkpoint, and none was given: {STAGE1_HOWTO}.")
-        if not Path(stage1_checkpoint).is_file():
-            raise ValueError(f"learn.stage1_checkpoint={stage1_checkpoint} is not a file: {STAGE1_HOWTO}.")
 
 
 def with_step_costs(costs: torch.Tensor, step_logits: torch.Tensor) -> torch.Tensor:
@@ -103,6 +78,9 @@ class ScheduleLearner(L.LightningModule):
         refine_passes, refine_size, refine_batch: after training, passes of neighbouring-step swaps over the
             exported schedule (0: none) judged by rollouts on at most `refine_size` training conditions,
             `refine_batch` a rollout (`learn.refine`, run by the export); kept if it validates better.
+        budget_unit: `macs` (the budget is a fraction of the dense MACs) or `time` (of the dense time, per action
+            as measured on this device, dtype and `time_batch` CFG pairs, or loaded from `time_table`, a file that
+            a time-budget run writes beside its schedule).
     """
 
     def __init__(
@@ -130,11 +108,14 @@ class ScheduleLearner(L.LightningModule):
         refine_passes: int = 0,
         refine_size: int = 64,
         refine_batch: int = 16,
+        budget_unit: str = "macs",
+        time_table: str | None = None,
+        time_batch: int = 20,
     ):
         super().__init__()
         starts = list(starts)
         self.save_hyperparameters()
-        _check_settings(num_steps, budget, stage, num_full, stage1_checkpoint)
+        check_settings(num_steps, budget, stage, num_full, stage1_checkpoint, budget_unit)
         check_refine_settings(refine_passes, refine_size, refine_batch)
         self._ref = load_model(model)  # not a submodule: frozen, and kept out of checkpoints
         self._dtype = getattr(torch, dtype)
@@ -150,7 +131,8 @@ class ScheduleLearner(L.LightningModule):
         scheduler = self._ref.scheduler(sampler)
         scheduler.set_timesteps(num_steps)
         self.timesteps = scheduler.timesteps.tolist()
-        self.table = self._ref.mac_table()
+        self.macs = self._ref.mac_table()
+        self.table = budget_table(self._ref, budget_unit, time_table, selector, time_batch)  # what the budget counts
         check_budget(budget, num_steps, self.table, budget_name="learn.budget", steps_name="learn.num_steps")
         fitted = baselines.budget_schedules(self.table, self.timesteps, budget)
         unknown = [name for name in starts if name not in fitted]
@@ -375,7 +357,7 @@ class ScheduleLearner(L.LightningModule):
             set_soft_choice(self.transformer, schedule, None)
         loss = self.loss_fn(student, target)
         self.log_dict(
-            {"train/loss": loss, "train/saved_macs": float(self.table.saved_fraction(schedule))},
+            {"train/loss": loss, "train/saved_macs": float(self.macs.saved_fraction(schedule))},
             prog_bar=True, batch_size=len(noise),
         )  # fmt: skip
         return loss

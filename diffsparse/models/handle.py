@@ -8,6 +8,7 @@ import torch
 
 from diffsparse.accounting.macs import mac_table
 from diffsparse.backbones import backbone_for, forward_kwargs
+from diffsparse.cache.costs import measure_time_table
 from diffsparse.models.sampling import make_scheduler
 
 
@@ -42,23 +43,30 @@ class ModelHandle:
     def scheduler(self, name: str = "ddim"):
         return make_scheduler(name, self.noise_schedule)
 
-    def probe_inputs(self, size: int | None = None) -> dict:
-        """Forward keywords for one image at one step: a CFG pair (its condition and the null one) at timestep 500,
-        zero inputs of the model's sample size (or `size` x `size`). MACs are counted on it."""
+    def probe_inputs(self, size: int | None = None, pairs: int = 1) -> dict:
+        """Forward keywords for `pairs` images at one step: CFG pairs (the conditions, then the null ones) at
+        timestep 500, zero inputs of the model's sample size (or `size` x `size`) on the model's device. MACs are
+        counted on one pair; time tables are measured on the batch the user runs."""
         shape = self.sample_shape if size is None else (*self.sample_shape[:-2], size, size)
-        dtype = next(self.transformer.parameters()).dtype
-        x = torch.zeros(2, *shape, dtype=dtype)
+        param = next(self.transformer.parameters())
+        x = torch.zeros(2 * pairs, *shape, dtype=param.dtype, device=param.device)
         if not self.text_conditioned:
+            labels = torch.tensor([0] * pairs + [self.num_classes] * pairs, device=param.device)
             return forward_kwargs(
-                self.transformer, x, torch.tensor(500), {"class_labels": torch.tensor([0, self.num_classes])}
+                self.transformer, x, torch.tensor(500, device=param.device), {"class_labels": labels}
             )
         if self.null_conditions is None:
             raise ValueError("A text-conditional model needs null_conditions (its caption embeddings' empty prompt).")
         text = {
-            k: v.expand(2, *v.shape[1:]).to(dtype if v.is_floating_point() else v.dtype)
+            k: v.expand(2 * pairs, *v.shape[1:]).to(param.device, param.dtype if v.is_floating_point() else v.dtype)
             for k, v in self.null_conditions.items()
         }
-        return forward_kwargs(self.transformer, x, torch.tensor(500), text)
+        return forward_kwargs(self.transformer, x, torch.tensor(500, device=param.device), text)
+
+    def time_table(self, pairs: int = 20, selector=None):
+        """Seconds per unit and action of one step for `pairs` CFG pairs, measured now on the model's device and
+        dtype (`cache.costs.measure_time_table`): what a time budget counts."""
+        return measure_time_table(self.transformer, self.probe_inputs(pairs=pairs), selector=selector)
 
     def mac_table(self, size: int | None = None):
         """MACs per unit and level for one image: a CFG pair (its condition and the null one) at one step."""
