@@ -11,6 +11,7 @@ from diffsparse import Schedule, cacheable_units
 from diffsparse.accounting.times import TimeTable
 from diffsparse.allocate import baselines
 from diffsparse.allocate.solver import InfeasibleBudget, check_budget, solve_schedule
+from diffsparse.cache import costs
 from diffsparse.cache.costs import COPY_ALL, roles
 from diffsparse.levels import ACTIONS, SPARSITY_LEVELS
 from diffsparse.models.loading import load_model
@@ -21,9 +22,29 @@ def tiny():
     return load_model("tiny")
 
 
+def _fake_step_times(model, kwargs, schedule, selector, device):
+    """Deterministic 'timings': 1 s of work outside the units, 10 s per unit computing all its tokens (its share
+    of fresh tokens at a partial level, plus 1 s of overhead), 0.5 s per forecast, and 2 s per block in which any
+    unit computes (its norms: what makes the real model non-additive)."""
+    actions = schedule.action_indices()[-1]
+    cost = 1.0
+    for a in actions:
+        level, mode = ACTIONS[a]
+        cost += 10.0 * (1 - level) + (1.0 if 0 < level < 1 else 0.0) + (0.5 if mode == "forecast" else 0.0)
+    blocks = {unit // 2 for unit, a in enumerate(actions) if ACTIONS[a][0] < 1.0}
+    return [cost + 2.0 * len(blocks)] * 4
+
+
 @pytest.fixture(scope="module")
 def table(tiny):
+    """A table measured for real (its numbers are noise on a model this small; only its form is checked)."""
     return tiny.time_table(pairs=2, selector="toca")
+
+
+@pytest.fixture
+def fake_table(tiny, monkeypatch):
+    monkeypatch.setattr(costs, "_step_times", _fake_step_times)
+    return costs.measure_time_table(tiny.transformer, tiny.probe_inputs(), progress=False)
 
 
 def test_units_of_one_role_share_a_row():
@@ -31,22 +52,32 @@ def test_units_of_one_role_share_a_row():
     assert roles(names) == {"blocks.*.attn1": [0, 2], "blocks.*.ff": [1, 3], "single.*": [4, 5]}
 
 
-def test_a_measured_table_is_exact_at_both_ends(tiny, table):
+def test_a_measured_table_has_its_form(tiny, table):
     assert table.units == tuple(cacheable_units(tiny.transformer))
     assert table.meta["batch"] == 4 and table.meta["device"] == "cpu" and table.meta["dtype"] == "float32"
     seconds = table.action_seconds
-    assert (seconds >= 0).all() and (seconds[:, COPY_ALL] == 0).all()
-    assert (seconds[:, 0] > 0).all()  # computing every token costs time
-    # the all-copy step is `other`, the dense step what it measured
-    assert table.dense_step == pytest.approx(table.meta["dense_step_measured"])
-    assert table.other == table.meta["copy_step_measured"] < table.dense_step
-    units, steps = len(table.units), 6
-    dense = Schedule(np.zeros((steps, units)), table.units, {})
-    assert table.saved_fraction(dense) == pytest.approx(0.0)
+    assert seconds.shape == (4, len(ACTIONS)) and (seconds >= 0).all() and (seconds[:, COPY_ALL] == 0).all()
+    assert table.other == table.meta["copy_step_measured"] > 0
+
+
+def test_the_table_is_exact_at_both_ends_and_scales_what_computes(fake_table):
+    # dense: 1 + 4 units x 10 + 2 blocks x 2 = 45; every unit copying: 1
+    assert fake_table.other == 1.0 and fake_table.dense_step == pytest.approx(45.0)
+    # each role alone computing costs 2 x 10 + 2 x 2 (its blocks' norms) = 24 above the copy step: 12 per unit,
+    # counted twice over the two roles (48 against the 44 measured), so the computing actions are scaled by 44/48
+    scale = 44.0 / 48.0
+    assert fake_table.meta["compute_scale"] == pytest.approx(scale)
+    assert fake_table.action_seconds[:, 0] == pytest.approx([12.0 * scale] * 4)
+    half = list(ACTIONS).index((0.5, "copy"))
+    assert fake_table.action_seconds[:, half] == pytest.approx([(5.0 + 1.0 + 2.0) * scale] * 4)
+    forecast_all = list(ACTIONS).index((1.0, "forecast"))
+    assert fake_table.action_seconds[:, forecast_all] == pytest.approx([0.5] * 4)  # computes nothing: not scaled
+    units, steps = len(fake_table.units), 6
+    assert fake_table.saved_fraction(Schedule(np.zeros((steps, units)), fake_table.units, {})) == pytest.approx(0.0)
     copy = np.ones((steps, units))
     copy[0] = 0.0
-    predicted = table.predicted_speedup(Schedule(copy, table.units, {}))
-    assert predicted == pytest.approx(steps / (1 + (steps - 1) * table.other / table.dense_step))
+    predicted = fake_table.predicted_speedup(Schedule(copy, fake_table.units, {}))
+    assert predicted == pytest.approx(steps * 45.0 / (45.0 + (steps - 1) * 1.0))
 
 
 def test_a_table_saves_and_loads(table, tmp_path):
@@ -92,19 +123,22 @@ def test_time_budgets_beyond_reach_say_so_in_time():
         check_budget(0.95, 10, _made_up_table())
 
 
-def test_hand_made_schedules_fit_a_time_budget(tiny, table):
+def test_hand_made_schedules_fit_a_time_budget(tiny, fake_table):
     scheduler = tiny.scheduler("ddim")
     scheduler.set_timesteps(10)
-    fitted = baselines.budget_schedules(table, scheduler.timesteps.tolist(), 0.4)
+    fitted = baselines.budget_schedules(fake_table, scheduler.timesteps.tolist(), 0.4)
     assert {"fora", "forecast_fora", "toca", "uniform"} <= set(fitted)
-    assert abs(table.saved_fraction(fitted["uniform"]) - 0.4) < 0.15
+    assert abs(fake_table.saved_fraction(fitted["uniform"]) - 0.4) < 0.1
 
 
-def test_the_recipe_learns_under_a_time_budget(tmp_path):
+def test_the_recipe_learns_under_a_time_budget(tmp_path, fake_table):
+    # a given table (timings of a model this small are noise; `test_a_measured_table_has_its_form` measures one)
+    fake_table.save(tmp_path / "given.json")
     common = ["experiment=learn", "model=tiny", "learn.num_steps=8", "data.train_size=8", "data.val_size=4",
               "data.batch_size=4", "trainer.max_epochs=1", "learn.refine_passes=0", "learn.budget=0.3",
-              "learn.budget_unit=time", "learn.time_batch=2"]  # fmt: skip
-    out = train(tmp_path / "time", *common)
+              "learn.budget_unit=time"]  # fmt: skip
+    out = train(tmp_path / "time", *common, f"learn.time_table={tmp_path / 'given.json'}")
+    assert TimeTable.load(out / "time_table.json").action_seconds.tolist() == fake_table.action_seconds.tolist()
     table = TimeTable.load(out / "time_table.json")
     sched = Schedule.load(out / "schedule.json")
     assert sched.meta["saved_time_predicted"] == pytest.approx(table.saved_fraction(sched))
