@@ -1,20 +1,13 @@
 """Measuring what each action of each unit costs in time on this device: the `TimeTable` of a time budget.
 
 Units that play the same role in every block (`transformer_blocks.*.attn1`) share a cost. For each role and each
-action, a short trajectory is timed step by step with the project's stopwatch (`diffsparse.clock`, synchronised
-on CUDA): two full steps, so that forecasts have a history, then `steps` steps where that role takes the action
-and every other unit copies all its tokens, each followed by a step where every unit forecasts. Rounds alternate
-all the configurations, and the median is kept.
-
-The steps in between make the measured steps run as they do in a trajectory that reuses: after a step that did
-not compute (its memory no longer warm), and keeping every unit's forecast history (which a computing step
-updates). Back-to-back dense steps measured 11 % cheaper than the full steps of a learned schedule on the
-reference model.
-
-A role's cost of an action is its step's time minus that of the all-copy step, per unit. Costs are additive in the
-table, the model is not (a block that computes two units pays its norms once): the costs of actions that compute
-are scaled so that a dense step costs what it measured, and the all-copy step is `other`, so both ends are exact
-and the predicted speed-up of a schedule in between is reported beside the measured one.
+action, a short trajectory (two full steps, so that forecasts have a history, then `steps` steps where that role
+takes the action and every other unit copies all its tokens) is timed step by step with the project's stopwatch
+(`diffsparse.clock`, synchronised on CUDA), in rounds that alternate all the configurations, and the median is
+kept. A role's cost of an action is its step's time minus that of the all-copy step, per unit. Costs are additive
+in the table, the model is not (a block that computes two units pays its norms once): the costs of actions that
+compute are scaled so that a dense step costs what it measured, and the all-copy step is `other`, so both ends are
+exact and the predicted speed-up of a schedule in between is reported beside the measured one.
 """
 
 from __future__ import annotations
@@ -34,7 +27,6 @@ from diffsparse.levels import ACTIONS, SPARSITY_LEVELS, action_index
 from diffsparse.schedule import Schedule
 
 COPY_ALL = action_index(len(SPARSITY_LEVELS) - 1, False)
-FORECAST_ALL = action_index(len(SPARSITY_LEVELS) - 1, True)
 LEAD = 2  # full steps before the timed ones: a forecast extrapolates from two computations
 
 
@@ -54,8 +46,7 @@ def _row(num_units: int, units: list[int] = (), action: int = COPY_ALL) -> np.nd
 
 
 def _step_times(model, kwargs: dict, schedule: Schedule, selector, device) -> list[float]:
-    """Seconds of the measured steps of one trajectory of `schedule` (timesteps going down): after the first `LEAD`,
-    every other step (the ones in between reuse)."""
+    """Seconds of each step after the first `LEAD` of one trajectory of `schedule` (timesteps going down)."""
     apply_token_cache(model, schedule, selector=selector)
     times = []
     try:
@@ -64,7 +55,7 @@ def _step_times(model, kwargs: dict, schedule: Schedule, selector, device) -> li
             step = dict(kwargs, timestep=(t0.double() * (1.0 - i / (schedule.num_steps + 1))).to(t0.dtype))
             with torch.no_grad(), Stopwatch(device) as clock:
                 model(**step)
-            if i >= LEAD and (i - LEAD) % 2 == 0:
+            if i >= LEAD:
                 times.append(clock.seconds)
     finally:
         remove_token_cache(model)
@@ -86,8 +77,7 @@ def measure_time_table(
         for a in range(len(ACTIONS)):
             if a != COPY_ALL:
                 rows[(role, a)] = _row(len(names), members, a)
-    between = _row(len(names), range(len(names)), FORECAST_ALL)
-    schedules = {k: Schedule.from_actions(np.stack([dense] * LEAD + [r, between] * steps), names)
+    schedules = {k: Schedule.from_actions(np.stack([dense] * LEAD + [r] * steps), names)
                  for k, r in rows.items()}  # fmt: skip
     param = next(model.parameters())
     times: dict = {k: [] for k in schedules}
