@@ -1,6 +1,7 @@
 """A time budget: per-action step times measured on this device (`TimeTable`), the DP and the hand-made fitting
 counted in them, and the recipe learning under one (`learn.budget_unit=time`)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -22,17 +23,18 @@ def tiny():
     return load_model("tiny")
 
 
-def _fake_step_times(model, kwargs, schedule, selector, device):
+def _fake_step_times(model, kwargs, schedule, selector, device, every=1):
     """Deterministic 'timings': 1 s of work outside the units, 10 s per unit computing all its tokens (its share
-    of fresh tokens at a partial level, plus 1 s of overhead), 0.5 s per forecast, and 2 s per block in which any
-    unit computes (its norms: what makes the real model non-additive)."""
-    actions = schedule.action_indices()[-1]
+    of fresh tokens at a partial level, plus 1 s of overhead), 0.5 s per forecast, 2 s per block in which any
+    unit computes (its norms: what makes the real model non-additive), and 3 s more for a step timed after one
+    that reused (every other step: memory no longer warm)."""
+    actions = schedule.action_indices()[costs.LEAD]  # the measured action of the trajectory
     cost = 1.0
     for a in actions:
         level, mode = ACTIONS[a]
         cost += 10.0 * (1 - level) + (1.0 if 0 < level < 1 else 0.0) + (0.5 if mode == "forecast" else 0.0)
     blocks = {unit // 2 for unit, a in enumerate(actions) if ACTIONS[a][0] < 1.0}
-    return [cost + 2.0 * len(blocks)] * 4
+    return [cost + 2.0 * len(blocks) + (3.0 if every == 2 else 0.0)] * 4
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +63,12 @@ def test_a_measured_table_has_its_form(tiny, table):
 
 
 def test_the_table_is_exact_at_both_ends_and_scales_what_computes(fake_table):
-    # dense: 1 + 4 units x 10 + 2 blocks x 2 = 45; every unit copying: 1
+    # dense: 1 + 4 units x 10 + 2 blocks x 2 = 45; inside a cached trajectory 48; every unit copying: 1
     assert fake_table.other == 1.0 and fake_table.dense_step == pytest.approx(45.0)
+    assert fake_table.full_step == pytest.approx(48.0) and fake_table.meta["full_step_measured"] == 48.0
     # each role alone computing costs 2 x 10 + 2 x 2 (its blocks' norms) = 24 above the copy step: 12 per unit,
-    # counted twice over the two roles (48 against the 44 measured), so the computing actions are scaled by 44/48
-    scale = 44.0 / 48.0
+    # counted twice over the two roles (48 against the 47 measured), so the computing actions are scaled by 47/48
+    scale = 47.0 / 48.0
     assert fake_table.meta["compute_scale"] == pytest.approx(scale)
     assert fake_table.action_seconds[:, 0] == pytest.approx([12.0 * scale] * 4)
     half = list(ACTIONS).index((0.5, "copy"))
@@ -73,11 +76,13 @@ def test_the_table_is_exact_at_both_ends_and_scales_what_computes(fake_table):
     forecast_all = list(ACTIONS).index((1.0, "forecast"))
     assert fake_table.action_seconds[:, forecast_all] == pytest.approx([0.5] * 4)  # computes nothing: not scaled
     units, steps = len(fake_table.units), 6
-    assert fake_table.saved_fraction(Schedule(np.zeros((steps, units)), fake_table.units, {})) == pytest.approx(0.0)
+    # computing everything through the cache is predicted slower than the dense model
+    dense = Schedule(np.zeros((steps, units)), fake_table.units, {})
+    assert fake_table.saved_fraction(dense) == pytest.approx(1 - 48.0 / 45.0)
     copy = np.ones((steps, units))
     copy[0] = 0.0
     predicted = fake_table.predicted_speedup(Schedule(copy, fake_table.units, {}))
-    assert predicted == pytest.approx(steps * 45.0 / (45.0 + (steps - 1) * 1.0))
+    assert predicted == pytest.approx(steps * 45.0 / (48.0 + (steps - 1) * 1.0))
 
 
 def test_a_table_saves_and_loads(table, tmp_path):
@@ -116,6 +121,16 @@ def test_the_dp_meets_a_time_budget_with_what_saves_time(budget):
     assert slower.sum() == 6 and not slower[np.arange(2), actions].any()
     costs[:, slower] = -5.0
     assert not slower[np.arange(2), solve_schedule(costs, budget, table)].any()
+
+
+def test_the_dp_counts_the_dearer_full_steps_of_a_cached_trajectory():
+    cheaper_dense = dataclasses.replace(_made_up_table(), dense_seconds=18.0)  # full step: 22
+    costs = np.random.default_rng(1).random((10, 2, len(ACTIONS)))
+    for budget in (0.3, 0.6):
+        schedule = Schedule.from_actions(solve_schedule(costs, budget, cheaper_dense), cheaper_dense.units, {})
+        assert cheaper_dense.saved_fraction(schedule) >= budget - 1e-9
+    with pytest.raises(InfeasibleBudget, match="at most 0.77 of the time"):  # 1 - (22 + 9 x 2) / (10 x 18)
+        check_budget(0.9, 10, cheaper_dense)
 
 
 def test_time_budgets_beyond_reach_say_so_in_time():

@@ -128,6 +128,11 @@ class MacTable:
         return int(self.level_macs[:, 0].sum()) + self.other
 
     @property
+    def full_step(self) -> int:
+        """Every unit computing: the dense step (MACs do not depend on what was cached)."""
+        return self.dense_step
+
+    @property
     def level_costs(self) -> np.ndarray:
         return self.level_macs
 

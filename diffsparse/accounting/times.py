@@ -30,12 +30,15 @@ class TimeTable:
         action_seconds: (U, |A|): what unit u adds to a step when it takes action a (0 for copying all tokens).
         other: a step in which every unit copies all its tokens.
         meta: where and how it was measured (device, dtype, batch, tokens, the measured dense step, ...).
+        dense_seconds: the dense model's step, what a time budget is a fraction of; None: a step where every unit
+            computes all its tokens (`full_step`), which inside a cached trajectory may cost more.
     """
 
     units: tuple[str, ...]
     action_seconds: np.ndarray
     other: float
     meta: dict = field(default_factory=dict)
+    dense_seconds: float | None = None
     unit_name = "time"  # how budgets on this table are worded
 
     def __post_init__(self):
@@ -44,8 +47,13 @@ class TimeTable:
             raise ValueError(f"action_seconds must be {shape} (units x actions), got {np.shape(self.action_seconds)}")
 
     @property
-    def dense_step(self) -> float:
+    def full_step(self) -> float:
+        """A step of the cached trajectory in which every unit computes all its tokens."""
         return float(np.asarray(self.action_seconds)[:, 0].sum()) + float(self.other)
+
+    @property
+    def dense_step(self) -> float:
+        return self.full_step if self.dense_seconds is None else float(self.dense_seconds)
 
     @property
     def action_costs(self) -> np.ndarray:
@@ -75,6 +83,7 @@ class TimeTable:
             "actions": [f"{s:g} {mode}" for s, mode in ACTIONS],
             "action_seconds": np.asarray(self.action_seconds).tolist(),
             "other": float(self.other),
+            "dense_seconds": self.dense_seconds,
             "meta": self.meta,
         }
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
@@ -89,4 +98,4 @@ class TimeTable:
         if not isinstance(data, dict) or {"units", "action_seconds", "other"} - set(data):
             raise ValueError(f"{path} is not a time table (units, action_seconds, other).")
         return cls(tuple(data["units"]), np.asarray(data["action_seconds"], dtype=np.float64), data["other"],
-                   data.get("meta", {}))  # fmt: skip
+                   data.get("meta", {}), data.get("dense_seconds"))  # fmt: skip

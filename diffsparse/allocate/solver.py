@@ -154,7 +154,9 @@ def _discretised(budget: float, steps: int, table: MacTable | None, units: int, 
     else:
         quantum = max(most / resolution, 1e-12)
     savings = np.tile(np.floor(saved / quantum + 1e-9).astype(np.int64), (steps - 1, 1))
-    target = math.ceil(budget * dense_total / quantum - 1e-9)
+    # savings count from every unit computing; a cached step doing so may cost more than a dense one (`full_step`)
+    extra = (float(table.full_step) - float(table.dense_step)) * steps
+    target = math.ceil((budget * dense_total + extra) / quantum - 1e-9)
     return savings, target, dense_total / quantum
 
 
@@ -162,8 +164,8 @@ def max_saving(num_steps: int, table: MacTable | None = None, num_units: int = 1
     """The largest fraction of the MACs (of the plain sparsity without a table) that `solve_schedule` can save
     with `num_steps` steps: every unit reuses all its tokens after the first step, which always computes all."""
     units = len(table.units) if table is not None else num_units
-    savings, _, scale = _discretised(0.0, num_steps, table, units, resolution)
-    return float(savings.max(axis=1).sum()) / scale if len(savings) else 0.0
+    savings, offset, scale = _discretised(0.0, num_steps, table, units, resolution)
+    return (float(savings.max(axis=1).sum()) - offset) / scale if len(savings) else 0.0
 
 
 def check_num_steps(num_steps: int, steps_name: str = "steps") -> None:

@@ -4,10 +4,15 @@ Units that play the same role in every block (`transformer_blocks.*.attn1`) shar
 action, a short trajectory (two full steps, so that forecasts have a history, then `steps` steps where that role
 takes the action and every other unit copies all its tokens) is timed step by step with the project's stopwatch
 (`diffsparse.clock`, synchronised on CUDA), in rounds that alternate all the configurations, and the median is
-kept. A role's cost of an action is its step's time minus that of the all-copy step, per unit. Costs are additive
-in the table, the model is not (a block that computes two units pays its norms once): the costs of actions that
-compute are scaled so that a dense step costs what it measured, and the all-copy step is `other`, so both ends are
-exact and the predicted speed-up of a schedule in between is reported beside the measured one.
+kept. A role's cost of an action is its step's time minus that of the all-copy step, per unit.
+
+Costs are additive in the table, the model is not (a block that computes two units pays its norms once), and a
+step that computes everything costs more inside a trajectory that reuses than in a dense one (7-16 % on the
+reference model: memory no longer warm after a step that reused, and the forecast history it updates;
+`bench/time-budget-digits/full_steps.py`). So the costs of actions that compute are scaled so that every unit
+computing costs what such a step measured (timed right after a step where every unit forecasts), the all-copy
+step is `other`, and the dense model's step is measured on its own (`dense_seconds`, what the budget is a
+fraction of). The predicted speed-up of a schedule is reported beside the measured one.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from diffsparse.schedule import Schedule
 
 COPY_ALL = action_index(len(SPARSITY_LEVELS) - 1, False)
 LEAD = 2  # full steps before the timed ones: a forecast extrapolates from two computations
+FORECAST_ALL = action_index(len(SPARSITY_LEVELS) - 1, True)
 
 
 def roles(names: list[str]) -> dict[str, list[int]]:
@@ -45,8 +51,9 @@ def _row(num_units: int, units: list[int] = (), action: int = COPY_ALL) -> np.nd
     return row
 
 
-def _step_times(model, kwargs: dict, schedule: Schedule, selector, device) -> list[float]:
-    """Seconds of each step after the first `LEAD` of one trajectory of `schedule` (timesteps going down)."""
+def _step_times(model, kwargs: dict, schedule: Schedule, selector, device, every: int = 1) -> list[float]:
+    """Seconds of every `every`-th step after the first `LEAD` of one trajectory of `schedule` (timesteps going
+    down)."""
     apply_token_cache(model, schedule, selector=selector)
     times = []
     try:
@@ -55,7 +62,7 @@ def _step_times(model, kwargs: dict, schedule: Schedule, selector, device) -> li
             step = dict(kwargs, timestep=(t0.double() * (1.0 - i / (schedule.num_steps + 1))).to(t0.dtype))
             with torch.no_grad(), Stopwatch(device) as clock:
                 model(**step)
-            if i >= LEAD:
+            if i >= LEAD and (i - LEAD) % every == 0:
                 times.append(clock.seconds)
     finally:
         remove_token_cache(model)
@@ -79,12 +86,16 @@ def measure_time_table(
                 rows[(role, a)] = _row(len(names), members, a)
     schedules = {k: Schedule.from_actions(np.stack([dense] * LEAD + [r] * steps), names)
                  for k, r in rows.items()}  # fmt: skip
+    # a step that computes everything inside a trajectory that reuses: after a step where every unit forecasts
+    forecast_all = _row(len(names), range(len(names)), FORECAST_ALL)
+    schedules["full"] = Schedule.from_actions(np.stack([dense] * LEAD + [dense, forecast_all] * steps), names)
     param = next(model.parameters())
     times: dict = {k: [] for k in schedules}
     bar = tqdm(total=(rounds + 1) * len(schedules), desc="timing actions", disable=not progress, leave=False)
     for r in range(rounds + 1):  # the first round warms up
         for key, schedule in schedules.items():
-            measured = _step_times(model, forward_kwargs, schedule, selector, param.device)
+            every = 2 if key == "full" else 1
+            measured = _step_times(model, forward_kwargs, schedule, selector, param.device, every)
             if r:
                 times[key] += measured
             bar.update()
@@ -95,7 +106,7 @@ def measure_time_table(
         seconds[groups[role], a] = max(t - median["copy"], 0.0) / len(groups[role])
     computes = np.array([level < 1.0 for level, _ in ACTIONS])
     predicted = seconds[:, 0].sum()
-    scale = (median["dense"] - median["copy"]) / predicted if predicted > 0 else 1.0
+    scale = (median["full"] - median["copy"]) / predicted if predicted > 0 else 1.0
     if scale > 0:
         seconds[:, computes] *= scale
     hidden = forward_kwargs["hidden_states"]
@@ -105,10 +116,11 @@ def measure_time_table(
         "batch": int(hidden.shape[0]),
         "input_shape": list(hidden.shape),
         "dense_step_measured": median["dense"],
+        "full_step_measured": median["full"],
         "copy_step_measured": median["copy"],
         "compute_scale": scale,
         "rounds": rounds,
         "steps": steps,
         "threads": torch.get_num_threads(),
     }
-    return TimeTable(tuple(names), seconds, median["copy"], meta)
+    return TimeTable(tuple(names), seconds, median["copy"], meta, dense_seconds=median["dense"])
