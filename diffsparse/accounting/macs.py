@@ -109,6 +109,13 @@ def _runtime_paused(model: torch.nn.Module):
             c.paused = False
 
 
+def step_totals(costs: np.ndarray, choices: np.ndarray, other) -> np.ndarray:
+    """Each step's cost for a (T, U) array of choices (indices into the last axis of the (U, C) `costs`), plus
+    `other`, the cost outside the units."""
+    picked = np.take_along_axis(np.asarray(costs)[None], np.asarray(choices)[..., None], axis=2)[..., 0]
+    return picked.sum(axis=1) + other
+
+
 @dataclass(frozen=True)
 class MacTable:
     """MACs of one denoising step for the batch of the probe, per unit and sparsity level.
@@ -143,8 +150,7 @@ class MacTable:
 
     def step_macs(self, level_indices: np.ndarray) -> np.ndarray:
         """MACs of each step for a (T, U) array of level indices."""
-        picked = np.take_along_axis(self.level_macs[None], np.asarray(level_indices)[..., None], axis=2)[..., 0]
-        return picked.sum(axis=1) + self.other
+        return step_totals(self.level_macs, level_indices, self.other)
 
     def saved_fraction(self, schedule) -> float:
         """Fraction of the dense trajectory's MACs that `schedule` skips."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffsparse.accounting.macs import step_totals
 from diffsparse.levels import ACTIONS, SPARSITY_LEVELS
 
 
@@ -66,8 +67,7 @@ class TimeTable:
 
     def step_costs(self, action_indices: np.ndarray) -> np.ndarray:
         """Seconds of each step for a (T, U) array of action indices."""
-        picked = np.take_along_axis(self.action_costs[None], np.asarray(action_indices)[..., None], axis=2)[..., 0]
-        return picked.sum(axis=1) + self.other
+        return step_totals(self.action_costs, action_indices, self.other)
 
     def saved_fraction(self, schedule) -> float:
         """Fraction of the dense trajectory's time that `schedule` is predicted to save."""

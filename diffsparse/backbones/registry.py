@@ -226,19 +226,26 @@ class UnitInfo:
     stream: str = IMAGE
 
 
+def find_blocks(model: torch.nn.Module):
+    """(index over all block lists, index in its list, block, its `BlockList`) of every block of `model`, in
+    execution order."""
+    index = 0
+    for blocks in backbone_for(model).block_lists:
+        for b, block in enumerate(getattr(model, blocks.attr)):
+            yield index, b, block, blocks
+            index += 1
+
+
 def find_units(model: torch.nn.Module) -> list[UnitInfo]:
     """Every cacheable unit of `model`, in execution order."""
-    spec = backbone_for(model)
-    found, block_index = [], 0
-    for blocks in spec.block_lists:
-        for b, block in enumerate(getattr(model, blocks.attr)):
-            for unit in blocks.units:
-                module = getattr(block, unit.child, None) if unit.child else block
-                if module is not None:
-                    leaf = unit.name or unit.child
-                    name = f"{blocks.attr}.{b}.{leaf}" if leaf else f"{blocks.attr}.{b}"
-                    found.append(UnitInfo(len(found), name, unit.kind, block_index, module, unit.runner, unit.stream))
-            block_index += 1
+    found = []
+    for block_index, b, block, blocks in find_blocks(model):
+        for unit in blocks.units:
+            module = getattr(block, unit.child, None) if unit.child else block
+            if module is not None:
+                leaf = unit.name or unit.child
+                name = f"{blocks.attr}.{b}.{leaf}" if leaf else f"{blocks.attr}.{b}"
+                found.append(UnitInfo(len(found), name, unit.kind, block_index, module, unit.runner, unit.stream))
     return found
 
 

@@ -16,7 +16,7 @@ from dataclasses import fields
 import torch
 from diffusers.hooks import HookRegistry
 
-from diffsparse.backbones.registry import JOINT, ROPE_SELF, UnitInfo, backbone_for, find_units
+from diffsparse.backbones.registry import JOINT, ROPE_SELF, UnitInfo, backbone_for, find_blocks, find_units
 from diffsparse.cache.attention import check_standard_attention
 from diffsparse.cache.config import TokenCacheConfig
 from diffsparse.cache.conflicts import refuse_diffusers_caches
@@ -103,7 +103,7 @@ def apply_token_cache(model: torch.nn.Module, config: TokenCacheConfig | Schedul
         module = group[0].module
         add_hook(module, TokenCacheUnitHook(controller, group, inspect.signature(module.forward)), UNIT_HOOK)
     if config.skip_blocks:
-        for index, block, blocks in _blocks(model):
+        for index, _, block, blocks in find_blocks(model):
             if blocks.reused is not None:
                 named = {u.name.rsplit(".", 1)[-1]: u for u in units if u.block == index}
                 hook = TokenCacheBlockHook(controller, index, named, blocks.reused, inspect.signature(block.forward))
@@ -137,20 +137,11 @@ def _remove(model: torch.nn.Module, stacklevel: int) -> None:
     drop_hook(model, TRAJECTORY_HOOK)
     for module in {id(u.module): u.module for u in find_units(model)}.values():
         drop_hook(module, UNIT_HOOK)
-    for _, block, _ in _blocks(model):
+    for _, _, block, _ in find_blocks(model):
         drop_hook(block, BLOCK_HOOK)
     registry = getattr(model, "_diffusers_hook", None)
     if registry is not None:
         registry.invalidate_child_registries_cache()
-
-
-def _blocks(model: torch.nn.Module):
-    """(index over all block lists, block, its `BlockList`) of every block of `model`, in execution order."""
-    index = 0
-    for blocks in backbone_for(model).block_lists:
-        for block in getattr(model, blocks.attr):
-            yield index, block, blocks
-            index += 1
 
 
 def reset_token_cache(model: torch.nn.Module) -> None:

@@ -36,9 +36,8 @@ def export_schedule(learner: ScheduleLearner, out_dir: str | Path, schedule: Sch
     saved = learner.macs.saved_fraction(schedule)
     meta = {**schedule.meta, "saved_macs": saved}
     timed = isinstance(learner.table, TimeTable)
-    if timed:  # a time budget: the predicted saving, and the table it was predicted with (to reuse)
+    if timed:  # a time budget: the predicted saving, and where the table was measured (ScheduleExport saves it)
         meta.update(saved_time_predicted=learner.table.saved_fraction(schedule), time_table=learner.table.meta)
-        learner.table.save(out / "time_table.json")
     schedule = Schedule(schedule.grid, schedule.units, meta, schedule.forecast)
     schedule.save(out / "schedule.json")
     tensors = {"layer_costs": learner.layer_costs().detach().contiguous()}
@@ -87,11 +86,12 @@ class ScheduleExport(L.Callback):
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # of training, before the reload
         best = trainer.checkpoint_callback
         learner, best_score = pl_module, None
+        overrides = {}
+        if isinstance(pl_module.table, TimeTable):  # beside the schedule, and what the reloaded costs' DP reads
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            pl_module.table.save(self.out_dir / "time_table.json")
+            overrides["time_table"] = str(self.out_dir / "time_table.json")
         if best is not None and best.best_model_path:
-            overrides = {}
-            if isinstance(pl_module.table, TimeTable):  # the DP of the reloaded costs must see the same table
-                pl_module.table.save(self.out_dir / "time_table.json")
-                overrides["time_table"] = str(self.out_dir / "time_table.json")
             learner = ScheduleLearner.load_from_checkpoint(best.best_model_path, map_location="cpu", **overrides)
             shutil.copy(best.best_model_path, self.out_dir / f"stage{learner.hparams.stage}.ckpt")
             best_score = best.best_model_score

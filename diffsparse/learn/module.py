@@ -132,7 +132,8 @@ class ScheduleLearner(L.LightningModule):
         scheduler.set_timesteps(num_steps)
         self.timesteps = scheduler.timesteps.tolist()
         self.macs = self._ref.mac_table()
-        self.table = budget_table(self._ref, budget_unit, time_table, selector, time_batch)  # what the budget counts
+        # what the budget counts: the MACs, or the time measured per action
+        self.table = budget_table(self._ref, self.macs, budget_unit, time_table, selector, time_batch)
         check_budget(budget, num_steps, self.table, budget_name="learn.budget", steps_name="learn.num_steps")
         fitted = baselines.budget_schedules(self.table, self.timesteps, budget)
         unknown = [name for name in starts if name not in fitted]

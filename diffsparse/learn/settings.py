@@ -40,14 +40,15 @@ def check_settings(num_steps, budget, stage, num_full, stage1_checkpoint, budget
             raise ValueError(f"learn.stage1_checkpoint={stage1_checkpoint} is not a file: {STAGE1_HOWTO}.")
 
 
-def budget_table(ref, unit: str, path: str | None, selector: str, pairs: int):
-    """The table `learn.budget` is a fraction of: the model's MACs, or its time per action (`unit="time"`) loaded
-    from `path` or measured now on the model's device and dtype for `pairs` CFG pairs (`cache.costs`)."""
+def budget_table(ref, macs, unit: str, path: str | None, selector: str, pairs: int):
+    """The table `learn.budget` is a fraction of: the model's MAC table `macs`, or its time per action
+    (`unit="time"`) loaded from `path` or measured now on the model's device and dtype for `pairs` CFG pairs
+    (`cache.costs`)."""
     if unit == "macs":
-        return ref.mac_table()
+        return macs
     if path is not None:
         table = TimeTable.load(path)
-        if list(table.units) != list(ref.mac_table().units):
+        if table.units != macs.units:
             raise ValueError(f"learn.time_table={path} was measured on another model (its units differ).")
         return table
     return ref.time_table(pairs=pairs, selector=selector)
