@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffsparse.evaluate import bench
 
@@ -66,6 +67,9 @@ BAD_ARGUMENTS = [
     (["--model", "flux", "--size", "XL/2"], r"not a flux size"),
     (["--selector", "best"], r"--selector best: Unknown selector"),
     (["--model", "flux", "--selector", "toca"], r"--selector toca: .*attention maps"),
+    (["--device", "gpu"], r"--device 'gpu' is not a device the bench runs on"),
+    (["--device", "meta"], r"the bench runs on cpu or cuda"),
+    (["--dtype", "float64"], r"argument --dtype: invalid choice"),
 ]
 
 
@@ -106,3 +110,27 @@ def test_bench_command_line_exits_nonzero_with_a_message():
     )
     assert proc.returncode == 2
     assert "uniform-<sparsity> needs a sparsity from 0 to 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_refuses_cuda_where_there_is_none(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "bench_model", lambda *a, **k: pytest.fail("a model was built for bad arguments"))
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--size", "tiny", "--device", "cuda"])
+    assert info.value.code == 2 and "CUDA is not available here" in capsys.readouterr().err
+
+
+def test_bench_in_bf16_and_compiled(monkeypatch, capsys):
+    """`--dtype bfloat16 --compile`: the rows say so, dense compiles the whole model and the cached rows their
+    units (dynamo's eager backend here, to keep the test fast: the path is the same, only the code generator
+    differs)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compile_(*a, **{**k, "backend": "eager"}))
+    rows = bench.main(
+        ["--size", "tiny", "--tokens", "16", "--steps", "3", "--rounds", "1", "--schedules", "uniform-0.5",
+         "--dtype", "bfloat16", "--compile"]
+    )  # fmt: skip
+    assert [(r["dtype"], r["compiled"], r["device"]) for r in rows] == [("bfloat16", True, "cpu")] * 2
+    assert rows[0]["graphs"] >= 1 and rows[1]["graphs"] >= 1
+    out = capsys.readouterr().out
+    assert "bfloat16, compiled" in out and "| graphs |" in out

@@ -99,9 +99,13 @@ def apply_token_cache(model: torch.nn.Module, config: TokenCacheConfig | Schedul
         if u.runner in (ROPE_SELF, JOINT):
             check_plain(u.module, u.name)
     signature = inspect.signature(type(model).forward)
+    compile_options = config.compile_options()
     for group in by_module.values():
         module = group[0].module
-        add_hook(module, TokenCacheUnitHook(controller, group, inspect.signature(module.forward)), UNIT_HOOK)
+        hook = TokenCacheUnitHook(controller, group, inspect.signature(module.forward))
+        add_hook(module, hook, UNIT_HOOK)
+        if compile_options is not None:
+            hook.compute = torch.compile(hook.fn_ref.original_forward, **compile_options)
     if config.skip_blocks:
         for index, _, block, blocks in find_blocks(model):
             if blocks.reused is not None:

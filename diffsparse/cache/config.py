@@ -28,6 +28,11 @@ class TokenCacheConfig:
         skip_blocks: at a step where every unit of a block reuses all its tokens, put the block's output together
             from theirs and skip the rest of its work (its norms and modulations) where the backbone row says how
             (`BlockList.reused`: DiT and PixArt). The output is the same bit for bit; False runs every block.
+        compile_units: compile each unit's computation (all its tokens, or the fresh ones) with `torch.compile`:
+            True (torch's defaults), or a dict of `torch.compile` keywords (`{"mode": "max-autotune"}`). The hooks'
+            bookkeeping stays eager, so it compiles per unit kind and token count, not per step. Not applied to
+            FLUX's joint attention and single-stream blocks, nor to full steps that gather the `toca` selector's
+            attention maps. False (default): eager.
 
     Example:
         >>> config = TokenCacheConfig(schedule=Schedule.uniform(pipe.transformer, num_steps=20, sparsity=0.5),
@@ -41,6 +46,7 @@ class TokenCacheConfig:
     forecast_order: int | None = None
     forecast_dtype: str | torch.dtype = "float32"
     skip_blocks: bool = True
+    compile_units: bool | dict = False
 
     def __post_init__(self):
         self.validate()
@@ -58,6 +64,16 @@ class TokenCacheConfig:
         self.factor_dtype()
         if not isinstance(self.skip_blocks, bool):
             raise ValueError(f"skip_blocks={self.skip_blocks!r}: use True or False.")
+        if not isinstance(self.compile_units, bool | dict):
+            raise ValueError(
+                f"compile_units={self.compile_units!r}: use True, False, or a dict of torch.compile keywords."
+            )
+
+    def compile_options(self) -> dict | None:
+        """`torch.compile`'s keywords for the units' computations, or None (eager)."""
+        if self.compile_units is False:
+            return None
+        return {} if self.compile_units is True else dict(self.compile_units)
 
     def order(self) -> int:
         """The forecast order to run: the option, else the schedule's own, else 1."""

@@ -70,7 +70,7 @@ def update_history(state, unit: int, fresh: torch.Tensor, rows, idx, order: int,
     if rows is None:
         state.factors[unit] = new
     else:
-        state.factors[unit] = [put_rows(f, rows, n) for f, n in zip(factors, new, strict=True)]
+        state.factors[unit] = [put_rows(f, rows, n, state.in_place) for f, n in zip(factors, new, strict=True)]
 
 
 def blend_history(state, unit: int, out: torch.Tensor, fresh_mask: torch.Tensor, order: int, dtype) -> None:

@@ -131,6 +131,8 @@ class TokenCacheUnitHook(ModelHook):
         self.units = units
         self.unit = units[0]
         self.signature = signature
+        self.partial = self._partial
+        self.compute = None  # the unit's computation when compiled (`TokenCacheConfig.compile_units`)
 
     def new_forward(self, module, *args, **kwargs):
         ctl, u = self.controller, self.unit
@@ -174,7 +176,7 @@ class TokenCacheUnitHook(ModelHook):
             return out
         if ctl.history[u.index]:
             update_history(state, u.index, out, rows, idx, ctl.forecast_order, ctl.forecast_dtype)
-        cache = put_rows(state.cache[u.index], rows, out)
+        cache = put_rows(state.cache[u.index], rows, out, state.in_place)
         state.store_partial(u.index, cache, idx, rows, take_rows(x, rows, idx.shape[1]) if keep else None, keep)
         if ctl.forecasting(state.step, u.index):  # fresh tokens were computed at this step: their forecast is exact
             return forecast(state, u.index, state.step, ctl.forecast_order)
@@ -185,7 +187,7 @@ class TokenCacheUnitHook(ModelHook):
         """A unit on one module whose first argument is its tokens (`MODULE` and `ROPE_SELF` runners)."""
         ctl, u = self.controller, self.unit
         state = ctl.current
-        original = self.fn_ref.original_forward
+        original = self.compute or self.fn_ref.original_forward
         if ctl.choice is not None:
             return blend_forward(self, module, hidden_states, *args, **kwargs)
         s = ctl.sparsity(state.step, u.index)
@@ -203,6 +205,13 @@ class TokenCacheUnitHook(ModelHook):
             return out
         if s == 1.0:
             return stale_output(ctl, u, hidden_states)
+        return self.partial(module, hidden_states, s, args, kwargs)
+
+    def _partial(self, module, hidden_states, s, args, kwargs):
+        """`_one` at sparsity 0 < s < 1: choose the fresh tokens, compute them, store them, return the whole
+        output. Tensor work only (no host-device synchronisation): it compiles with `fullgraph=True`."""
+        u = self.unit
+        original = self.compute or self.fn_ref.original_forward
         chosen = self._choose(u, hidden_states, s)
         if u.runner == ROPE_SELF:
             bound = self.signature.bind(hidden_states, *args, **kwargs).arguments

@@ -20,11 +20,17 @@ def take_rows(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(0, rows).view(x.shape[0], k, x.shape[-1])
 
 
-def put_rows(cache: torch.Tensor, rows: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-    """`cache` with the fresh tokens written in; in place when neither autograd nor inference mode forbids it
-    (the block consumed last step's output already, so writing k rows beats copying all N)."""
+def may_write_in_place(saw_inference_mode: bool) -> bool:
+    """Whether `put_rows` may write into a trajectory's tensors: not under autograd, and not outside inference mode
+    when the trajectory made some of them in it (`saw_inference_mode`; inference tensors refuse in-place writes
+    there). Asked once per forward, outside the hot path: the mode queries do not compile."""
+    return not torch.is_grad_enabled() and (torch.is_inference_mode_enabled() or not saw_inference_mode)
+
+
+def put_rows(cache: torch.Tensor, rows: torch.Tensor, fresh: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """`cache` with the fresh tokens written in; in place when `in_place` (`may_write_in_place`) and `cache` is
+    contiguous (the block consumed last step's output already, so writing k rows beats copying all N)."""
     flat = fresh.reshape(-1, fresh.shape[-1])
-    in_place = not torch.is_grad_enabled() and (torch.is_inference_mode_enabled() or not cache.is_inference())
     if in_place and cache.is_contiguous():
         cache.view(-1, cache.shape[-1]).index_copy_(0, rows, flat)
         return cache

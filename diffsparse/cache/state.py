@@ -11,7 +11,7 @@ import torch
 
 from diffsparse.backbones.registry import CROSS_ATTN, SELF_ATTN, BackboneSpec, UnitInfo
 from diffsparse.cache.forecast import factor_bytes
-from diffsparse.cache.rows import put_rows
+from diffsparse.cache.rows import may_write_in_place, put_rows
 from diffsparse.cache.selectors import ENTROPY, INFLUENCE, TokenSelector
 from diffsparse.levels import ACTIONS, fresh_tokens
 from diffsparse.schedule import Schedule, ScheduleError
@@ -39,6 +39,8 @@ class TrajectoryState:
     # forecast history (forecast.py): unit -> its divided differences; unit -> step of each token's computation before
     factors: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     prev_fresh: dict[int, torch.Tensor] = field(default_factory=dict)
+    saw_inference_mode: bool = False  # some forward of this trajectory ran in inference mode
+    in_place: bool = False  # `put_rows` may write in place at this forward (`may_write_in_place`)
 
     def reset(self) -> None:
         self.__init__()
@@ -56,7 +58,7 @@ class TrajectoryState:
         self.cache[unit] = cache
         self.last_fresh[unit] = self.last_fresh[unit].scatter(1, idx, self.step)
         if keep_inputs:
-            self.inputs[unit] = put_rows(self.inputs[unit], rows, x_fresh)
+            self.inputs[unit] = put_rows(self.inputs[unit], rows, x_fresh, self.in_place)
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,8 @@ class TokenCacheController:
             )
         state.step = step
         state.last_timestep = t_value
+        state.saw_inference_mode = state.saw_inference_mode or torch.is_inference_mode_enabled()
+        state.in_place = may_write_in_place(state.saw_inference_mode)
         if step == 0:
             self.selector.reset()
         if step == 0 or shape != state.input_shape:

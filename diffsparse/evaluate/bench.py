@@ -5,6 +5,7 @@
     python -m diffsparse.bench --schedules uniform-0.5,pruned-0.3   # also a structurally pruned model (30 %)
     python -m diffsparse.bench --model flux --steps 4   # FLUX (bench width), flow-matching Euler, no CFG
     python -m diffsparse.bench --model wan --frames 4   # Wan2.1 (bench width), 4 latent frames, CFG pairs
+    python -m diffsparse.bench --device cuda --dtype bfloat16 --compile   # a GPU, bf16, compiled
 
 Each round runs dense, then every schedule, in the same order (A B C A B C ...), after a warm-up round
 (`timing.alternate`). The speed-up of a schedule in a round is that round's dense time over its own time; the table
@@ -13,11 +14,16 @@ diffusers' `cache_context` around each step). Schedule names are those of the al
 (`registry.named_schedule`). MACs are analytic (`Schedule.macs`); efficiency = speed-up / MAC reduction (1.0 is
 the compute-bound limit). Peak memory is measured in one extra, untimed run per row (`memory.peak_memory`): the
 peak resident-set growth over the run (CPU) or `torch.cuda.max_memory_allocated` growth (GPU).
+
+`--compile`: dense runs `torch.compile(model)` (the whole model, as users compile it), every cached row the token
+cache with `compile_units=True` (the units' computations compiled, the hooks' bookkeeping eager); the warm-up round
+compiles, and each row reports the graphs dynamo compiled for it (`graphs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 
 from diffsparse.allocate.registry import named_forms, named_schedule, parse_named
@@ -86,6 +93,23 @@ def bench_model(model_name: str, size: str | None, tokens: int, batch: int, fram
 
 
 DEFAULT_SCHEDULES = ("uniform-0.5", "uniform-0.75", "toca-like")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_device(model, latents: torch.Tensor, conditions: dict, device: str, dtype: str):
+    """The bench case on `device` in `dtype` (a `DTYPES` name): the model, the latents and the floating
+    conditions; integer conditions (class labels) keep their dtype."""
+    kind = DTYPES[dtype]
+    model = model.to(device=device)
+    if kind != model.dtype:
+        model = model.to(dtype=kind)
+    move = {k: v.to(device=device, dtype=kind if v.is_floating_point() else v.dtype) for k, v in conditions.items()}
+    return model, latents.to(device=device, dtype=kind), move
+
+
+def compiled_graphs() -> int:
+    """The graphs dynamo has compiled in this process so far (recompilations included)."""
+    return int(counters["stats"]["unique_graphs"])
 
 
 def check_schedule_name(name: str, model_name: str = "dit") -> None:
@@ -146,16 +170,25 @@ def run(
     progress: bool = True,
     schedule_names=DEFAULT_SCHEDULES,
     frames: int = 2,
+    device: str = "cpu",
+    dtype: str = "float32",
+    compile: bool = False,
 ) -> list[dict]:
     """Benchmark dense against the default schedules; returns one row per method (dense first).
 
     `size` defaults to the backbone's `bench_size`, `selector` to the backbone's default (toca for DiT and PixArt,
-    norm for FLUX and Wan); `frames` (latent frames) is for Wan only.
+    norm for FLUX and Wan); `frames` (latent frames) is for Wan only. `device` and `dtype` (a `DTYPES` name) are
+    where and in what the model runs; `compile`: compiled dense against compiled units (the module's docstring).
     """
     if threads:
         torch.set_num_threads(threads)
     size = size or backbone_named(model_name).bench_size
     model, latents, conditions, cfg = bench_model(model_name, size, tokens, batch, frames)
+    model, latents, conditions = to_device(model, latents, conditions, device, dtype)
+    # Compiled dense runs on a copy: once dynamo has compiled the whole model, its units' own compiled forwards
+    # never ran compiled on that same instance (torch 2.14).
+    dense_model = torch.compile(copy.deepcopy(model)) if compile else model
+    graphs = dict.fromkeys(["dense", *schedule_names], 0)
     selector_name = selector or backbone_for(model).selector_defaults.get("name", "toca")
     probe = torch.cat([latents, latents]) if cfg else latents
     inputs = forward_kwargs(model, probe, torch.tensor(500), conditions)
@@ -175,13 +208,16 @@ def run(
         def run(clock: Stopwatch) -> None:
             schedule = schedules.get(name)
             if schedule is not None:
-                apply_token_cache(model, schedule, selector=selector_name, cfg=cfg)
+                apply_token_cache(model, schedule, selector=selector_name, cfg=cfg, compile_units=compile)
             if name in pruned:
                 apply_pruning(model, pruned[name][0], [pruned[name][0].max_level])
+            before = compiled_graphs()
             try:
                 with torch.inference_mode(), clock:
-                    sample(model, bench_scheduler(model), noise=latents, num_steps=steps, **options)
+                    runner = dense_model if name == "dense" else model
+                    sample(runner, bench_scheduler(model), noise=latents, num_steps=steps, **options)
             finally:
+                graphs[name] += compiled_graphs() - before
                 if schedule is not None:
                     remove_token_cache(model)
                 if name in pruned:
@@ -216,22 +252,27 @@ def run(
                 seconds=timings.median_seconds(n),
                 peak_mem_mb=memory[n] / 2**20,
                 threads=torch.get_num_threads(),
+                device=str(latents.device),
+                dtype=dtype,
+                compiled=compile,
+                graphs=graphs[n],
             )
         )
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
+    compiled = any(r.get("compiled") for r in rows)
     head = (
         "| method | GMACs / trajectory | MAC reduction | speed-up (median, min-max) | efficiency | "
-        "time (s) | peak mem (MB) |\n|---|---|---|---|---|---|---|"
+        "time (s) | peak mem (MB) |" + (" graphs |" if compiled else "")
     )
-    lines = [head]
+    lines = [head, "|---" * (8 if compiled else 7) + "|"]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['gmacs']:.1f} | {r['mac_reduction']:.2f}x | {r['speedup']:.2f}x "
             f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['efficiency']:.2f} | {r['seconds']:.2f} | "
-            f"{r['peak_mem_mb']:.0f} |"
+            f"{r['peak_mem_mb']:.0f} |" + (f" {r['graphs']} |" if compiled else "")
         )
     return "\n".join(lines)
 
@@ -252,6 +293,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
             f"--batch must be even for {args.model}: the batch is classifier-free-guidance pairs (e.g. --batch 2), "
             f"got {args.batch}."
         )
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device the bench runs on: use cpu, cuda or cuda:<index>.")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: the bench runs on cpu or cuda.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); use cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1 (leave it out for torch's choice), got {args.threads}.")
     if args.selector is not None:
@@ -307,6 +358,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="comma-separated: uniform-<sparsity>, toca-like, and pruned-<fraction> (heads and MLP neurons "
         "structurally pruned, weights routed in; no token cache) (default: %(default)s)",
     )
+    parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="the model's and latents' dtype (default: float32)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile: dense compiles the whole model, cached rows their units (compile_units=True); the "
+        "warm-up round compiles, and the table counts each row's compiled graphs",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     names = check_args(parser, args)
@@ -321,13 +382,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.threads,
         schedule_names=names,
         frames=args.frames,
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
     )
     cmd = "python -m diffsparse.bench " + " ".join(argv if argv is not None else os.sys.argv[1:])
     frames = f" x {args.frames} frames" if BACKBONES[args.model].video else ""
     print(
         f"\n{rows[0]['model']}, {args.tokens} tokens{frames}, batch {args.batch}, {args.steps} steps, "
         f"selector {rows[1]['selector'] if len(rows) > 1 else '-'}, {rows[0]['threads']} threads, "
-        f"{args.rounds} rounds  [{cmd.strip()}]"
+        f"{args.device}, {args.dtype}{', compiled' if args.compile else ''}, {args.rounds} rounds  [{cmd.strip()}]"
     )
     print(format_table(rows))
     if args.json:
