@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsparse.evaluate import bench
+from diffsparse.evaluate import bench, bench_cli
 
 
 def test_bench_runs_on_a_tiny_model_and_writes_rows(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    rows = bench.main(["--size", "tiny", "--tokens", "16", "--steps", "4", "--rounds", "1", "--json", str(out)])
+    rows = bench_cli.main(["--size", "tiny", "--tokens", "16", "--steps", "4", "--rounds", "1", "--json", str(out)])
     assert [r["method"] for r in rows] == ["dense", "uniform-0.5", "uniform-0.75", "toca-like"]
     assert json.loads(out.read_text()) == rows
     dense, half, three_quarters, _ = rows
@@ -25,7 +25,7 @@ def test_bench_runs_on_a_tiny_model_and_writes_rows(tmp_path, capsys):
 
 
 def test_bench_schedules_are_chosen_by_name():
-    rows = bench.main(
+    rows = bench_cli.main(
         ["--size", "tiny", "--tokens", "16", "--steps", "3", "--rounds", "1", "--schedules", "uniform-1.0"]
     )
     assert [r["method"] for r in rows] == ["dense", "uniform-1.0"]
@@ -39,7 +39,7 @@ def test_bench_rejects_unknown_schedules():
 
 @pytest.mark.parametrize("model", ["flux", "wan"])
 def test_bench_rows_for_the_flow_models(model, capsys):
-    rows = bench.main(["--model", model, "--size", "tiny", "--tokens", "16", "--steps", "3", "--rounds", "1"])
+    rows = bench_cli.main(["--model", model, "--size", "tiny", "--tokens", "16", "--steps", "3", "--rounds", "1"])
     assert [r["method"] for r in rows] == ["dense", "uniform-0.5", "uniform-0.75", "toca-like"]
     assert rows[0]["model"] == f"{model}-tiny" and rows[1]["selector"] == "norm"
     assert 1.0 < rows[1]["mac_reduction"] < rows[2]["mac_reduction"]
@@ -80,7 +80,7 @@ def test_bench_refuses_bad_arguments_before_building_anything(argv, message, mon
 
     monkeypatch.setattr(bench, "bench_model", no_model)
     with pytest.raises(SystemExit) as info:
-        bench.main(["--size", "tiny", *argv] if "--size" not in argv else argv)
+        bench_cli.main(["--size", "tiny", *argv] if "--size" not in argv else argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "usage: python -m diffsparse.bench" in err
@@ -96,7 +96,7 @@ def test_bench_refuses_json_paths_it_cannot_write(tmp_path, monkeypatch, capsys)
     ]:
         (tmp_path / "file.txt").write_text("")
         with pytest.raises(SystemExit) as info:
-            bench.main(["--size", "tiny", "--json", str(path)])
+            bench_cli.main(["--size", "tiny", "--json", str(path)])
         assert info.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing created or half-written
 
@@ -116,7 +116,7 @@ def test_bench_refuses_cuda_where_there_is_none(monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench_model", lambda *a, **k: pytest.fail("a model was built for bad arguments"))
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as info:
-        bench.main(["--size", "tiny", "--device", "cuda"])
+        bench_cli.main(["--size", "tiny", "--device", "cuda"])
     assert info.value.code == 2 and "CUDA is not available here" in capsys.readouterr().err
 
 
@@ -126,7 +126,7 @@ def test_bench_in_bf16_and_compiled(monkeypatch, capsys):
     differs)."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda *a, **k: compile_(*a, **{**k, "backend": "eager"}))
-    rows = bench.main(
+    rows = bench_cli.main(
         ["--size", "tiny", "--tokens", "16", "--steps", "3", "--rounds", "1", "--schedules", "uniform-0.5",
          "--dtype", "bfloat16", "--compile"]
     )  # fmt: skip
@@ -134,3 +134,33 @@ def test_bench_in_bf16_and_compiled(monkeypatch, capsys):
     assert rows[0]["graphs"] >= 1 and rows[1]["graphs"] >= 1
     out = capsys.readouterr().out
     assert "bfloat16, compiled" in out and "| graphs |" in out
+
+
+def test_bench_sweep_writes_its_rows_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    rows = bench_cli.main(
+        ["--sweep", "--size", "tiny", "--sweep-tokens", "16,64", "--sweep-steps", "3", "--rounds", "1",
+         "--json", str(out)]
+    )  # fmt: skip
+    cells = [(r["tokens"], r["steps"], r["method"]) for r in rows]
+    assert cells == [(t, 3, m) for t in (16, 64) for m in ("dense", "uniform-0.5", "uniform-0.75")]
+    assert json.loads(out.read_text()) == rows
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| 64 | 3 | uniform-0.75 |" in printed and "cells below efficiency 0.9" in printed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sweep", "--sweep-tokens", "16,15"], "--sweep-tokens must be square numbers"),
+        (["--sweep", "--sweep-steps", "0"], "--sweep-steps must be comma-separated positive integers"),
+        (["--sweep", "--sweep-steps", "ten"], "--sweep-steps must be comma-separated positive integers"),
+        (["--plot", "x.png"], "--plot is for --sweep"),
+    ],
+)
+def test_bench_sweep_refuses_bad_grids(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "bench_model", lambda *a, **k: pytest.fail("a model was built for bad arguments"))
+    with pytest.raises(SystemExit) as info:
+        bench_cli.main(["--size", "tiny", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -22,12 +22,8 @@ compiles, and each row reports the graphs dynamo compiled for it (`graphs`).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
-import os
-from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
@@ -36,11 +32,9 @@ from tqdm.auto import tqdm
 
 from diffsparse.allocate.registry import named_forms, named_schedule, parse_named
 from diffsparse.backbones import backbone_for, backbone_named, forward_kwargs
-from diffsparse.cache import BACKBONES, apply_token_cache, cacheable_units, remove_token_cache
-from diffsparse.cache.selectors import make_selector
+from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.evaluate.memory import peak_memory
 from diffsparse.evaluate.timing import Stopwatch, alternate
-from diffsparse.files import atomic_path
 from diffsparse.models.sampling import sample
 from diffsparse.prune.plan import level_macs
 from diffsparse.prune.routing import apply_pruning, remove_pruning
@@ -173,12 +167,14 @@ def run(
     device: str = "cpu",
     dtype: str = "float32",
     compile: bool = False,
+    memory: bool = True,
 ) -> list[dict]:
     """Benchmark dense against the default schedules; returns one row per method (dense first).
 
     `size` defaults to the backbone's `bench_size`, `selector` to the backbone's default (toca for DiT and PixArt,
     norm for FLUX and Wan); `frames` (latent frames) is for Wan only. `device` and `dtype` (a `DTYPES` name) are
-    where and in what the model runs; `compile`: compiled dense against compiled units (the module's docstring).
+    where and in what the model runs; `compile`: compiled dense against compiled units (the module's docstring);
+    `memory`: also measure each row's peak memory (one more run each; 0 when False).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -228,7 +224,7 @@ def run(
     names = ["dense", *schedules, *pruned]
     with tqdm(total=(rounds + 1) * len(names), desc="bench", disable=not progress) as bar:
         timings = alternate({n: timed(n) for n in names}, rounds, device=latents.device, progress=bar.update)
-    memory = {n: peak_memory(lambda n=n: timed(n)(Stopwatch())) for n in names}
+    peaks = {n: peak_memory(lambda n=n: timed(n)(Stopwatch())) if memory else 0 for n in names}
 
     rows = []
     for n in names:
@@ -250,7 +246,7 @@ def run(
                 speedup_max=speedup.high,
                 efficiency=speedup.median / reduction,
                 seconds=timings.median_seconds(n),
-                peak_mem_mb=memory[n] / 2**20,
+                peak_mem_mb=peaks[n] / 2**20,
                 threads=torch.get_num_threads(),
                 device=str(latents.device),
                 dtype=dtype,
@@ -275,130 +271,3 @@ def format_table(rows: list[dict]) -> str:
             f"{r['peak_mem_mb']:.0f} |" + (f" {r['graphs']} |" if compiled else "")
         )
     return "\n".join(lines)
-
-
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
-    """Refuse bad arguments with `parser.error` (usage and the reason on stderr, exit status 2) before any model is
-    built or anything is written; returns the schedule names."""
-    sizes = BACKBONES[args.model].sizes
-    if args.size is not None and args.size not in sizes:
-        parser.error(f"--size {args.size!r} is not a {args.model} size: choose one of {sorted(sizes)}.")
-    if args.tokens < 1 or math.isqrt(args.tokens) ** 2 != args.tokens:
-        parser.error(f"--tokens must be a positive square number of tokens (e.g. 256 = 16 x 16), got {args.tokens}.")
-    for flag in ("steps", "rounds", "batch", "frames"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
-    if BACKBONES[args.model].guided and args.batch % 2:
-        parser.error(
-            f"--batch must be even for {args.model}: the batch is classifier-free-guidance pairs (e.g. --batch 2), "
-            f"got {args.batch}."
-        )
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a device the bench runs on: use cpu, cuda or cuda:<index>.")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device!r}: the bench runs on cpu or cuda.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); use cpu.")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be at least 1 (leave it out for torch's choice), got {args.threads}.")
-    if args.selector is not None:
-        try:
-            make_selector(args.selector, BACKBONES[args.model].selector_defaults)
-        except ValueError as e:
-            parser.error(f"--selector {args.selector}: {e}")
-    names = [n.strip() for n in args.schedules.split(",") if n.strip()]
-    for name in names:
-        try:
-            check_schedule_name(name, args.model)
-        except ValueError as e:
-            parser.error(f"--schedules: {e}")
-    if args.json is not None:
-        folder = args.json.parent
-        if args.json.is_dir():
-            parser.error(f"--json {args.json} is a directory: give a file path, e.g. {args.json / 'bench.json'}.")
-        if not folder.is_dir():
-            parser.error(f"--json {args.json}: {folder} is not an existing folder; create it or choose another path.")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            parser.error(f"--json {args.json}: the folder {folder} is not writable; choose another path.")
-    return names
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        prog="python -m diffsparse.bench",
-        description="Dense vs token-cached sampling speed on a random-weight diffusion transformer "
-        "(speed does not depend on the weights). Dense and cached runs alternate in one process.",
-    )
-    benched = {name: spec for name, spec in BACKBONES.items() if spec.bench_case is not None}
-    parser.add_argument("--model", default="dit", choices=sorted(benched), help="backbone (default: dit)")
-    parser.add_argument(
-        "--size",
-        default=None,
-        help="architecture size: "
-        + "; ".join(f"{name} {sorted(spec.sizes)} (default {spec.bench_size})" for name, spec in benched.items()),
-    )
-    parser.add_argument(
-        "--tokens", type=int, default=256, help="image tokens (per frame for Wan), a square number (default: 256)"
-    )
-    parser.add_argument("--frames", type=int, default=2, help="latent frames, Wan only (default: 2)")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps, DDIM or flow Euler (default: 20)")
-    parser.add_argument(
-        "--batch", type=int, default=2, help="transformer batch: CFG pairs; FLUX: samples, no CFG (default: 2)"
-    )
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up (default: 3)")
-    parser.add_argument("--selector", default=None, help="token selector (default: the backbone's: toca or norm)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument(
-        "--schedules",
-        default=",".join(DEFAULT_SCHEDULES),
-        help="comma-separated: uniform-<sparsity>, toca-like, and pruned-<fraction> (heads and MLP neurons "
-        "structurally pruned, weights routed in; no token cache) (default: %(default)s)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1 (default: cpu)")
-    parser.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPES), help="the model's and latents' dtype (default: float32)"
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile: dense compiles the whole model, cached rows their units (compile_units=True); the "
-        "warm-up round compiles, and the table counts each row's compiled graphs",
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
-    names = check_args(parser, args)
-    rows = run(
-        args.model,
-        args.size,
-        args.tokens,
-        args.steps,
-        args.batch,
-        args.rounds,
-        args.selector,
-        args.threads,
-        schedule_names=names,
-        frames=args.frames,
-        device=args.device,
-        dtype=args.dtype,
-        compile=args.compile,
-    )
-    cmd = "python -m diffsparse.bench " + " ".join(argv if argv is not None else os.sys.argv[1:])
-    frames = f" x {args.frames} frames" if BACKBONES[args.model].video else ""
-    print(
-        f"\n{rows[0]['model']}, {args.tokens} tokens{frames}, batch {args.batch}, {args.steps} steps, "
-        f"selector {rows[1]['selector'] if len(rows) > 1 else '-'}, {rows[0]['threads']} threads, "
-        f"{args.device}, {args.dtype}{', compiled' if args.compile else ''}, {args.rounds} rounds  [{cmd.strip()}]"
-    )
-    print(format_table(rows))
-    if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(rows, indent=1))
-    return rows
-
-
-if __name__ == "__main__":
-    main()
