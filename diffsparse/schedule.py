@@ -292,17 +292,18 @@ class Schedule:
         return cls.from_dict(data, source=str(path))
 
     # --- accounting and pictures --------------------------------------------------------------------------------
-    def macs(self, transformer, **forward_kwargs) -> dict:
+    def macs(self, transformer, reuse_kv: bool = False, **forward_kwargs) -> dict:
         """Dense and cached multiply-accumulates of one trajectory with this schedule.
 
         Runs one dense forward of `transformer` with `forward_kwargs` (an example input of the batch you will
         sample) to learn token counts, then counts each unit analytically. See `diffsparse.accounting.macs`.
+        `reuse_kv=True` counts self-attention as the token cache runs it with `reuse_kv=True`.
 
         Returns:
             dict with `dense`, `cached` (MACs per trajectory for that batch), `reduction` (dense / cached),
             `per_step_cached` (list) and `other_per_step` (MACs outside the units, per step).
         """
-        return schedule_macs(self, transformer, **forward_kwargs)
+        return schedule_macs(self, transformer, reuse_kv, **forward_kwargs)
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
         """Save a heatmap (units x steps, colour = sparsity) as PNG, like the paper's Figure 3; cells whose reused

@@ -36,12 +36,21 @@ def unit_hooks(model):
     return [h for h in (find_hook(m, UNIT_HOOK) for m in model.modules()) if h is not None]
 
 
-# Wan: its default selector only (toca needs attention maps, which its rotary self-attention does not give).
-TRACED = [("dit", "toca"), ("dit", "norm"), ("pixart", "toca"), ("pixart", "norm"), ("wan", "norm")]
+# Wan: its default selector only (toca needs attention maps, which its rotary self-attention does not give);
+# key/value reuse: DiT and PixArt.
+TRACED = [
+    ("dit", "toca", False),
+    ("dit", "norm", False),
+    ("pixart", "toca", False),
+    ("pixart", "norm", False),
+    ("wan", "norm", False),
+    ("dit", "toca", True),
+    ("pixart", "norm", True),
+]
 
 
-@pytest.mark.parametrize("backbone, selector", TRACED)
-def test_partial_compute_traces_into_one_graph(backbone, selector):
+@pytest.mark.parametrize("backbone, selector, reuse_kv", TRACED)
+def test_partial_compute_traces_into_one_graph(backbone, selector, reuse_kv):
     """Each unit's partial step (choose the tokens, compute them, store them, copy or forecast the rest) compiles
     with `fullgraph=True`: a host-device synchronisation (`.item()`, `float(tensor)`, a data-dependent branch)
     would break the graph and fail here."""
@@ -49,11 +58,11 @@ def test_partial_compute_traces_into_one_graph(backbone, selector):
     model = build_transformer(backbone, "tiny").eval()
     inputs = example_inputs(model, batch=2)
     schedule = random_actions(model, seed=1)
-    apply_token_cache(model, schedule, selector=selector)
+    apply_token_cache(model, schedule, selector=selector, reuse_kv=reuse_kv)
     eager = run_loop(model, inputs, STEPS)
     remove_token_cache(model)
 
-    apply_token_cache(model, schedule, selector=selector)
+    apply_token_cache(model, schedule, selector=selector, reuse_kv=reuse_kv)
     hooks = unit_hooks(model)
     torch._dynamo.reset()
     counters.clear()

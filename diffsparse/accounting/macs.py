@@ -25,7 +25,17 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from diffsparse.backbones.registry import CROSS_ATTN, JOINT_ATTN, MLP, PARALLEL_BLOCK, TEXT, UnitInfo, find_units
+from diffsparse.backbones.registry import (
+    CROSS_ATTN,
+    JOINT_ATTN,
+    MLP,
+    MODULE,
+    PARALLEL_BLOCK,
+    SELF_ATTN,
+    TEXT,
+    UnitInfo,
+    find_units,
+)
 from diffsparse.levels import ACTION_LEVELS, SPARSITY_LEVELS, fresh_tokens
 
 
@@ -46,8 +56,9 @@ def _linear_macs(linear: torch.nn.Module) -> int:
     return int(linear.in_features) * int(linear.out_features)
 
 
-def unit_macs(unit: UnitInfo, num_tokens: int, num_fresh: int, num_context: int = 0) -> int:
-    """MACs of one call of `unit` for one sample with `num_fresh` of `num_tokens` tokens recomputed."""
+def unit_macs(unit: UnitInfo, num_tokens: int, num_fresh: int, num_context: int = 0, reuse_kv: bool = False) -> int:
+    """MACs of one call of `unit` for one sample with `num_fresh` of `num_tokens` tokens recomputed; `reuse_kv`:
+    a self-attention unit projects keys and values of the fresh tokens only (`TokenCacheConfig.reuse_kv`)."""
     m = unit.module
     if num_fresh <= 0:
         return 0
@@ -64,7 +75,8 @@ def unit_macs(unit: UnitInfo, num_tokens: int, num_fresh: int, num_context: int 
     kv_tokens = num_context if unit.kind == CROSS_ATTN else num_tokens
     inner = int(m.to_q.out_features)
     projections = num_fresh * (_linear_macs(m.to_q) + _linear_macs(m.to_out[0]))
-    projections += kv_tokens * (_linear_macs(m.to_k) + _linear_macs(m.to_v))
+    projected = num_fresh if reuse_kv and unit.kind == SELF_ATTN and unit.runner == MODULE else kv_tokens
+    projections += projected * (_linear_macs(m.to_k) + _linear_macs(m.to_v))
     return projections + 2 * inner * num_fresh * kv_tokens
 
 
@@ -158,8 +170,9 @@ class MacTable:
         return 1.0 - self.step_macs(schedule.level_indices()).sum() / (self.dense_step * schedule.num_steps)
 
 
-def mac_table(model: torch.nn.Module, **forward_kwargs) -> MacTable:
-    """Probe one dense forward of `model` on `forward_kwargs` and tabulate the MACs of every unit at every level."""
+def mac_table(model: torch.nn.Module, reuse_kv: bool = False, **forward_kwargs) -> MacTable:
+    """Probe one dense forward of `model` on `forward_kwargs` and tabulate the MACs of every unit at every level
+    (`reuse_kv`: as the token cache runs with `reuse_kv=True`)."""
     units = find_units(model)
     shapes, total = _probe(model, units, forward_kwargs)
     missing = [u.name for u in units if u.index not in shapes]
@@ -168,14 +181,15 @@ def mac_table(model: torch.nn.Module, **forward_kwargs) -> MacTable:
     table = np.zeros((len(units), len(SPARSITY_LEVELS)), dtype=np.int64)
     for u in units:
         b, n, m = shapes[u.index]
-        table[u.index] = [b * unit_macs(u, n, fresh_tokens(s, n), m) for s in SPARSITY_LEVELS]
+        table[u.index] = [b * unit_macs(u, n, fresh_tokens(s, n), m, reuse_kv) for s in SPARSITY_LEVELS]
     other = max(total - int(table[:, 0].sum()), 0)
     return MacTable(tuple(u.name for u in units), table, other)
 
 
-def schedule_macs(schedule, model: torch.nn.Module, **forward_kwargs) -> dict:
-    """Dense and cached MACs of one trajectory of `schedule` for the batch in `forward_kwargs`."""
-    table = mac_table(model, **forward_kwargs)
+def schedule_macs(schedule, model: torch.nn.Module, reuse_kv: bool = False, **forward_kwargs) -> dict:
+    """Dense and cached MACs of one trajectory of `schedule` for the batch in `forward_kwargs` (`reuse_kv`: the
+    token cache's option)."""
+    table = mac_table(model, reuse_kv, **forward_kwargs)
     schedule.check_units(table.units)
     per_step = table.step_macs(schedule.level_indices())
     dense = table.dense_step * schedule.num_steps

@@ -86,8 +86,11 @@ def apply_token_cache(model: torch.nn.Module, config: TokenCacheConfig | Schedul
     units = find_units(model)
     selector = make_selector(config.selector, spec.selector_defaults)
     controller = TokenCacheController(
-        spec, units, schedule, selector, config.cfg, config.order(), config.factor_dtype()
+        spec, units, schedule, selector, config.cfg, config.order(), config.factor_dtype(), config.reuse_kv
     )
+    for u in units:
+        if controller.reuse_kv[u.index]:
+            check_standard_attention(u.module, u.name, "key/value reuse (reuse_kv=True)")
     if selector.signals:
         for u in units:
             if any(row[u.index] is not None for row in controller.signal_plan):

@@ -14,7 +14,9 @@ _STANDARD_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 _CHUNK_ELEMENTS = 1 << 21  # bound the (B, heads, queries, keys) probability block to 8 MiB in fp32
 
 
-def check_standard_attention(attn: torch.nn.Module, name: str) -> None:
+def check_standard_attention(
+    attn: torch.nn.Module, name: str, feature: str = "the attention-map selector (toca)"
+) -> None:
     """Raise unless `attn` is a diffusers `Attention` running a plain (softmax, no extra norms) processor."""
     proc = type(getattr(attn, "processor", None)).__name__
     plain = (
@@ -27,8 +29,9 @@ def check_standard_attention(attn: torch.nn.Module, name: str) -> None:
     )
     if not plain:
         raise ValueError(
-            f"Unit {name} uses attention processor {proc} with extra features; the attention-map selector (toca) "
-            "supports the standard processors only. Use selector='norm' or 'similarity', which need no attention map."
+            f"Unit {name} uses attention processor {proc} with extra features; {feature} supports the standard "
+            "processors only."
+            + (" Use selector='norm' or 'similarity', which need no attention map." if "toca" in feature else "")
         )
 
 
@@ -38,6 +41,7 @@ def attention_with_signals(
     context: torch.Tensor,
     attention_mask: torch.Tensor | None,
     want: str,
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `attn` on all query tokens and also return one score per query-side token.
 
@@ -49,6 +53,7 @@ def attention_with_signals(
         want: `"influence"`: for self-attention, how much attention each token receives, summed over queries and
             averaged over heads (mean 1 over tokens); `"entropy"`: entropy of each query's attention over the
             context, divided by log(M) so it lies in [0, 1].
+        kv: the context's key and value projections, if the caller has them (`cache.kv`); else projected here.
 
     Returns:
         `(output (B, N, D_out), signal (B, N))`, the output equal to the module's own up to float rounding.
@@ -57,8 +62,7 @@ def attention_with_signals(
     m = context.shape[1]
     h = attn.heads
     q = attn.to_q(hidden_states)
-    k = attn.to_k(context)
-    v = attn.to_v(context)
+    k, v = (attn.to_k(context), attn.to_v(context)) if kv is None else kv
     d = q.shape[-1] // h
     q, k, v = (x.view(b, -1, h, d).transpose(1, 2) for x in (q, k, v))
     if getattr(attn, "norm_q", None) is not None:

@@ -89,6 +89,7 @@ def blend_output(ctl, u, x: torch.Tensor, out: torch.Tensor, context: int = 0) -
         blend_history(state, u.index, out, fresh, ctl.forecast_order, ctl.forecast_dtype)
     state.cache[u.index] = m * out + (1 - m) * cache  # the last computed outputs, differentiable in the choice
     state.last_fresh[u.index] = torch.where(fresh, state.step, state.last_fresh[u.index])
+    state.full_at.pop(u.index, None)
     if ctl.selector.needs_inputs:
         state.inputs[u.index] = torch.where(fresh[..., None], x.detach(), state.inputs[u.index])
     return blended

@@ -28,6 +28,9 @@ class TokenCacheConfig:
         skip_blocks: at a step where every unit of a block reuses all its tokens, put the block's output together
             from theirs and skip the rest of its work (its norms and modulations) where the backbone row says how
             (`BlockList.reused`: DiT and PixArt). The output is the same bit for bit; False runs every block.
+        reuse_kv: on partial steps of self-attention units (DiT, PixArt), take the reused tokens' keys and values from
+            when they were last computed instead of projecting them again (`diffsparse.cache.kv`): less work, at
+            some fidelity cost. False (default): project every token's key and value.
         compile_units: compile each unit's computation (all its tokens, or the fresh ones) with `torch.compile`:
             True (torch's defaults), or a dict of `torch.compile` keywords (`{"mode": "max-autotune"}`). The hooks'
             bookkeeping stays eager, so it compiles per unit kind and token count, not per step. Not applied to
@@ -47,6 +50,7 @@ class TokenCacheConfig:
     forecast_dtype: str | torch.dtype = "float32"
     skip_blocks: bool = True
     compile_units: bool | dict = False
+    reuse_kv: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -64,6 +68,8 @@ class TokenCacheConfig:
         self.factor_dtype()
         if not isinstance(self.skip_blocks, bool):
             raise ValueError(f"skip_blocks={self.skip_blocks!r}: use True or False.")
+        if not isinstance(self.reuse_kv, bool):
+            raise ValueError(f"reuse_kv={self.reuse_kv!r}: use True or False.")
         if not isinstance(self.compile_units, bool | dict):
             raise ValueError(
                 f"compile_units={self.compile_units!r}: use True, False, or a dict of torch.compile keywords."

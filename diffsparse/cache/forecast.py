@@ -28,6 +28,10 @@ def forecast(state, unit: int, step: int, order: int) -> torch.Tensor:
     factors = state.factors.get(unit)
     if factors is None:  # computed once so far: nothing to extrapolate from
         return cache
+    since = state.full_at.get(unit)
+    if since is not None and len(factors) == 1 and factors[0].dtype == cache.dtype:
+        # every token was last computed at step `since`: one fused multiply-add, the step difference a Python int
+        return torch.add(cache, factors[0], alpha=step - since)
     dtype = torch.promote_types(cache.dtype, factors[0].dtype)  # fresh rows come back exactly
     dt = (step - state.last_fresh[unit]).unsqueeze(-1).to(dtype)
     out = cache.to(dtype) + factors[0] * dt
@@ -49,6 +53,11 @@ def update_history(state, unit: int, fresh: torch.Tensor, rows, idx, order: int,
         state.prev_fresh.pop(unit, None)
         return
     step = state.step
+    since = state.full_at.get(unit)
+    if rows is None and order == 1 and since is not None and fresh.dtype == cache.dtype == dtype:
+        # a full compute after a full compute: every token's step difference is step - since (a Python int)
+        state.factors[unit] = [torch.sub(fresh, cache).div_(step - since)]
+        return
     old = cache if rows is None else take_rows(cache, rows, idx.shape[1])
     t0 = state.last_fresh[unit] if rows is None else state.last_fresh[unit].gather(1, idx)
     dt0 = (step - t0).unsqueeze(-1).to(dtype)

@@ -17,6 +17,7 @@ from diffsparse.cache.attention import attention_with_signals
 from diffsparse.cache.blend import blend_forward, blend_output
 from diffsparse.cache.conflicts import refuse_diffusers_caches
 from diffsparse.cache.forecast import forecast, update_history
+from diffsparse.cache.kv import full_attention, partial_attention
 from diffsparse.cache.rows import flat_rows, put_rows, take_rows
 from diffsparse.cache.runners import joint_attention, rope_self_attention, single_stream_branch
 from diffsparse.cache.state import TokenCacheController, TrajectoryState
@@ -193,14 +194,22 @@ class TokenCacheUnitHook(ModelHook):
         s = ctl.sparsity(state.step, u.index)
         if s == 0.0:
             signal = ctl.signal_plan[state.step][u.index]
-            if signal is None:
+            keep_kv = ctl.kv_plan[state.step][u.index]  # reuse_kv: keep the keys and values for later partial steps
+            if keep_kv:
+                _no_mask(u, args, kwargs)
+            if signal is None and not keep_kv:
                 out = original(hidden_states, *args, **kwargs)
+            elif signal is None:
+                out, state.kv[u.index] = full_attention(module, hidden_states)
             else:
                 context = hidden_states if u.kind == SELF_ATTN else kwargs["encoder_hidden_states"]
                 mask = kwargs.get("attention_mask")
+                kv = (module.to_k(hidden_states), module.to_v(hidden_states)) if keep_kv else None
                 out, state.signals[(u.block, signal)] = attention_with_signals(
-                    module, hidden_states, context, mask, signal
+                    module, hidden_states, context, mask, signal, kv
                 )
+                if keep_kv:
+                    state.kv[u.index] = kv
             self._store_full(u, hidden_states, out, _text_tokens(u, args, kwargs))
             return out
         if s == 1.0:
@@ -210,10 +219,15 @@ class TokenCacheUnitHook(ModelHook):
     def _partial(self, module, hidden_states, s, args, kwargs):
         """`_one` at sparsity 0 < s < 1: choose the fresh tokens, compute them, store them, return the whole
         output. Tensor work only (no host-device synchronisation): it compiles with `fullgraph=True`."""
-        u = self.unit
+        u, state = self.unit, self.controller.current
         original = self.compute or self.fn_ref.original_forward
         chosen = self._choose(u, hidden_states, s)
-        if u.runner == ROPE_SELF:
+        if u.index in state.kv:  # reuse_kv: keys and values of the reused tokens from the cache
+            _no_mask(u, args, kwargs)
+            k = chosen[0].shape[1]
+            out_fresh, state.kv[u.index] = partial_attention(module, hidden_states, chosen[1], k, state.kv[u.index],
+                                                             state.in_place)  # fmt: skip
+        elif u.runner == ROPE_SELF:
             bound = self.signature.bind(hidden_states, *args, **kwargs).arguments
             if bound.get("attention_mask") is not None:
                 raise ValueError(f"{u.name}: attention masks are not supported on partial steps.")
@@ -280,6 +294,13 @@ class TokenCacheUnitHook(ModelHook):
             stale_output(ctl, u, img) if chosen is None else self._store(u, img, img_branch, chosen, txt.shape[1])
         )
         return txt + txt_branch, img + img_branch
+
+
+def _no_mask(u: UnitInfo, args: tuple, kwargs: dict) -> None:
+    """Refuse an attention mask (diffusers `Attention`'s third argument) where the unit computes attention itself
+    (`cache.kv`)."""
+    if kwargs.get("attention_mask", args[1] if len(args) > 1 else None) is not None:
+        raise ValueError(f"{u.name}: attention masks are not supported with reuse_kv=True.")
 
 
 def _text_tokens(u: UnitInfo, args: tuple, kwargs: dict) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from diffsparse.backbones.registry import CROSS_ATTN, SELF_ATTN, BackboneSpec, UnitInfo
+from diffsparse.backbones.registry import CROSS_ATTN, MODULE, SELF_ATTN, BackboneSpec, UnitInfo
 from diffsparse.cache.forecast import factor_bytes
 from diffsparse.cache.rows import may_write_in_place, put_rows
 from diffsparse.cache.selectors import ENTROPY, INFLUENCE, TokenSelector
@@ -33,12 +33,15 @@ class TrajectoryState:
     input_shape: tuple | None = None  # shapes the grid and `cfg` were worked out from (`_input_shape`)
     cache: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> its last output (B, N, D)
     last_fresh: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> step each token was last computed
+    full_at: dict[int, int] = field(default_factory=dict)  # unit -> the step of its last full compute, while no
+    # token has been computed since (then every token's last_fresh is that step: the forecast's fast path)
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # unit -> input when each token was computed
     signals: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (block, signal) -> (B, N)
     shapes: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # unit -> (batch, tokens, context tokens)
     # forecast history (forecast.py): unit -> its divided differences; unit -> step of each token's computation before
     factors: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     prev_fresh: dict[int, torch.Tensor] = field(default_factory=dict)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # unit -> (keys, values): reuse_kv
     saw_inference_mode: bool = False  # some forward of this trajectory ran in inference mode
     in_place: bool = False  # `put_rows` may write in place at this forward (`may_write_in_place`)
 
@@ -51,12 +54,14 @@ class TrajectoryState:
         self.cache[unit] = out
         self.shapes[unit] = (out.shape[0], out.shape[1], context)
         self.last_fresh[unit] = torch.full(out.shape[:2], self.step, dtype=torch.int32, device=out.device)
+        self.full_at[unit] = self.step
         if keep_inputs:
             self.inputs[unit] = x
 
     def store_partial(self, unit: int, cache, idx: torch.Tensor, rows: torch.Tensor, x_fresh, keep_inputs: bool):
         self.cache[unit] = cache
         self.last_fresh[unit] = self.last_fresh[unit].scatter(1, idx, self.step)
+        self.full_at.pop(unit, None)
         if keep_inputs:
             self.inputs[unit] = put_rows(self.inputs[unit], rows, x_fresh, self.in_place)
 
@@ -96,6 +101,7 @@ class TokenCacheController:
         cfg,
         forecast_order: int = 1,
         forecast_dtype: torch.dtype | None = torch.float32,
+        reuse_kv: bool = False,
     ):
         schedule.check_units([u.name for u in units])
         missing = [s for s in selector.signals if s not in {_SIGNAL_OF_KIND.get(u.kind) for u in units}]
@@ -112,6 +118,7 @@ class TokenCacheController:
         self.forecast_order = forecast_order
         self.forecast_dtype = forecast_dtype  # None: the model's dtype
         self.choice: torch.Tensor | None = None  # (T, U, |A|) soft choice: training mode (see blend.py)
+        self.reuse_kv = [reuse_kv and u.kind == SELF_ATTN and u.runner == MODULE for u in units]
         self._set_plans(schedule)
         self.states: dict[str, TrajectoryState] = {}
         self.current: TrajectoryState | None = None
@@ -139,6 +146,11 @@ class TokenCacheController:
             history[:] = True
         self.history = history.tolist()
         self.signal_plan = self._plan_signals()
+        partial = (schedule.grid > 0) & (schedule.grid < 1)
+        later = np.flip(np.logical_or.accumulate(np.flip(partial, 0), 0), 0)  # a partial step at t or after
+        later = np.vstack([later[1:], np.zeros_like(later[:1])])  # ... strictly after t
+        # keep keys and values at a full compute followed by partial steps (reuse_kv units only)
+        self.kv_plan = ((schedule.grid == 0) & later & np.array(self.reuse_kv, dtype=bool)).tolist()
         blocks = np.array([u.block for u in self.units])
         reused = schedule.grid == 1.0
         self.reused_blocks = [set(blocks[row].tolist()) - set(blocks[~row].tolist()) for row in reused]
@@ -280,7 +292,8 @@ class TokenCacheController:
         For recomputing a step in the backward pass (gradient checkpointing), which may run after the caller has
         switched schedules or modes.
         """
-        keys = ("schedule", "plan", "forecast_plan", "history", "signal_plan", "reused_blocks", "choice", "paused")
+        keys = ("schedule", "plan", "forecast_plan", "history", "signal_plan", "kv_plan", "reused_blocks", "choice",
+                "paused")  # fmt: skip
         mode = {k: getattr(self, k) for k in keys}
         saved = {name: dataclasses.replace(state, **_copied_dicts(state)) for name, state in self.states.items()}
         current = next((name for name, state in self.states.items() if state is self.current), None)
@@ -314,4 +327,4 @@ def _copied_dicts(state: TrajectoryState) -> dict:
     return {f.name: dict(getattr(state, f.name)) for f in dataclasses.fields(state) if f.name in _DICT_FIELDS}
 
 
-_DICT_FIELDS = ("cache", "last_fresh", "inputs", "signals", "shapes", "factors", "prev_fresh")
+_DICT_FIELDS = ("cache", "last_fresh", "full_at", "inputs", "signals", "shapes", "factors", "prev_fresh", "kv")

@@ -72,10 +72,10 @@ def token_cache_summary(model: torch.nn.Module) -> TokenCacheSummary:
     dense = saved = 0
     for u in units:
         b, n, m = record.shapes[u.index]
-        full = unit_macs(u, n, n, m)
+        full, reuse_kv = unit_macs(u, n, n, m), controller.reuse_kv[u.index]
         levels = Counter(row[u.index] for row in record.plan)
         dense += b * full * record.steps
-        saved += b * sum(c * (full - unit_macs(u, n, fresh_tokens(s, n), m)) for s, c in levels.items())
+        saved += b * sum(c * (full - unit_macs(u, n, fresh_tokens(s, n), m, reuse_kv)) for s, c in levels.items())
     known = len(units) == len(controller.units)
     fraction = sum(fresh) / (total * record.steps) if total else None
     names = {u.index: u.name for u in controller.units}

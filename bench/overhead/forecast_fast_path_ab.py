@@ -1,0 +1,67 @@
+"""The forecast's fast path (one fused multiply-add when every token was last computed at the same step) against
+the per-token path, alternated with dense in one process (forecast-FORA at 0.5, reference model, 20 samples, 1
+warm-up and 7 rounds); also checks the two give the same samples.
+
+Usage: python bench/overhead/forecast_fast_path_ab.py
+"""
+
+import torch
+
+import diffsparse.cache.hooks as H
+from diffsparse.allocate import baselines
+from diffsparse.cache import apply_token_cache, remove_token_cache
+from diffsparse.evaluate.timing import alternate
+from diffsparse.models.loading import load_model
+from diffsparse.models.sampling import initial_noise, sample
+
+torch.set_num_threads(2)
+ref = load_model("reference")
+model = ref.transformer
+sch = ref.scheduler("ddim")
+sch.set_timesteps(50)
+fitted = baselines.budget_schedules(ref.mac_table(), sch.timesteps.tolist(), 0.5)
+s = fitted["forecast_fora"]
+classes, noise = torch.arange(20) % 10, initial_noise(20, ref.sample_shape, 0)
+fast_fc, fast_up = H.forecast, H.update_history
+
+
+def slow_fc(state, unit, step, order):
+    saved = state.full_at.pop(unit, None)
+    try:
+        return fast_fc(state, unit, step, order)
+    finally:
+        if saved is not None:
+            state.full_at[unit] = saved
+
+
+def slow_up(state, unit, *a):
+    saved = state.full_at.pop(unit, None)
+    try:
+        return fast_up(state, unit, *a)
+    finally:
+        if saved is not None:
+            state.full_at[unit] = saved
+
+
+outs = {}
+
+
+def run(fast):
+    def r(clock):
+        H.forecast, H.update_history = (fast_fc, fast_up) if fast else (slow_fc, slow_up)
+        if fast is not None:
+            apply_token_cache(model, s, selector="toca")
+        with torch.no_grad(), clock:
+            x = sample(model, ref.scheduler("ddim"), classes, noise, 50, 1.25)
+        if fast is not None:
+            remove_token_cache(model)
+        outs[fast] = x
+
+    return r
+
+
+t = alternate({"dense": run(None), "slow": run(False), "fast": run(True)}, rounds=7)
+for k in ("slow", "fast"):
+    sp = t.speedup(k)
+    print(k, f"{sp.median:.3f}x ({sp.low:.3f}-{sp.high:.3f})", f"{t.median_seconds(k):.3f}s")
+print("dense", f"{t.median_seconds('dense'):.3f}s", "max |fast - slow|", float((outs[True] - outs[False]).abs().max()))
