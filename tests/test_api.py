@@ -73,8 +73,8 @@ def test_config_mistakes_are_refused_with_the_fix(model):
         apply_token_cache(model, TokenCacheConfig(selector="norm"))
     with pytest.raises(
         TypeError,
-        match="Unknown token-cache option.*valid: \\['cfg', 'forecast_dtype', 'forecast_order', 'selector', "
-        "'skip_blocks'\\]",
+        match="Unknown token-cache option.*valid: \\['cfg', 'compile_units', 'forecast_dtype', 'forecast_order', "
+        "'reuse_kv', 'selector', 'skip_blocks'\\]",
     ):
         apply_token_cache(model, sched, schedule=sched)
     with pytest.raises(TypeError, match="pipeline's transformer"):
