@@ -164,3 +164,15 @@ def test_bench_sweep_refuses_bad_grids(argv, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         bench_cli.main(["--size", "tiny", *argv])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_rows_with_key_value_reuse(capsys):
+    rows = bench_cli.main(
+        ["--size", "tiny", "--tokens", "16", "--steps", "4", "--rounds", "1", "--schedules", "uniform-0.5,toca-like",
+         "--reuse-kv"]
+    )  # fmt: skip
+    by_name = {r["method"]: r for r in rows}
+    assert list(by_name) == ["dense", "uniform-0.5", "toca-like", "uniform-0.5+kv", "toca-like+kv"]
+    for name in ("uniform-0.5", "toca-like"):  # the same schedule, fewer MACs: the reused keys are not projected
+        assert by_name[f"{name}+kv"]["mac_reduction"] > by_name[name]["mac_reduction"]
+    assert "| toca-like+kv |" in capsys.readouterr().out

@@ -168,13 +168,15 @@ def run(
     dtype: str = "float32",
     compile: bool = False,
     memory: bool = True,
+    reuse_kv: bool = False,
 ) -> list[dict]:
     """Benchmark dense against the default schedules; returns one row per method (dense first).
 
     `size` defaults to the backbone's `bench_size`, `selector` to the backbone's default (toca for DiT and PixArt,
     norm for FLUX and Wan); `frames` (latent frames) is for Wan only. `device` and `dtype` (a `DTYPES` name) are
     where and in what the model runs; `compile`: compiled dense against compiled units (the module's docstring);
-    `memory`: also measure each row's peak memory (one more run each; 0 when False).
+    `memory`: also measure each row's peak memory (one more run each; 0 when False); `reuse_kv`: every schedule also
+    gets a `<name>+kv` row, run with the token cache's `reuse_kv=True`.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -184,7 +186,7 @@ def run(
     # Compiled dense runs on a copy: once dynamo has compiled the whole model, its units' own compiled forwards
     # never ran compiled on that same instance (torch 2.14).
     dense_model = torch.compile(copy.deepcopy(model)) if compile else model
-    graphs = dict.fromkeys(["dense", *schedule_names], 0)
+    graphs = dict.fromkeys(["dense", *schedule_names, *(f"{n}+kv" for n in schedule_names)], 0)
     selector_name = selector or backbone_for(model).selector_defaults.get("name", "toca")
     probe = torch.cat([latents, latents]) if cfg else latents
     inputs = forward_kwargs(model, probe, torch.tensor(500), conditions)
@@ -193,8 +195,10 @@ def run(
     units = cacheable_units(model)
     pruned_names = [n for n in schedule_names if n.startswith("pruned-")]
     schedules = make_schedules([n for n in schedule_names if n not in pruned_names], units, steps)
+    kv_rows = {f"{name}+kv": s for name, s in schedules.items()} if reuse_kv else {}
     dense_macs = Schedule.uniform(units, steps, 0.0).macs(model, **inputs)["dense"]
     macs = {name: s.macs(model, **inputs)["cached"] for name, s in schedules.items()}
+    macs |= {name: s.macs(model, reuse_kv=True, **inputs)["cached"] for name, s in kv_rows.items()}
     pruned = {name: pruned_row(model, inputs, float(name.removeprefix("pruned-"))) for name in pruned_names}
     macs |= {name: dense_macs / reduction for name, (_, reduction) in pruned.items()}
 
@@ -202,9 +206,10 @@ def run(
 
     def timed(name: str):
         def run(clock: Stopwatch) -> None:
-            schedule = schedules.get(name)
+            schedule = schedules.get(name, kv_rows.get(name))
             if schedule is not None:
-                apply_token_cache(model, schedule, selector=selector_name, cfg=cfg, compile_units=compile)
+                apply_token_cache(model, schedule, selector=selector_name, cfg=cfg, compile_units=compile,
+                                  reuse_kv=name in kv_rows)  # fmt: skip
             if name in pruned:
                 apply_pruning(model, pruned[name][0], [pruned[name][0].max_level])
             before = compiled_graphs()
@@ -221,7 +226,7 @@ def run(
 
         return run
 
-    names = ["dense", *schedules, *pruned]
+    names = ["dense", *schedules, *kv_rows, *pruned]
     with tqdm(total=(rounds + 1) * len(names), desc="bench", disable=not progress) as bar:
         timings = alternate({n: timed(n) for n in names}, rounds, device=latents.device, progress=bar.update)
     peaks = {n: peak_memory(lambda n=n: timed(n)(Stopwatch())) if memory else 0 for n in names}
@@ -238,7 +243,7 @@ def run(
                 tokens=tokens,
                 batch=batch,
                 steps=steps,
-                selector=selector_name if n in schedules else "-",
+                selector=selector_name if n in schedules or n in kv_rows else "-",
                 gmacs=cached / 1e9,
                 mac_reduction=reduction,
                 speedup=speedup.median,

@@ -135,6 +135,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="torch.compile: dense compiles the whole model, cached rows their units (compile_units=True); the "
         "warm-up round compiles, and the table counts each row's compiled graphs",
     )
+    parser.add_argument(
+        "--reuse-kv",
+        action="store_true",
+        help="also run every schedule with key/value reuse (reuse_kv=True), as a <name>+kv row",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     parser.add_argument(
         "--sweep",
@@ -164,6 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
+        reuse_kv=args.reuse_kv,
     )
     frames = f" x {args.frames} frames" if BACKBONES[args.model].video else ""
     print(
@@ -182,7 +188,8 @@ def sweep_main(args: argparse.Namespace, names: list[str], cmd: str) -> list[dic
     """`--sweep`: the grid, its table (efficiency below 0.9 in bold) and its plot."""
     rows = run_sweep(args.sweep_tokens, args.sweep_steps, names, model_name=args.model, size=args.size,
                      batch=args.batch, rounds=args.rounds, selector=args.selector, threads=args.threads,
-                     frames=args.frames, device=args.device, dtype=args.dtype, compile=args.compile)  # fmt: skip
+                     frames=args.frames, device=args.device, dtype=args.dtype, compile=args.compile,
+                     reuse_kv=args.reuse_kv)  # fmt: skip
     print(f"\n{rows[0]['model']}, batch {args.batch}, {rows[0]['threads']} threads, {args.device}, {args.dtype}"
           f"{', compiled' if args.compile else ''}, {args.rounds} rounds  [{cmd}]")  # fmt: skip
     print(sweep_table(rows))
