@@ -118,6 +118,10 @@ BAD = {
     "captions-nowhere": (["--captions", "{tmp}/c.safetensors"], {"captions": "{tmp}/c.safetensors"},
                          "python -m diffsparse.captions"),
     "budget-tolerance": (["--budget-tolerance", "-0.1"], {"budget_tolerance": -0.1}, "--budget-tolerance"),
+    "time-table-for-a-mac-budget": (["--time-table", "{schedule}"], {"time_table": "{schedule}"},
+                                    "with --budget-unit time"),
+    "time-table-nowhere": (["--budget-unit", "time", "--time-table", "{tmp}/t.json"],
+                           {"budget_unit": "time", "time_table": "{tmp}/t.json"}, "give an existing time_table.json"),
     **{f"{k}<1": ([f"--{k}", "0"], {k.replace("-", "_"): 0}, f"--{k} must be at least 1") for k in COUNTS},
 }  # fmt: skip
 
@@ -177,3 +181,51 @@ def test_a_budget_the_hand_made_schedules_cannot_meet_is_refused_before_sampling
         evaluate(
             parse_args(["--model", "tiny", "--quick", "--budget", "0.95", "--steps", "1", "--out", str(tmp_path)])
         )
+
+
+def test_a_time_budget_fits_the_hand_made_rows_on_a_measured_time_table(tmp_path, monkeypatch, caplog):
+    """`--budget-unit time`: the hand-made rows are the allocators fitted on the time table measured at the start
+    (saved beside the results); FirstBlockCache stays fitted on MACs, and says so. A second run reuses the table
+    (`--time-table`) without timing the model again."""
+    from diffsparse.accounting.times import TimeTable
+    from diffsparse.allocate import baselines
+    from diffsparse.evaluate.methods import describe
+    from diffsparse.models.handle import ModelHandle
+    from diffsparse.models.loading import load_model
+
+    out = tmp_path / "eval"
+    args = [
+        "--model",
+        "tiny",
+        "--quick",
+        "--threads",
+        "1",
+        "--methods",
+        "dense",
+        "toca",
+        "fora",
+        "fbc",
+        "--feature-net",
+        "none",
+        "--budget",
+        "0.3",
+    ]  # fmt: skip (5 steps: at most 0.45 of the time to save)
+    with caplog.at_level(logging.WARNING, logger="diffsparse.evaluate.harness"):
+        main([*args, "--budget-unit", "time", "--out", str(out)])
+    table = TimeTable.load(out / "time_table.json")
+    ref = load_model("tiny")
+    assert tuple(table.units) == tuple(ref.mac_table().units)
+    scheduler = ref.scheduler("ddim")
+    cfg = parse_args(args)
+    scheduler.set_timesteps(cfg.steps)
+    fitted = baselines.budget_schedules(table, scheduler.timesteps.tolist(), cfg.budget)
+    rows = {r["method"]: r for r in _rows(out)}
+    for name in ("toca", "fora"):
+        knobs = {k: v for k, v in fitted[name].meta.items() if k != "method"}
+        assert rows[name]["setting"] == describe(knobs)
+    assert "FirstBlockCache are fitted on their measured MACs, not on time" in caplog.text
+
+    monkeypatch.setattr(ModelHandle, "time_table", lambda *a, **k: pytest.fail("timed again"))
+    again = tmp_path / "again"
+    main([*args, "--budget-unit", "time", "--time-table", str(out / "time_table.json"), "--out", str(again)])
+    assert {r["method"]: r["setting"] for r in _rows(again)} == {r["method"]: r["setting"] for r in _rows(out)}

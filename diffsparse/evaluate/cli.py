@@ -139,6 +139,16 @@ class EvalConfig:
     budget_tolerance: float = option(
         0.05, help="flag rows whose measured MAC saving is further than this from --budget (each of --budgets)"
     )
+    budget_unit: str = option(
+        "macs",
+        choices=["macs", "time"],
+        help="what --budget (each of --budgets) is a fraction of: dense MACs, or dense time on this device. time "
+        "fits the hand-made schedules and --learn's on step times measured at the start (saved as "
+        "OUT/time_table.json); fewer-steps, diffusers' caches and cache-dit stay fitted on MACs",
+    )
+    time_table: str | None = option(
+        None, metavar="PATH", help="--budget-unit time: a time_table.json to reuse instead of timing the model again"
+    )
 
 
 def row_name(method: str) -> str:
@@ -161,6 +171,13 @@ def check_config(cfg: EvalConfig) -> None:
     _check_budgets(cfg)
     if not 0.0 <= cfg.budget_tolerance < 1.0:
         raise UsageError(f"--budget-tolerance must be in [0, 1), got {cfg.budget_tolerance}")
+    if cfg.budget_unit not in ("macs", "time"):
+        raise UsageError(f"--budget-unit {cfg.budget_unit!r}: choose macs or time")
+    if cfg.time_table is not None and (cfg.budget_unit != "time" or not Path(cfg.time_table).is_file()):
+        raise UsageError(
+            f"--time-table {cfg.time_table}: give an existing time_table.json, with --budget-unit time "
+            "(a run with --budget-unit time writes one to OUT/time_table.json)."
+        )
     if cfg.sampler is not None and cfg.sampler not in SCHEDULERS:
         raise UsageError(f"--sampler {cfg.sampler!r}: choose one of {sorted(SCHEDULERS)}")
     unknown = sorted(set(cfg.methods) - set(ALL_METHODS))

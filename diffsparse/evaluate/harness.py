@@ -24,10 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from diffsparse.accounting.macs import flop_counter
-from diffsparse.allocate import baselines
-from diffsparse.allocate.solver import InfeasibleBudget
 from diffsparse.backbones.registry import backbone_for
 from diffsparse.cache.selectors import make_selector
+from diffsparse.evaluate.budget import budget_table, fit_schedules
 from diffsparse.evaluate.builders import BUILDERS
 from diffsparse.evaluate.cli import (
     ALL_METHODS,
@@ -136,6 +135,7 @@ class Runner:
         self.labels = self.conditions.labels
         self.noise = initial_noise(cfg.samples, ref.sample_shape, cfg.seed)
         self._dense_macs: dict[int, float] = {}
+        self.time_table = None  # --budget-unit time: measured once (`budget.budget_table`)
 
     def dense_macs(self, count: int) -> float:
         """MACs per image of dense sampling on the first `count` conditions (sampled once per count: the budgets
@@ -172,21 +172,6 @@ class Runner:
         return run
 
 
-def fit_schedules(cfg: EvalConfig, runner: Runner) -> dict[str, Schedule]:
-    """The hand-made schedules of `cfg.methods` fitted to `cfg.budget`, by allocator name, without sampling
-    anything: a budget they cannot meet is refused here (`UsageError`)."""
-    families = [m for m in cfg.methods if m in SCHEDULE_METHODS]
-    if not families:
-        return {}
-    scheduler = runner.ref.scheduler(cfg.sampler)
-    scheduler.set_timesteps(cfg.steps)
-    try:
-        return baselines.budget_schedules(runner.ref.mac_table(), scheduler.timesteps.tolist(), cfg.budget)
-    except InfeasibleBudget as e:
-        raise UsageError(f"--budget {cfg.budget}, --steps {cfg.steps}: {e} The hand-made schedules {families} are "
-                         "fitted to these; or leave them out of --methods.") from e  # fmt: skip
-
-
 def build_methods(cfg: EvalConfig, runner: Runner, schedules: dict[str, Schedule] | None = None) -> list[Method]:
     """The requested methods, each fitted to `cfg.budget` (hand-made schedules analytically, `schedules` when
     already fitted by `fit_schedules`; diffusers' caches by measuring their MACs on `calibration_samples`
@@ -206,6 +191,9 @@ def build_methods(cfg: EvalConfig, runner: Runner, schedules: dict[str, Schedule
         return 1.0 - runner.run(method, calib)[1] / runner.dense_macs(calib)
 
     fit = Fitting(steps, cfg.budget, ref.transformer, schedules, cfg.selector, saved)
+    on_macs = [row_name(m) for m in cfg.methods if m not in SCHEDULE_METHODS]
+    if cfg.budget_unit == "time" and on_macs:
+        log.warning("--budget-unit time: %s are fitted on their measured MACs, not on time", ", ".join(on_macs))
     methods = []
     for name in cfg.methods:
         try:
@@ -219,6 +207,8 @@ def build_methods(cfg: EvalConfig, runner: Runner, schedules: dict[str, Schedule
             sched = sched.resample(steps)
         sched.check_units(table.units)
         note = f"{Path(path).name}, saves {table.saved_fraction(sched):.1%}"
+        if cfg.budget_unit == "time":
+            note += f" of MACs, {budget_table(cfg, runner).saved_fraction(sched):.1%} of time (predicted)"
         methods.append(Method(name, steps, sched, cfg.selector, note=note))
     for item in cfg.pruned:
         methods.extend(pruned_methods(item, cfg, scheduler.timesteps.tolist()))

@@ -23,13 +23,13 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from diffsparse.evaluate.budget import fit_schedules
 from diffsparse.evaluate.cli import EvalConfig, budget_folder, schedules_at
 from diffsparse.evaluate.harness import (
     Measured,
     Session,
     build_methods,
     finish,
-    fit_schedules,
     measure,
     start,
 )

@@ -49,12 +49,17 @@ def learn_recipe(
     captions: str | None = None,
     max_epochs: int = RECIPE_EPOCHS,
     seed: int = 0,
+    budget_unit: str = "macs",
+    time_table: str | None = None,
 ) -> Path:
-    """Learn a schedule for `model` at `budget` (fraction of dense MACs to save) with the recipe; returns the path
-    of the exported `schedule.json` in `out_dir` (beside it: metrics.json, the heatmap, the CSV log)."""
+    """Learn a schedule for `model` at `budget` (fraction of dense MACs to save, or of time with
+    `budget_unit="time"`: `time_table`, a saved table to reuse, else measured here) with the recipe; returns the
+    path of the exported `schedule.json` in `out_dir` (beside it: metrics.json, the heatmap, the CSV log, and for a
+    time budget time_table.json)."""
     out = Path(out_dir)
     L.seed_everything(seed, workers=True)
-    options = {} if guidance is None else {"guidance": guidance}
+    options = {"budget_unit": budget_unit, "time_table": time_table}
+    options |= {} if guidance is None else {"guidance": guidance}
     learner = ScheduleLearner(model=model, sampler=sampler, num_steps=num_steps, budget=budget, selector=selector,
                               captions=captions, **RECIPE_LEARN, **options)  # fmt: skip
     data = ConditionDataModule(num_classes=learner.num_classes, captions=captions, **RECIPE_DATA)
