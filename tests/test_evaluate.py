@@ -224,6 +224,8 @@ def test_a_time_budget_fits_the_hand_made_rows_on_a_measured_time_table(tmp_path
         knobs = {k: v for k, v in fitted[name].meta.items() if k != "method"}
         assert rows[name]["setting"] == describe(knobs)
     assert "FirstBlockCache are fitted on their measured MACs, not on time" in caplog.text
+    table = (out / "results.md").read_text()
+    assert "budget 30% of dense time (as the time table predicts it" in table and "⚠" not in table
 
     monkeypatch.setattr(ModelHandle, "time_table", lambda *a, **k: pytest.fail("timed again"))
     again = tmp_path / "again"

@@ -191,7 +191,7 @@ def build_methods(cfg: EvalConfig, runner: Runner, schedules: dict[str, Schedule
         return 1.0 - runner.run(method, calib)[1] / runner.dense_macs(calib)
 
     fit = Fitting(steps, cfg.budget, ref.transformer, schedules, cfg.selector, saved)
-    on_macs = [row_name(m) for m in cfg.methods if m not in SCHEDULE_METHODS]
+    on_macs = [row_name(m) for m in cfg.methods if m not in (*SCHEDULE_METHODS, "dense")]
     if cfg.budget_unit == "time" and on_macs:
         log.warning("--budget-unit time: %s are fitted on their measured MACs, not on time", ", ".join(on_macs))
     methods = []
