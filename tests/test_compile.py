@@ -67,7 +67,7 @@ def test_partial_compute_traces_into_one_graph(backbone, selector, reuse_kv):
     torch._dynamo.reset()
     counters.clear()
     for hook in hooks:
-        hook.partial = torch.compile(hook._partial, fullgraph=True, backend="eager")
+        hook._partial = torch.compile(hook._partial, fullgraph=True, backend="eager")  # shadows the method
     with torch._dynamo.config.patch(recompile_limit=1000, accumulated_recompile_limit=10000):
         compiled = run_loop(model, inputs, STEPS)
     assert counters["stats"]["unique_graphs"] > 0  # the partial steps did run compiled

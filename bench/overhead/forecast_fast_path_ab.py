@@ -6,43 +6,32 @@ Usage: python bench/overhead/forecast_fast_path_ab.py
 """
 
 import torch
+from case import GUIDANCE, STEPS, classes, fitted, model, noise, ref
 
 import diffsparse.cache.hooks as H
-from diffsparse.allocate import baselines
 from diffsparse.cache import apply_token_cache, remove_token_cache
 from diffsparse.evaluate.timing import alternate
-from diffsparse.models.loading import load_model
-from diffsparse.models.sampling import initial_noise, sample
+from diffsparse.models.sampling import sample
 
-torch.set_num_threads(2)
-ref = load_model("reference")
-model = ref.transformer
-sch = ref.scheduler("ddim")
-sch.set_timesteps(50)
-fitted = baselines.budget_schedules(ref.mac_table(), sch.timesteps.tolist(), 0.5)
 s = fitted["forecast_fora"]
-classes, noise = torch.arange(20) % 10, initial_noise(20, ref.sample_shape, 0)
 fast_fc, fast_up = H.forecast, H.update_history
 
 
-def slow_fc(state, unit, step, order):
-    saved = state.full_at.pop(unit, None)
-    try:
-        return fast_fc(state, unit, step, order)
-    finally:
-        if saved is not None:
-            state.full_at[unit] = saved
+def without_fast_path(fn):
+    """`fn` (forecast or update_history) with the unit's `full_at` hidden, so it takes the per-token path."""
+
+    def call(state, unit, *args):
+        saved = state.full_at.pop(unit, None)
+        try:
+            return fn(state, unit, *args)
+        finally:
+            if saved is not None:
+                state.full_at[unit] = saved
+
+    return call
 
 
-def slow_up(state, unit, *a):
-    saved = state.full_at.pop(unit, None)
-    try:
-        return fast_up(state, unit, *a)
-    finally:
-        if saved is not None:
-            state.full_at[unit] = saved
-
-
+slow_fc, slow_up = without_fast_path(fast_fc), without_fast_path(fast_up)
 outs = {}
 
 
@@ -52,7 +41,7 @@ def run(fast):
         if fast is not None:
             apply_token_cache(model, s, selector="toca")
         with torch.no_grad(), clock:
-            x = sample(model, ref.scheduler("ddim"), classes, noise, 50, 1.25)
+            x = sample(model, ref.scheduler("ddim"), classes, noise, STEPS, GUIDANCE)
         if fast is not None:
             remove_token_cache(model)
         outs[fast] = x

@@ -4,39 +4,16 @@ Usage: python bench/overhead/profile_ops.py toca   (or fora, forecast_fora, unif
 
 import sys
 
-import torch
+from case import fitted, run
 from torch.profiler import ProfilerActivity, profile
 
-from diffsparse.allocate import baselines
-from diffsparse.cache import apply_token_cache, remove_token_cache
-from diffsparse.models.loading import load_model
-from diffsparse.models.sampling import initial_noise, sample
-
-torch.set_num_threads(2)
-ref = load_model("reference")
-model = ref.transformer
-sch = ref.scheduler("ddim")
-sch.set_timesteps(50)
-fitted = baselines.budget_schedules(ref.mac_table(), sch.timesteps.tolist(), 0.5)
 s = fitted[sys.argv[1]]
-classes, noise = torch.arange(20) % 10, initial_noise(20, ref.sample_shape, 0)
-
-
-def go(schedule):
-    if schedule is not None:
-        apply_token_cache(model, schedule, selector="toca")
-    with torch.no_grad():
-        sample(model, ref.scheduler("ddim"), classes, noise, 50, 1.25)
-    if schedule is not None:
-        remove_token_cache(model)
-
-
-go(None)
-go(s)
+run(None)
+run(s)
 res = {}
 for name, sc in (("dense", None), ("cached", s)):
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False, with_stack=(name == "cached")) as prof:
-        go(sc)
+        run(sc)
     res[name] = {e.key: (e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()}
     if name == "cached":
         print(

@@ -6,34 +6,15 @@ import cProfile
 import pstats
 import time
 
-import torch
+from case import fitted, run
 
-from diffsparse.allocate import baselines
-from diffsparse.cache import apply_token_cache, remove_token_cache
-from diffsparse.models.loading import load_model
-from diffsparse.models.sampling import initial_noise, sample
-
-torch.set_num_threads(2)
-ref = load_model("reference")
-model = ref.transformer
-sch = ref.scheduler("ddim")
-sch.set_timesteps(50)
-fitted = baselines.budget_schedules(ref.mac_table(), sch.timesteps.tolist(), 0.5)
-classes, noise = torch.arange(20) % 10, initial_noise(20, ref.sample_shape, 0)
 for name in ("toca", "fora", "forecast_fora", "uniform"):
     s = fitted[name]
-
-    def go(s=s):
-        apply_token_cache(model, s, selector="toca")
-        with torch.no_grad():
-            sample(model, ref.scheduler("ddim"), classes, noise, 50, 1.25)
-        remove_token_cache(model)
-
-    go()
+    run(s)
     pr = cProfile.Profile()
     t = time.perf_counter()
     pr.enable()
-    go()
+    run(s)
     pr.disable()
     t = time.perf_counter() - t
     st = pstats.Stats(pr).stats

@@ -132,7 +132,6 @@ class TokenCacheUnitHook(ModelHook):
         self.units = units
         self.unit = units[0]
         self.signature = signature
-        self.partial = self._partial
         self.compute = None  # the unit's computation when compiled (`TokenCacheConfig.compile_units`)
 
     def new_forward(self, module, *args, **kwargs):
@@ -214,7 +213,7 @@ class TokenCacheUnitHook(ModelHook):
             return out
         if s == 1.0:
             return stale_output(ctl, u, hidden_states)
-        return self.partial(module, hidden_states, s, args, kwargs)
+        return self._partial(module, hidden_states, s, args, kwargs)
 
     def _partial(self, module, hidden_states, s, args, kwargs):
         """`_one` at sparsity 0 < s < 1: choose the fresh tokens, compute them, store them, return the whole

@@ -186,7 +186,6 @@ def run(
     # Compiled dense runs on a copy: once dynamo has compiled the whole model, its units' own compiled forwards
     # never ran compiled on that same instance (torch 2.14).
     dense_model = torch.compile(copy.deepcopy(model)) if compile else model
-    graphs = dict.fromkeys(["dense", *schedule_names, *(f"{n}+kv" for n in schedule_names)], 0)
     selector_name = selector or backbone_for(model).selector_defaults.get("name", "toca")
     probe = torch.cat([latents, latents]) if cfg else latents
     inputs = forward_kwargs(model, probe, torch.tensor(500), conditions)
@@ -227,6 +226,7 @@ def run(
         return run
 
     names = ["dense", *schedules, *kv_rows, *pruned]
+    graphs = dict.fromkeys(names, 0)  # graphs dynamo compiled while each row ran
     with tqdm(total=(rounds + 1) * len(names), desc="bench", disable=not progress) as bar:
         timings = alternate({n: timed(n) for n in names}, rounds, device=latents.device, progress=bar.update)
     peaks = {n: peak_memory(lambda n=n: timed(n)(Stopwatch())) if memory else 0 for n in names}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from diffsparse.accounting.times import TimeTable
 from diffsparse.allocate import baselines
 from diffsparse.allocate.solver import InfeasibleBudget
 from diffsparse.evaluate.cli import EvalConfig, UsageError
@@ -30,14 +29,13 @@ def budget_table(cfg: EvalConfig, runner):
     if cfg.budget_unit == "macs":
         return runner.ref.mac_table()
     if runner.time_table is None:
-        if cfg.time_table is not None:
-            table = TimeTable.load(cfg.time_table)
-            macs = runner.ref.mac_table()
-            if tuple(table.units) != tuple(macs.units):
-                raise UsageError(f"--time-table {cfg.time_table}: measured for other units than this model's.")
-        else:
+        if cfg.time_table is None:
             log.info("timing each unit's actions for --budget-unit time (%d CFG pairs)", cfg.timing_samples)
-            table = runner.ref.time_table(pairs=cfg.timing_samples, selector=cfg.selector)
+        try:
+            table = runner.ref.budget_table("time", cfg.time_table, cfg.selector, cfg.timing_samples)
+        except ValueError as e:
+            raise UsageError(f"--time-table: {e}") from e
+        if cfg.time_table is None:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             table.save(Path(cfg.output_dir) / TIME_TABLE)
         runner.time_table = table

@@ -28,7 +28,7 @@ from diffsparse.learn.data import split_batch
 from diffsparse.learn.losses import make_loss
 from diffsparse.learn.predictor import CostPredictor, choose, schedule_from_choice, straight_through, tie_broken
 from diffsparse.learn.refine import check_refine_settings
-from diffsparse.learn.settings import STAGE1_HOWTO, budget_table, check_settings
+from diffsparse.learn.settings import STAGE1_HOWTO, check_settings
 from diffsparse.models.captions import load_captions, null_conditions
 from diffsparse.models.loading import load_model
 from diffsparse.models.sampling import initial_noise, sample
@@ -133,7 +133,7 @@ class ScheduleLearner(L.LightningModule):
         self.timesteps = scheduler.timesteps.tolist()
         self.macs = self._ref.mac_table()
         # what the budget counts: the MACs, or the time measured per action
-        self.table = budget_table(self._ref, self.macs, budget_unit, time_table, selector, time_batch)
+        self.table = self._ref.budget_table(budget_unit, time_table, selector, time_batch, macs=self.macs)
         check_budget(budget, num_steps, self.table, budget_name="learn.budget", steps_name="learn.num_steps")
         fitted = baselines.budget_schedules(self.table, self.timesteps, budget)
         unknown = [name for name in starts if name not in fitted]

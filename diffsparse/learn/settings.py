@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffsparse.accounting.times import TimeTable
 from diffsparse.allocate.solver import check_num_steps
 
 BUDGET_UNITS = ("macs", "time")
@@ -38,17 +37,3 @@ def check_settings(num_steps, budget, stage, num_full, stage1_checkpoint, budget
             raise ValueError(f"learn.stage=2 starts from a stage-1 checkpoint, and none was given: {STAGE1_HOWTO}.")
         if not Path(stage1_checkpoint).is_file():
             raise ValueError(f"learn.stage1_checkpoint={stage1_checkpoint} is not a file: {STAGE1_HOWTO}.")
-
-
-def budget_table(ref, macs, unit: str, path: str | None, selector: str, pairs: int):
-    """The table `learn.budget` is a fraction of: the model's MAC table `macs`, or its time per action
-    (`unit="time"`) loaded from `path` or measured now on the model's device and dtype for `pairs` CFG pairs
-    (`cache.costs`)."""
-    if unit == "macs":
-        return macs
-    if path is not None:
-        table = TimeTable.load(path)
-        if table.units != macs.units:
-            raise ValueError(f"learn.time_table={path} was measured on another model (its units differ).")
-        return table
-    return ref.time_table(pairs=pairs, selector=selector)

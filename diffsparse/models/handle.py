@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffsparse.accounting.macs import mac_table
+from diffsparse.accounting.times import TimeTable
 from diffsparse.backbones import backbone_for, forward_kwargs
 from diffsparse.cache.costs import measure_time_table
 from diffsparse.models.sampling import make_scheduler
@@ -67,6 +68,20 @@ class ModelHandle:
         """Seconds per unit and action of one step for `pairs` CFG pairs, measured now on the model's device and
         dtype (`cache.costs.measure_time_table`): what a time budget counts."""
         return measure_time_table(self.transformer, self.probe_inputs(pairs=pairs), selector=selector)
+
+    def budget_table(self, unit: str = "macs", path=None, selector=None, pairs: int = 20, macs=None):
+        """The table a budget is a fraction of: the MAC table (`macs`, if already probed), or (`unit="time"`) the
+        time per action loaded from `path` (checked against the model's units) or measured now for `pairs` CFG
+        pairs (`time_table`). A ValueError for a loaded table of another model."""
+        macs = macs if macs is not None else self.mac_table()
+        if unit == "macs":
+            return macs
+        if path is None:
+            return self.time_table(pairs=pairs, selector=selector)
+        table = TimeTable.load(path)
+        if table.units != macs.units:
+            raise ValueError(f"The time table {path} was measured on another model (its units differ).")
+        return table
 
     def mac_table(self, size: int | None = None):
         """MACs per unit and level for one image: a CFG pair (its condition and the null one) at one step."""
