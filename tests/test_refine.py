@@ -148,3 +148,27 @@ def test_a_failed_refinement_leaves_the_learned_schedule_exported(tmp_path, monk
         learn_recipe("tiny", 0.5, tmp_path, num_steps=8, max_epochs=1)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert Schedule.load(tmp_path / "schedule.json").meta["saved_macs"] >= 0.5 and "refine" not in metrics
+
+
+def test_paused_rollouts_give_the_scores_of_whole_ones_in_fewer_steps():
+    """The learner's scores from rollouts paused before the swapped step equal whole rollouts' (the cache state
+    restored from a copy), over two passes with kept swaps, on a forecasting and partial-token start."""
+    from diffsparse.learn.data import ConditionDataModule
+    from diffsparse.learn.module import ScheduleLearner
+
+    learner = ScheduleLearner(model="tiny", num_steps=8, budget=0.5, forecast=True, starts=["toca"])
+    learner.setup("fit")
+    data = ConditionDataModule(num_classes=learner.num_classes, train_size=6, val_size=4, batch_size=3)
+    data.setup("fit")
+    start = learner.starts["toca"]
+    assert any(0 < s < 1 for row in start.grid for s in row)  # partial steps: the selector and gathers run too
+    run = partial(refine_schedule, learner.validation_l2, start, passes=2, size=6, batch=3, progress=False)
+    whole, report = run(data.train_dataloader(), data.val_dataloader())
+    paused, fast = run(data.train_dataloader(), data.val_dataloader(), rollouts=learner)
+    assert report["moves"] and fast["moves"] == report["moves"] and fast["rolled_out"] == report["rolled_out"]
+    assert fast["score_before"] == pytest.approx(report["score_before"], rel=1e-6)
+    assert fast["score_after"] == pytest.approx(report["score_after"], rel=1e-6)
+    assert report["score_after"] < report["score_before"]
+    assert (paused.action_indices() == whole.action_indices()).all()
+    whole_steps = report["rolled_out"] // 3 * 8  # every scored batch of 3 ran all 8 steps
+    assert fast["steps_run"] < 0.8 * whole_steps, (fast["steps_run"], whole_steps)

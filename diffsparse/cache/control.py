@@ -57,3 +57,10 @@ def trajectory_replay(model: torch.nn.Module):
             live()
 
     return replay
+
+
+def suspend_trajectory(model: torch.nn.Module):
+    """Set the model's unfinished trajectory aside (a sampling loop paused between steps): returns a function that
+    puts it back, as often as needed, to resume the loop from there; None without a token cache."""
+    controller = token_cache_controller(model)
+    return None if controller is None else controller.suspend()

@@ -286,26 +286,38 @@ class TokenCacheController:
         plan = tuple(tuple(row) for row in self.plan[:ran])
         return TrajectoryRecord(name, ran, plan, dict(state.shapes), factor_bytes(state))
 
-    def snapshot(self):
-        """A function that puts the controller back as it is now: schedule, mode and trajectory states.
+    def snapshot(self, mode: bool = True, clone: bool = False):
+        """A function that puts the controller back as it is now: the trajectory states, and with `mode` the
+        schedule and mode too.
 
         For recomputing a step in the backward pass (gradient checkpointing), which may run after the caller has
-        switched schedules or modes.
+        switched schedules or modes. With `clone` the states' tensors are copied when taken and again when put
+        back, so that steps run after a restore (which may write the cache in place) leave the snapshot as it was
+        and it can be restored again.
         """
         keys = ("schedule", "plan", "forecast_plan", "history", "signal_plan", "kv_plan", "reused_blocks", "choice",
-                "paused")  # fmt: skip
-        mode = {k: getattr(self, k) for k in keys}
-        saved = {name: dataclasses.replace(state, **_copied_dicts(state)) for name, state in self.states.items()}
+                "paused") if mode else ()  # fmt: skip
+        saved_mode = {k: getattr(self, k) for k in keys}
+        saved = {name: _copied(state, clone) for name, state in self.states.items()}
         current = next((name for name, state in self.states.items() if state is self.current), None)
         rng = self.selector.random_state()
 
         def restore() -> None:
-            for key, value in mode.items():
+            for key, value in saved_mode.items():
                 setattr(self, key, value)
-            self.states = {name: dataclasses.replace(state, **_copied_dicts(state)) for name, state in saved.items()}
+            self.states = {name: _copied(state, clone) for name, state in saved.items()}
             self.current = self.states.get(current)
             self.selector.set_random_state(rng)
 
+        return restore
+
+    def suspend(self):
+        """Set the trajectories aside, unfinished: returns a function that puts them back (`snapshot(mode=False,
+        clone=True)`: as often as needed), and leaves the controller with none, so the next call starts a
+        trajectory without recording or warning about the suspended one."""
+        restore = self.snapshot(mode=False, clone=True)
+        self.states.clear()
+        self.current = None
         return restore
 
     def reset(self) -> None:
@@ -323,8 +335,18 @@ def _input_shape(inputs: dict) -> tuple:
     return tuple(inputs["hidden_states"].shape), None if ids is None else tuple(ids.shape)
 
 
-def _copied_dicts(state: TrajectoryState) -> dict:
-    return {f.name: dict(getattr(state, f.name)) for f in dataclasses.fields(state) if f.name in _DICT_FIELDS}
+def _copied(state: TrajectoryState, clone: bool) -> TrajectoryState:
+    """A copy of `state` whose dicts are new (and, with `clone`, whose tensors are too)."""
+    copy = _cloned if clone else (lambda value: value)
+    return dataclasses.replace(state, **{f: {k: copy(v) for k, v in getattr(state, f).items()} for f in _DICT_FIELDS})
+
+
+def _cloned(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    return value
 
 
 _DICT_FIELDS = ("cache", "last_fresh", "full_at", "inputs", "signals", "shapes", "factors", "prev_fresh", "kv")

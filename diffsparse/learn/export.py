@@ -116,7 +116,7 @@ class ScheduleExport(L.Callback):
             pl_module.to(next(pl_module.transformer.parameters()).device)  # Lightning's teardown moved it to the CPU
             chosen, report = refine_schedule(pl_module.validation_l2, chosen, data.train_dataloader(),
                                              data.val_dataloader(), passes=hp.refine_passes, size=hp.refine_size,
-                                             batch=hp.refine_batch)  # fmt: skip
+                                             batch=hp.refine_batch, rollouts=pl_module)  # fmt: skip
             report["minutes"] = round((time.perf_counter() - began) / 60, 2)
             metrics["refine"] = report
             if report["kept"]:  # else the files written above stand; only metrics.json gains the report

@@ -311,17 +311,35 @@ class ScheduleLearner(L.LightningModule):
     def teardown(self, stage: str) -> None:
         remove_token_cache(self.transformer)
 
-    def _rollout(self, conditions: dict, noise: torch.Tensor) -> torch.Tensor:
-        """Samples in image space (decoded through the VAE for latent models), differentiable in the choice."""
+    def _rollout(self, conditions: dict, noise: torch.Tensor, pause_at: int | None = None, resume=None):
+        """Samples in image space (decoded through the VAE for latent models), differentiable in the choice; with
+        `pause_at`, the loop paused before that step instead (`sampling.Paused`), which `resume` runs on."""
         ref, hp = self._ref, self.hparams
         null = ref.null_conditions
         if null is not None:
             null = {k: v.to(self.device) for k, v in null.items()}
         x = sample(
             self.transformer, ref.scheduler(hp.sampler), conditions, noise, hp.num_steps, hp.guidance,
-            null_conditions=null, checkpoint_steps=hp.checkpoint_steps,
+            null_conditions=null, checkpoint_steps=hp.checkpoint_steps, pause_at=pause_at, resume=resume,
         )  # fmt: skip
-        return ref.decode(x)
+        return x if pause_at is not None else ref.decode(x)
+
+    def paused_rollout(self, schedule: Schedule, batch: dict, step: int, resume=None):
+        """`schedule`'s rollout of `batch` (the inference path) paused before `step`, from `resume` (an earlier
+        pause) if given: for scoring schedules that act the same before `step` without running those steps again."""
+        conditions, noise, _ = self._inputs({k: v.to(self.device) for k, v in batch.items()})
+        set_soft_choice(self.transformer, schedule, None)
+        with torch.no_grad():
+            return self._rollout(conditions, noise, pause_at=step, resume=resume)
+
+    def resumed_l2(self, schedule: Schedule, batch: dict, resume) -> float:
+        """`validation_l2(schedule, [batch])` with the rollout run on from `resume` (`paused_rollout` of a schedule
+        that acts as `schedule` does before the pause)."""
+        conditions, noise, target = self._inputs({k: v.to(self.device) for k, v in batch.items()})
+        set_soft_choice(self.transformer, schedule, None)
+        with torch.no_grad():
+            student = self._rollout(conditions, noise, resume=resume)
+        return float(torch.nn.functional.mse_loss(student, target))
 
     def _noise(self, seeds: torch.Tensor) -> torch.Tensor:
         noise = torch.cat([initial_noise(1, self._ref.sample_shape, int(s)) for s in seeds])

@@ -9,6 +9,10 @@ Each transformer call is wrapped in a diffusers `CacheContext` with the step ind
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import HookRegistry
@@ -17,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from diffsparse.backbones import predict, set_steps
-from diffsparse.cache.control import trajectory_replay
+from diffsparse.cache.control import suspend_trajectory, trajectory_replay
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "flow": FlowMatchEulerDiscreteScheduler}
 
@@ -53,6 +57,17 @@ def initial_noise(num: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(num)])
 
 
+@dataclass
+class Paused:
+    """A sampling loop stopped before step `step` (`sample(..., pause_at=step)`); `sample(..., resume=paused)` runs
+    it on from there, as often as needed, also under another schedule that acts the same before `step`."""
+
+    step: int
+    x: torch.Tensor
+    scheduler: object  # the sampler as it was then (a copy; each resume works on its own copy)
+    restore_cache: Callable[[], None] | None  # puts the token cache's trajectory back as it was (no cache: None)
+
+
 def sample(
     transformer: torch.nn.Module,
     scheduler,
@@ -64,7 +79,9 @@ def sample(
     null_conditions: dict | None = None,
     checkpoint_steps: bool = False,
     progress: bool = False,
-) -> torch.Tensor:
+    pause_at: int | None = None,
+    resume: Paused | None = None,
+) -> torch.Tensor | Paused:
     """Denoise `noise` (B, C, H, W) in `num_steps` steps; returns x0 in model space (latents for latent models).
 
     Args:
@@ -79,17 +96,28 @@ def sample(
         checkpoint_steps: recompute each step's activations in the backward pass instead of keeping them
             (gradient checkpointing per step; memory then grows with the steps only by the latents and the token
             cache). Only matters when autograd is on.
+        pause_at: stop before this step and return a `Paused` instead of x0.
+        resume: run on from where an earlier call paused (`noise` and `conditions` as given to it).
     """
     guided = guidance_scale != 1.0
     kwargs = _guided_conditions(transformer, conditions, null_class, null_conditions, guided, len(noise))
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.invalidate_child_registries_cache()  # hooks may have been added or removed since the last call
-    registry.reset_stateful_hooks(recurse=True)
-    set_steps(transformer, scheduler, num_steps, noise)
-    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
-    steps = scheduler.timesteps
+    if resume is None:
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.invalidate_child_registries_cache()  # hooks may have been added or removed since the last call
+        registry.reset_stateful_hooks(recurse=True)
+        set_steps(transformer, scheduler, num_steps, noise)
+        x, first = noise * getattr(scheduler, "init_noise_sigma", 1.0), 0
+    else:
+        scheduler, x, first = copy.deepcopy(resume.scheduler), resume.x, resume.step
+        if resume.restore_cache is not None:
+            resume.restore_cache()
+    last = num_steps if pause_at is None else pause_at
+    if not first <= last <= num_steps:
+        raise ValueError(f"Cannot run steps {first} to {last} of a {num_steps}-step trajectory.")
     checkpointed = checkpoint_steps and torch.is_grad_enabled()
-    for i, t in enumerate(tqdm(steps, desc="sampling", leave=False) if progress else steps):
+    indices = range(first, last)
+    for i in tqdm(indices, desc="sampling", leave=False) if progress else indices:
+        t = scheduler.timesteps[i]
         x_in = torch.cat([x, x]) if guided else x
         if hasattr(scheduler, "scale_model_input"):
             x_in = scheduler.scale_model_input(x_in, t)
@@ -103,7 +131,9 @@ def sample(
             cond, uncond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
         x = scheduler.step(out, t, x).prev_sample
-    return x
+    if pause_at is None:
+        return x
+    return Paused(pause_at, x, copy.deepcopy(scheduler), suspend_trajectory(transformer))
 
 
 def _checkpointed(denoise, x_in: torch.Tensor, transformer) -> torch.Tensor:
