@@ -174,3 +174,24 @@ def test_a_bf16_model_keeps_its_dtype_and_sparsity_zero_equals_bf16_dense(backbo
         assert {o.dtype for o in outs} == {torch.bfloat16} and all(torch.isfinite(o).all() for o in outs)
         assert seen["cache"] == {torch.bfloat16} and seen["factors"] == {expected} and seen["devices"] == {"cpu"}
         remove_token_cache(model)
+
+
+def test_a_timestep_on_an_accelerator_is_never_read_and_the_steps_are_counted():
+    """Reading a device tensor's value waits for the device: a loop whose timesteps live there (a stock pipeline on
+    a GPU) is followed by counting calls; a meta tensor stands for it here (reading one raises)."""
+    model = build_transformer("dit", "tiny", sample_size=16, in_channels=1, num_classes=10)
+    apply_token_cache(model, random_actions(model, seed=1).resample(4))
+    controller = token_cache_controller(model)
+    inputs = {"hidden_states": torch.randn(2, 1, 16, 16)}
+    timestep = torch.tensor([900.0], device="meta")
+    with pytest.raises(RuntimeError):
+        float(timestep)
+    seen = []
+    for _ in range(6):  # 4 steps, then the next trajectory (the schedule's last step ended the first)
+        controller.begin_forward(model, inputs, timestep, None)
+        seen.append(controller.current.step)
+        controller.end_forward()
+    assert seen == [0, 1, 2, 3, 0, 1]
+    controller.reset()  # a stock pipeline's reset at the end of its call: the next call starts again
+    controller.begin_forward(model, inputs, timestep, None)
+    assert controller.current.step == 0

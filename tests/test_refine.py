@@ -172,3 +172,13 @@ def test_paused_rollouts_give_the_scores_of_whole_ones_in_fewer_steps():
     assert (paused.action_indices() == whole.action_indices()).all()
     whole_steps = report["rolled_out"] // 3 * 8  # every scored batch of 3 ran all 8 steps
     assert fast["steps_run"] < 0.8 * whole_steps, (fast["steps_run"], whole_steps)
+
+
+def test_of_the_passes_the_one_that_validates_best_is_kept():
+    start = forecast_fora(UNITS, 8, interval=4).with_forecast(True)  # full at 0, 4
+    # training pulls the full step to 2 (two passes), validation prefers 3 (the first pass's result)
+    refined, report = refine_schedule(stub_l2([0, 2], [0, 3]), start, batches(0, 4), batches(100, 2), passes=3,
+                                      size=4, progress=False)  # fmt: skip
+    assert [p["val_l2"] for p in report["passes"]] == [0.0, 1.0] and report["val_l2_before"] == 1.0
+    assert report["kept"] and full_steps(refined.action_indices()) == [0, 3] and report["moves"] == [(3, 4)]
+    assert refined.meta["refined_swaps"] == 1 and report["val_l2_after"] == 0.0

@@ -190,10 +190,10 @@ class TokenCacheController:
         name = context.name if context is not None else "default"
         state = self.states.setdefault(name, TrajectoryState())
         self.current = state
-        t_value = None
-        if timestep is not None:
-            t_value = float(torch.as_tensor(timestep).flatten()[0])
+        t_value, counted = _host_timestep(timestep), False
         step_index = getattr(context, "step_index", None) if context is not None else None
+        if t_value is _ON_DEVICE:  # not read: that would wait for the device at every step
+            t_value, counted = None, step_index is None
         if state.finished:
             overran = (
                 step_index > 0
@@ -207,7 +207,14 @@ class TokenCacheController:
             new = step_index == 0 or step_index <= state.step
             step = step_index
         else:
-            new = state.step < 0 or t_value is None or state.last_timestep is None or t_value >= state.last_timestep
+            # counted: a trajectory runs until the schedule's last step or a reset (stock pipelines reset at the end)
+            new = (
+                state.step < 0
+                if counted
+                else (
+                    state.step < 0 or t_value is None or state.last_timestep is None or t_value >= state.last_timestep
+                )
+            )
             step = 0 if new else state.step + 1
         if new and state.step >= 0:
             self._end_trajectory(name, state)
@@ -327,6 +334,21 @@ class TokenCacheController:
         self.states.clear()
         self.current = None
         self.selector.reset()
+
+
+_ON_DEVICE = object()
+
+
+def _host_timestep(timestep) -> float | None | object:
+    """The loop's timestep as a Python float when it is on the host (a number or a CPU tensor), None when none was
+    given, `_ON_DEVICE` for a tensor on an accelerator, whose value is not read."""
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        if timestep.device.type != "cpu":
+            return _ON_DEVICE
+        return float(timestep.flatten()[0])
+    return float(timestep)
 
 
 def _input_shape(inputs: dict) -> tuple:

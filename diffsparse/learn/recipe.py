@@ -5,9 +5,10 @@ settings; a test keeps the two equal), for callers without Hydra (`python -m dif
 It starts from the hand-made schedules fitted to the budget (`RECIPE_STARTS`: ToCa, FORA, forecast-FORA,
 uniform), keeps the one that validates best on the validation conditions (their own noise seeds), learns actions
 (a level of S, and copy or forecast for the reused tokens) from it with the L2 loss against the dense samples, and
-exports the best validated schedule, refined by one pass of neighbouring-step swaps judged by rollouts (kept only
-if it validates better): never one that validates worse than that start. Its settings were chosen on
-two models (the reference DiT and a second DiT of another width, depth and noise schedule), not on one.
+exports the best validated schedule, refined by up to two passes of neighbouring-step swaps judged by rollouts on
+every training condition (the best-validating pass kept, only if it validates better): never one that validates
+worse than that start. Its settings were chosen on two models (the reference DiT and a second DiT of another width,
+depth and noise schedule), not on one.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ RECIPE_LEARN = {
     "forecast": True,
     "forecast_order": 1,
     "lr": 0.2,
-    "refine_passes": 1,
+    "refine_passes": 2,
+    "refine_size": 96,
 }
 # `data.*` and `trainer.max_epochs` of conf/experiment/learn.yaml
 RECIPE_DATA = {"train_size": 96, "val_size": 64, "batch_size": 8}

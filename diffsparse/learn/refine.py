@@ -10,7 +10,9 @@ A move swaps the actions of steps t and t + 1 (t >= 1: the first step stays full
 not depend on the step, so a swap keeps the schedule's saved MACs exactly and it stays within its budget. A pass
 tries, in trajectory order, the neighbouring pairs that differ when it begins (skipping those a kept swap has made
 equal); a swap is kept when the score (the L2 of the rollouts on the training conditions) falls below
-(1 - `min_gain`) times its current value. What is kept is then judged on the validation conditions.
+(1 - `min_gain`) times its current value. The schedule after each pass is then judged on the validation
+conditions, and the best of them is kept if it validates better than the unrefined schedule: a pass whose swaps
+fit the training conditions only is not exported.
 
 A candidate acts as the current schedule before its swap, so with a learner that can pause and resume rollouts
 (`Rollouts`) each batch's rollout of the current schedule is kept paused before the step being tried and only the
@@ -55,13 +57,15 @@ def refine_by_swaps(
     min_gain: float = 0.01,
     progress: bool = True,
     on_keep: Callable[[np.ndarray], None] | None = None,
+    on_pass: Callable[[np.ndarray, list], None] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Greedy swaps of neighbouring steps' actions (T, U) that lower `score`; returns the refined actions and a
     report: the kept moves (t, t + 1), the score before and after, the number of candidates scored.
 
     `score(actions, limit)` is the score, or any value >= `limit` once it is known to reach `limit` (a candidate
     scoring that much is not kept, so its exact score is not needed). `on_keep(actions)` hears of each kept
-    candidate, the new current actions."""
+    candidate, the new current actions; `on_pass(actions, moves)` of the end of each pass that kept a move (the
+    actions then, and the moves kept so far)."""
     if passes < 0 or not 0.0 <= min_gain < 1.0:
         raise ValueError(f"passes={passes}, min_gain={min_gain}: passes must be >= 0 and min_gain in [0, 1).")
     current = np.array(actions, copy=True)
@@ -85,6 +89,8 @@ def refine_by_swaps(
                 kept_this_pass += 1
         if not kept_this_pass:
             break
+        if on_pass is not None:
+            on_pass(current, list(kept))
     return current, {"moves": kept, "score_before": before, "score_after": best, "rollouts": scored}
 
 
@@ -166,10 +172,12 @@ def refine_schedule(
 ) -> tuple[Schedule, dict]:
     """`schedule` refined by `refine_by_swaps`, scored by `validation_l2(schedule, batches)` (the L2 of its
     rollouts against the dense ones) on at most `size` training conditions, `batch` per rollout; with `rollouts`,
-    the same scores from paused rollouts (`PrefixScorer`). Returns the refined schedule if its validation L2 is below
-    the unrefined one's (both measured here, on `val_batches`), else `schedule`; and the report, with `conditions`,
-    `rolled_out` (conditions rolled out in all, early stops included), `steps_run` (denoising steps run for the
-    scores, summed over the batches; None without `rollouts`), `val_l2_before`, `val_l2_after` and `kept`."""
+    the same scores from paused rollouts (`PrefixScorer`). Returns, of the schedules after each pass, the one with the
+    lowest validation L2 if that is below the unrefined one's (both measured here, on `val_batches`), else
+    `schedule`; and the report, with `moves` (those of the returned schedule, or all tried when none is kept),
+    `passes` (each pass's moves so far and validation L2), `conditions`, `rolled_out` (conditions rolled out in
+    all, early stops included), `steps_run` (denoising steps run for the scores, summed over the batches; None
+    without `rollouts`), `val_l2_before`, `val_l2_after` (the best pass's) and `kept`."""
     check_refine_settings(passes, size, batch)
     batches, val_batches = first_conditions(train_batches, size, batch), list(val_batches)
     sizes = [len(next(iter(b.values()))) for b in batches]
@@ -195,14 +203,24 @@ def refine_schedule(
                 break
         return total / count
 
+    passes_seen = []  # after each pass that kept a move: (actions, moves so far, validation L2)
+
+    def validate(actions: np.ndarray, moves: list) -> None:
+        candidate = Schedule.from_actions(actions, schedule.units, meta)
+        passes_seen.append((actions.copy(), moves, validation_l2(candidate, val_batches)))
+
     keep = None if prefix is None else prefix.keep
-    actions, report = refine_by_swaps(actions, score, passes=passes, progress=progress, on_keep=keep)
-    refined = Schedule.from_actions(actions, schedule.units, {**meta, "refined_swaps": len(report["moves"])})
-    before = after = None
-    if report["moves"]:
-        before, after = validation_l2(schedule, val_batches), validation_l2(refined, val_batches)
-    kept = after is not None and after < before
+    _, report = refine_by_swaps(actions, score, passes=passes, progress=progress, on_keep=keep, on_pass=validate)
+    before = validation_l2(schedule, val_batches) if passes_seen else None
+    best = min(passes_seen, key=lambda seen: seen[2], default=None)
+    kept = best is not None and best[2] < before
+    refined = schedule
+    if kept:
+        refined = Schedule.from_actions(best[0], schedule.units, {**meta, "refined_swaps": len(best[1])})
     steps = None if prefix is None else prefix.steps_run
-    report.update(conditions=count, rolled_out=rolled[0], steps_run=steps, val_l2_before=before,
-                  val_l2_after=after, kept=kept)  # fmt: skip
-    return (refined if kept else schedule), report
+    report.update(
+        moves=best[1] if kept else report["moves"], conditions=count, rolled_out=rolled[0], steps_run=steps,
+        passes=[{"moves": m, "val_l2": v} for _, m, v in passes_seen], val_l2_before=before,
+        val_l2_after=None if best is None else best[2], kept=kept,
+    )  # fmt: skip
+    return refined, report
