@@ -125,14 +125,15 @@ def train_reference(
         architecture=architecture, noise_schedule=noise_schedule,
     )  # fmt: skip
     (out / "training.json").write_text(json.dumps(recipe, indent=2) + "\n")
-    _plot_loss(history, out / "loss.png")
+    plot_loss(history, out / "loss.png", "reference DiT training loss", "epsilon MSE")
     log.info("reference DiT trained in %.1f min, saved to %s", minutes, out)
     return recipe
 
 
-def _plot_loss(history: list[dict], path: Path) -> None:
+def plot_loss(history: list[dict], path: Path, title: str, ylabel: str) -> None:
+    """A loss curve (`history`: dicts with `step` and `loss`), log scale, as a PNG."""
     fig = Figure(figsize=(5, 3), layout="tight")  # no pyplot: no backend, no global figure to close
     ax = fig.subplots()
     ax.plot([h["step"] for h in history], [h["loss"] for h in history])
-    ax.set(xlabel="step", ylabel="epsilon MSE", yscale="log", title="reference DiT training loss")
+    ax.set(xlabel="step", ylabel=ylabel, yscale="log", title=title)
     fig.savefig(path, dpi=100)

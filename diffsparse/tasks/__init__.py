@@ -2,6 +2,7 @@
 library never imports it.
 """
 
+from diffsparse.tasks.flux_digits import train_flux_digits
 from diffsparse.tasks.learn import learn_schedule
 from diffsparse.tasks.prune import prune_model
 from diffsparse.tasks.reference import train_feature_network, train_reference_model
@@ -16,4 +17,5 @@ TRAIN_TASKS = {
     "learn": learn_schedule,
     "search": search_schedule,
     "prune": prune_model,
+    "flux_digits": train_flux_digits,
 }

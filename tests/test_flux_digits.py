@@ -1,0 +1,73 @@
+"""The FLUX-architecture digits model's training task, on a tiny run: it saves a stock `FluxPipeline` folder that
+loads offline, whose captions the tiny tokenizers know, and on which the token cache at sparsity 0 is exact."""
+
+import json
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+from omegaconf import OmegaConf
+
+from diffsparse import Schedule, enable_token_cache
+from diffsparse.backbones.tiny_parts import TINY_VOCABULARY
+from diffsparse.models.loading import load_model
+from diffsparse.reference.flux_digits import CAPTION_TEMPLATES, IMAGE_SIZE, MAX_SEQUENCE_LENGTH, all_captions
+from diffsparse.tasks.flux_digits import train_flux_digits
+
+
+def test_every_caption_is_made_of_known_words_and_fits_the_text_tokens():
+    captions = all_captions()
+    assert len(captions) == 10 * len(CAPTION_TEMPLATES) == len(set(captions))
+    assert all(w in TINY_VOCABULARY for c in captions for w in c.split())
+    assert max(len(c.split()) for c in captions) + 1 <= MAX_SEQUENCE_LENGTH  # and the end-of-sequence token
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flux_digits")
+    cfg = OmegaConf.load("conf/flux_digits.yaml")
+    cfg.output_dir = str(out)
+    cfg.merge_with(
+        {
+            "steps": 3,
+            "batch_size": 4,
+            "warmup": 1,
+            "autoencoder": {"steps": 2, "batch_size": 4},
+            "architecture": {"num_layers": 1, "num_single_layers": 1},
+            "card": {"samples": 10, "steps": 2},
+        }
+    )
+    result = train_flux_digits(cfg)
+    return out, result
+
+
+def test_the_trained_model_is_a_stock_flux_pipeline_folder_with_its_card(trained):
+    out, result = trained
+    pipe = FluxPipeline.from_pretrained(out, local_files_only=True)
+    assert pipe.transformer.config.num_single_layers == 1 and pipe.vae.config.in_channels == 1
+    assert pipe.vae.config.shift_factor != 0.0 and pipe.vae.config.scaling_factor > 0  # set from its latents
+    training = json.loads((out / "training.json").read_text())
+    assert training["config"]["steps"] == 3 and training["final_loss"] > 0
+    quality = json.loads((out / "quality.json").read_text())
+    assert quality["samples"] == 10 and len(quality["per_class_accuracy"]) == 10
+    for name in ("loss.png", "autoencoder_loss.png", "samples.png"):
+        assert (out / name).stat().st_size > 0
+    # the project's loader sees a FLUX pipeline folder (FluxPipeline's default size is 1024 px: say the digits')
+    handle = load_model(str(out), height=IMAGE_SIZE, width=IMAGE_SIZE)
+    assert handle.text_conditioned and tuple(handle.sample_shape) == (4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+
+
+def test_the_token_cache_at_sparsity_0_is_exact_on_it(trained):
+    out, _ = trained
+    pipe = FluxPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call():
+        g = torch.Generator().manual_seed(0)
+        return pipe(["the digit seven", "a drawing of a two"], height=IMAGE_SIZE, width=IMAGE_SIZE,
+                    num_inference_steps=4, max_sequence_length=MAX_SEQUENCE_LENGTH, generator=g,
+                    output_type="pt").images  # fmt: skip
+
+    dense = call()
+    enable_token_cache(pipe, Schedule.uniform(pipe.transformer, num_steps=4, sparsity=0.0))
+    assert torch.equal(call(), dense)
