@@ -66,7 +66,7 @@ BAD_ARGUMENTS = [
     (["--size", "huge"], r"--size 'huge' is not a dit size"),
     (["--model", "flux", "--size", "XL/2"], r"not a flux size"),
     (["--selector", "best"], r"--selector best: Unknown selector"),
-    (["--model", "flux", "--selector", "toca"], r"--selector toca: .*attention maps"),
+    (["--model", "wan", "--selector", "toca"], r"--selector toca: .*attention maps"),
     (["--device", "gpu"], r"--device 'gpu' is not a device the bench runs on"),
     (["--device", "meta"], r"the bench runs on cpu or cuda"),
     (["--dtype", "float64"], r"argument --dtype: invalid choice"),

@@ -146,8 +146,6 @@ def test_a_flow_matching_model_gets_the_flow_sampler_and_refuses_ddim(tmp_path, 
     argv = ["--model", "tiny-flux", "--quick", "--captions", str(captions), "--out", str(tmp_path / "eval")]
     with pytest.raises(UsageError, match="flow-matching model: use flow"):
         evaluate(parse_args([*argv, "--sampler", "ddim"]))
-    with pytest.raises(UsageError, match="selector toca"):  # FLUX exposes no attention maps
-        evaluate(parse_args([*argv, "--selector", "toca"]))
     assert parse_args([*argv, "--sampler", "flow"]).sampler == "flow"
 
 

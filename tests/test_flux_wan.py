@@ -1,5 +1,6 @@
 """The token cache on FLUX (joint and single-stream blocks) and Wan2.1 (rotary self-attention on a video grid)."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import call_flow_pipeline, max_diff, run_loop
@@ -41,7 +42,7 @@ def test_units_follow_the_registry(model, backbone):
 @pytest.mark.parametrize("selector", SELECTORS)
 def test_sparsity_zero_is_exactly_dense_in_a_loop(model, inputs, backbone, selector):
     sched = Schedule.uniform(cacheable_units(model), 5, 0.0)
-    if selector == "toca":  # attention maps of joint / rotary attention are not exposed: a clear refusal
+    if selector == "toca" and backbone == "wan":  # rotary self-attention exposes no map: a clear refusal
         with pytest.raises(ValueError, match="selector='norm'"):
             apply_token_cache(model, sched, selector=selector)
         return
@@ -244,3 +245,40 @@ def test_our_flow_matching_loop_gives_the_stock_pipelines_latents(flow_pipelines
         )
     remove_token_cache(pipe.transformer)
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_text_entropy_is_one_for_even_attention_and_near_zero_for_one_text_token():
+    from diffsparse.cache.runners import text_entropy
+
+    key = torch.zeros(2, 5, 3, 8)
+    key[:, range(5), :, range(5)] = 1.0  # text token j along axis j, in every head
+    assert torch.allclose(text_entropy(torch.zeros(2, 7, 3, 8), key), torch.ones(2, 7))
+    focused = 100.0 * key[:, 2:3].expand(2, 7, 3, 8)  # every query points at text token 2
+    assert text_entropy(focused, key).shape == (2, 7) and text_entropy(focused, key).max() < 0.05
+
+
+def test_flux_toca_ranks_image_tokens_by_their_entropy_over_the_text(flow_pipelines):
+    """selector='toca' on FLUX: the paper's weights; the entropy is computed on full steps (dual- and single-stream
+    blocks, image tokens only) and changes which tokens are recomputed, against the norm selector."""
+    from diffsparse.cache.selectors import ENTROPY
+
+    pipe = flow_pipelines["flux"]
+    units = cacheable_units(pipe.transformer)
+    sched = Schedule(np.array([[0.0] * len(units)] + [[0.5] * len(units)] * 3), units)
+    outputs, seen = {}, {}
+    for selector in ("toca", "norm"):
+        controller = apply_token_cache(pipe.transformer, sched, selector=selector)
+        if selector == "toca":
+            assert controller.selector.cross_attn_weight == 1.0 and controller.selector.self_attn_weight == 0.0
+            original = controller.selector.select
+
+            def spy(x, k, state, unit, original=original, seen=seen):
+                seen.update({key: v.clone() for key, v in state.signals.items()})
+                return original(x, k, state, unit)
+
+            controller.selector.select = spy
+        outputs[selector] = call_flow_pipeline(pipe, steps=4)
+        remove_token_cache(pipe.transformer)
+    assert {key for key in seen} == {(0, ENTROPY), (1, ENTROPY)}  # the dual-stream block, the single-stream one
+    assert all(v.shape == (1, 16) and 0 < v.min() and v.max() <= 1 + 1e-6 for v in seen.values())
+    assert not torch.equal(outputs["toca"], outputs["norm"])

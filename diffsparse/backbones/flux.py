@@ -266,10 +266,12 @@ FLUX = register_backbone(
         build=build_flux,
         example_inputs=flux_example_inputs,
         text_conditioned=True,
-        # The paper's FLUX weights (lambda_2 = 1: the image queries' entropy over the text) need attention maps of
-        # the joint attention, which we do not compute: the default ranks by input norm, with the paper's
-        # lambda_3 = 0.25/3, lambda_4 = 0.4 and k = 4.
-        selector_defaults=dict(name="norm", reuse_weight=0.25 / 3, bonus=0.4, bonus_kernel=4),
+        # The default ranks by input norm; selector="toca" takes the paper's FLUX weights (A.5.1: lambda_1 = 0,
+        # lambda_2 = 1 on the image queries' attention entropy over the text, lambda_3 = 0.25/3, lambda_4 = 0.4,
+        # k = 4), the entropy computed on full steps before partial ones (runners.joint_text_entropy).
+        selector_defaults=dict(
+            name="norm", self_attn_weight=0.0, cross_attn_weight=1.0, reuse_weight=0.25 / 3, bonus=0.4, bonus_kernel=4
+        ),  # fmt: skip
         forward_kwargs=forward_kwargs,
         to_latents=to_latents,
         set_steps=set_steps,

@@ -16,7 +16,15 @@ from dataclasses import fields
 import torch
 from diffusers.hooks import HookRegistry
 
-from diffsparse.backbones.registry import JOINT, ROPE_SELF, UnitInfo, backbone_for, find_blocks, find_units
+from diffsparse.backbones.registry import (
+    JOINT,
+    ROPE_SELF,
+    SINGLE_STREAM,
+    UnitInfo,
+    backbone_for,
+    find_blocks,
+    find_units,
+)
 from diffsparse.cache.attention import check_standard_attention
 from diffsparse.cache.config import TokenCacheConfig
 from diffsparse.cache.conflicts import refuse_diffusers_caches
@@ -93,7 +101,9 @@ def apply_token_cache(model: torch.nn.Module, config: TokenCacheConfig | Schedul
             check_standard_attention(u.module, u.name, "key/value reuse (reuse_kv=True)")
     if selector.signals:
         for u in units:
-            if any(row[u.index] is not None for row in controller.signal_plan):
+            if u.runner == SINGLE_STREAM:  # FLUX computes its maps in the runners (JOINT: checked below)
+                check_plain(u.module.attn, u.name)
+            elif u.runner != JOINT and any(row[u.index] is not None for row in controller.signal_plan):
                 check_standard_attention(u.module, u.name)
 
     by_module: dict[int, list[UnitInfo]] = {}

@@ -19,7 +19,14 @@ from diffsparse.cache.conflicts import refuse_diffusers_caches
 from diffsparse.cache.forecast import forecast, update_history
 from diffsparse.cache.kv import full_attention, partial_attention
 from diffsparse.cache.rows import flat_rows, put_rows, take_rows
-from diffsparse.cache.runners import joint_attention, rope_self_attention, single_stream_branch
+from diffsparse.cache.runners import (
+    joint_attention,
+    joint_text_entropy,
+    rope_self_attention,
+    single_stream_branch,
+    single_stream_text_entropy,
+)
+from diffsparse.cache.selectors import ENTROPY
 from diffsparse.cache.state import TokenCacheController, TrajectoryState
 from diffsparse.model_hooks import find_hook
 
@@ -248,6 +255,10 @@ class TokenCacheUnitHook(ModelHook):
         img, txt = bound["hidden_states"], bound["encoder_hidden_states"]
         dense = ctl.sparsity(state.step, img_u.index) == 0.0 and ctl.sparsity(state.step, txt_u.index) == 0.0
         if ctl.choice is not None or dense:
+            if ctl.signal_plan[state.step][img_u.index] is not None:  # the selector reads it at later partial steps
+                with torch.no_grad():
+                    entropy = joint_text_entropy(module, img, txt, bound["image_rotary_emb"])
+                state.signals[(img_u.block, ENTROPY)] = entropy
             out = self.fn_ref.original_forward(*args, **kwargs)
             if len(out) != 2:
                 raise ValueError(f"{img_u.name}: image-prompt adapters are not supported by the token cache.")
@@ -279,6 +290,10 @@ class TokenCacheUnitHook(ModelHook):
         img, txt = bound["hidden_states"], bound["encoder_hidden_states"]
         s = ctl.sparsity(state.step, u.index)
         if ctl.choice is not None or s == 0.0:
+            if ctl.signal_plan[state.step][u.index] is not None:  # the selector reads it at later partial steps
+                with torch.no_grad():
+                    entropy = single_stream_text_entropy(block, img, txt, bound["temb"], bound["image_rotary_emb"])
+                state.signals[(u.block, ENTROPY)] = entropy
             txt_out, img_out = self.fn_ref.original_forward(*args, **kwargs)
             if ctl.choice is not None:
                 return txt_out, img + blend_output(ctl, u, img, img_out - img, txt.shape[1])

@@ -7,11 +7,17 @@
 - A single-stream block (FLUX): norm, attention and MLP side by side on all text tokens and the fresh image tokens;
   keys and values from every token. The block's residual branch (its output minus its input) is what is cached.
 
+On full steps before partial ones, the `toca` selector's FLUX signal (DiffSparse A.5.1: lambda_2 on the
+cross-attention entropy) is each image query's attention entropy over the text tokens (`joint_text_entropy`,
+`single_stream_text_entropy`).
+
 All three use `scaled_dot_product_attention`. With every token fresh they compute what the module computes, up
 to float rounding; the hooks still call the module itself whenever a unit computes all of its tokens.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -138,3 +144,33 @@ def single_stream_branch(block, img: torch.Tensor, txt: torch.Tensor, temb, rota
 def _fresh(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """The fresh tokens of x; `rows` None means all of them (no copy)."""
     return x if rows is None else take_rows(x, rows, idx.shape[1])
+
+
+def text_entropy(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Entropy of each query's attention over the text keys alone (the softmax of its scores over them), averaged
+    over heads and divided by log M so it lies in [0, 1]: `(B, N)` from queries (B, N, H, D) and text keys
+    (B, M, H, D), both normed and rotated as the attention uses them."""
+    logits = torch.einsum("bnhd,bmhd->bhnm", query.float(), key.float()) * query.shape[-1] ** -0.5
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1).mean(1) / max(math.log(key.shape[1]), 1e-6)
+
+
+def _rotated(attn, proj, norm, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return rotate(_heads(attn, proj, norm, x), cos[None, :, None], sin[None, :, None])
+
+
+def joint_text_entropy(attn, img: torch.Tensor, txt: torch.Tensor, rotary) -> torch.Tensor:
+    """`text_entropy` of the image queries of a FLUX dual-stream attention (its normed image and text tokens)."""
+    cos, sin = rotary_table(rotary)
+    m = txt.shape[1]
+    key = _rotated(attn, attn.add_k_proj, attn.norm_added_k, txt, cos[:m], sin[:m])
+    return text_entropy(_rotated(attn, attn.to_q, attn.norm_q, img, cos[m:], sin[m:]), key)
+
+
+def single_stream_text_entropy(block, img: torch.Tensor, txt: torch.Tensor, temb, rotary) -> torch.Tensor:
+    """`text_entropy` of the image queries of a FLUX single-stream block (its input image and text tokens)."""
+    cos, sin = rotary_table(rotary)
+    m, attn = txt.shape[1], block.attn
+    normed, _ = block.norm(torch.cat([txt, img], dim=1), emb=temb)
+    key = _rotated(attn, attn.to_k, attn.norm_k, normed[:, :m], cos[:m], sin[:m])
+    return text_entropy(_rotated(attn, attn.to_q, attn.norm_q, normed[:, m:], cos[m:], sin[m:]), key)

@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from diffsparse.backbones.registry import CROSS_ATTN, MODULE, SELF_ATTN, BackboneSpec, UnitInfo
+from diffsparse.backbones.registry import (
+    CROSS_ATTN,
+    IMAGE,
+    JOINT_ATTN,
+    MODULE,
+    PARALLEL_BLOCK,
+    SELF_ATTN,
+    BackboneSpec,
+    UnitInfo,
+)
 from diffsparse.cache.forecast import factor_bytes
 from diffsparse.cache.rows import may_write_in_place, put_rows
 from diffsparse.cache.selectors import ENTROPY, INFLUENCE, TokenSelector
@@ -18,7 +27,15 @@ from diffsparse.schedule import Schedule, ScheduleError
 
 logger = logging.getLogger(__name__)
 
-_SIGNAL_OF_KIND = {SELF_ATTN: INFLUENCE, CROSS_ATTN: ENTROPY}
+_SIGNAL_OF_KIND = {SELF_ATTN: INFLUENCE, CROSS_ATTN: ENTROPY, JOINT_ATTN: ENTROPY, PARALLEL_BLOCK: ENTROPY}
+
+
+def signal_of(unit: UnitInfo) -> str | None:
+    """The attention signal a unit's full compute can give the selector: self-attention influence, or the image
+    queries' entropy over the text (cross-attention; FLUX's joint attention and single-stream blocks)."""
+    if unit.kind == JOINT_ATTN and unit.stream != IMAGE:
+        return None
+    return _SIGNAL_OF_KIND.get(unit.kind)
 
 
 @dataclass
@@ -104,11 +121,12 @@ class TokenCacheController:
         reuse_kv: bool = False,
     ):
         schedule.check_units([u.name for u in units])
-        missing = [s for s in selector.signals if s not in {_SIGNAL_OF_KIND.get(u.kind) for u in units}]
+        missing = [s for s in selector.signals if s not in {signal_of(u) for u in units}]
         if missing:
             raise ValueError(
                 f"Selector {selector.name!r} weights signal(s) {missing} but {spec.name} has no unit that produces "
-                "them (influence comes from self-attention, entropy from cross-attention): set their weight to 0."
+                "them (influence comes from self-attention, entropy from cross-attention or FLUX's joint attention): "
+                "set their weight to 0."
             )
         self.spec = spec
         self.units = units
@@ -167,7 +185,7 @@ class TokenCacheController:
         for t in range(grid.shape[0]):
             row = []
             for u in self.units:
-                signal = _SIGNAL_OF_KIND.get(u.kind)
+                signal = signal_of(u)
                 later = partial[t + 1 :, [v.index for v in self.units if v.block == u.block]].any()
                 row.append(signal if signal in self.selector.signals and grid[t, u.index] == 0 and later else None)
             plan.append(row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from diffsparse.backbones.registry import IMAGE
 from diffsparse.cache.selectors.base import ENTROPY, INFLUENCE, SelectorConfig, TokenSelector, register_selector
 
 
@@ -31,6 +32,6 @@ class ToCaSelector(TokenSelector):
         b, n, _ = x.shape
         score = torch.zeros(b, n, device=x.device)
         for signal, weight in ((INFLUENCE, self.self_attn_weight), (ENTROPY, self.cross_attn_weight)):
-            if weight != 0:
+            if weight != 0 and (signal != ENTROPY or unit.stream == IMAGE):  # entropy: an image token's
                 score = score + weight * state.signals[(unit.block, signal)]
         return score
