@@ -1,6 +1,6 @@
 """Validation curves of recipe runs (`python train.py experiment=learn logger=csv ...`): val/l2 per epoch, with the
-chosen start's validation L2 as a dashed line and the schedule after the neighbouring-step swaps (`learn.refine`)
-as a star, one panel per run.
+chosen start's validation L2 as a dashed line and the schedule after the neighbouring-step swaps (`learn.refine`;
+one per pass where metrics.json lists them) as stars, one panel per run.
 
 python bench/learn_curves.py OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]
 """
@@ -37,7 +37,11 @@ def main(argv: list[str]) -> None:
         ax.plot(epochs, values, "o-", label="learned (hard schedule, each epoch)")
         ax.axhline(metrics["start_val_l2"], ls="--", c="gray", label=f"best start: {metrics['start']}")
         refine = metrics.get("refine")
-        if refine and refine["val_l2_after"] is not None:
+        if refine and refine.get("passes"):  # the schedule after each pass, validated (the best kept if better)
+            for i, done in enumerate(refine["passes"]):
+                label = f"after pass {i + 1}: {len(done['moves'])} swaps"
+                ax.plot([len(epochs) + i], [done["val_l2"]], "*", ms=12, c=f"C{3 + i}", label=label)
+        elif refine and refine["val_l2_after"] is not None:
             kept = "kept" if refine["kept"] else "not kept"
             label = f"after {len(refine['moves'])} swaps ({kept})"
             ax.plot([len(epochs)], [refine["val_l2_after"]], "*", ms=12, c="C3", label=label)
