@@ -159,3 +159,19 @@ def test_a_saved_stock_pipeline_is_a_model_to_learn_on(pipe, captions_file, tmp_
     tiny_pipeline("dit").save_pretrained(tmp_path / "dit")
     dit = load_model(str(tmp_path / "dit"))
     assert not dit.text_conditioned and dit.num_classes == 1000 and dit.mac_table().dense_step > 0
+
+
+def test_captions_with_classes_keep_their_ids_and_bad_lines_are_refused(pipe, tmp_path, capsys):
+    pipe.save_pretrained(tmp_path / "pixart")
+    lines = [f"{i}\tthe digit {d}" for i, d in enumerate(DIGITS[:3])]
+    (tmp_path / "captions.txt").write_text("\n".join(lines) + "\n")
+    main([str(tmp_path / "pixart"), str(tmp_path / "captions.txt"), str(tmp_path / "c.safetensors"), "--classes",
+          "--max-length", "8"])  # fmt: skip
+    tensors, captions = load_captions(tmp_path / "c.safetensors")
+    assert captions == [f"the digit {d}" for d in DIGITS[:3]] and tensors["labels"].tolist() == [0, 1, 2]
+    (tmp_path / "bad.txt").write_text("the digit one\n")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "pixart"), str(tmp_path / "bad.txt"), str(tmp_path / "b.safetensors"), "--classes"])
+    assert "CLASS<tab>caption" in capsys.readouterr().err and not (tmp_path / "b.safetensors").exists()
+    with pytest.raises(ValueError, match="class ids"):
+        save_captions(tmp_path / "x.safetensors", {**tensors, "labels": torch.tensor([0.5, 1, 2])}, captions)

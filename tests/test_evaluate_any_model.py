@@ -89,7 +89,7 @@ def test_an_8_class_dit_of_another_width_gets_fidelity_columns_and_its_own_class
 def test_a_feature_net_for_other_images_is_refused_before_sampling(tmp_path, no_sampling, capsys):
     model = save_dit(tmp_path / "dit24", num_classes=10, sample_size=24)
     argv = ["--model", str(model), "--quick", "--feature-net", "digits", "--out", str(tmp_path / "eval")]
-    with pytest.raises(UsageError, match="takes 1 x 16 x 16 images.*decodes to 1 x 24 x 24"):
+    with pytest.raises(UsageError, match=r"takes 1 x 16 x 16 images \(or whole multiples.*decodes to 1 x 24 x 24"):
         evaluate(parse_args(argv))
     with pytest.raises(SystemExit):
         main(argv)
@@ -97,7 +97,8 @@ def test_a_feature_net_for_other_images_is_refused_before_sampling(tmp_path, no_
     assert not (tmp_path / "eval").exists()
 
 
-def _captions(path: Path, width: int = 32, count: int = 4, length: int = 6, pooled: int = 0, mask: bool = True):
+def _captions(path: Path, width: int = 32, count: int = 4, length: int = 6, pooled: int = 0, mask: bool = True,
+              labels: list[int] | None = None):  # fmt: skip
     """Random caption embeddings in the format of `python -m diffsparse.captions`."""
     g = torch.Generator().manual_seed(0)
     tensors = {"prompt_embeds": torch.randn(count, length, width, generator=g),
@@ -108,6 +109,8 @@ def _captions(path: Path, width: int = 32, count: int = 4, length: int = 6, pool
     if pooled:
         tensors |= {"pooled_prompt_embeds": torch.randn(count, pooled, generator=g),
                     "negative_pooled_prompt_embeds": torch.randn(1, pooled, generator=g)}  # fmt: skip
+    if labels is not None:
+        tensors["labels"] = torch.tensor(labels)
     return save_captions(path, tensors, [f"caption {i}" for i in range(count)])
 
 
@@ -139,6 +142,20 @@ def test_a_text_conditional_model_samples_its_captions_in_turn(tmp_path, recorde
         assert set(kwargs["null_conditions"]) == {"encoder_hidden_states", "encoder_attention_mask"}
     assert [len(c["encoder_hidden_states"]) for c in batches[-3:]] == [8, 8, 4]  # the last run, in batches of 8
     assert "the 4 captions of captions.safetensors in turn" in (out / "results.md").read_text()
+
+
+def test_captions_with_classes_give_each_sample_its_class_for_accuracy(tmp_path):
+    from diffsparse.evaluate.harness import make_conditions
+    from diffsparse.models.loading import load_model
+
+    captions = _captions(tmp_path / "captions.safetensors", labels=[3, 1, 4, 1])
+    cfg = parse_args(["--model", "tiny-pixart", "--quick", "--captions", str(captions), "--out", str(tmp_path)])
+    conditions = make_conditions(load_model("tiny-pixart"), cfg)
+    assert conditions.labels.tolist() == [[3, 1, 4, 1][i % 4] for i in range(cfg.samples)]
+    assert conditions.classes == 5 and conditions.distinct == 4  # classes 0..4 for accuracy; 4 captions
+    plain = make_conditions(load_model("tiny-pixart"), parse_args(["--model", "tiny-pixart", "--quick", "--captions",
+                            str(_captions(tmp_path / "plain.safetensors")), "--out", str(tmp_path)]))  # fmt: skip
+    assert plain.labels is None and plain.classes is None
 
 
 def test_a_flow_matching_model_gets_the_flow_sampler_and_refuses_ddim(tmp_path, no_sampling):

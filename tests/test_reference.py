@@ -146,3 +146,15 @@ def test_shipped_reference_model_loads_offline_and_draws_the_asked_digits():
         x = sample(ref.transformer, ref.scheduler("ddim"), labels, noise, 50, guidance_scale=DEFAULT_GUIDANCE)
         accuracy = (net(x.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.9
+
+
+def test_the_feature_net_measures_a_32px_digit_as_its_16px_self_and_refuses_other_sizes():
+    net = load_feature_net()
+    images, _ = load_digits()
+    small = images[:8]
+    large = torch.nn.functional.interpolate(small, scale_factor=2, mode="nearest")  # each pixel a 2 x 2 block
+    with torch.no_grad():
+        assert torch.allclose(net.features(large), net.features(small), atol=1e-6)
+    assert net.accepts((1, 32, 32)) and not net.accepts((1, 24, 24)) and not net.accepts((3, 32, 32))
+    with pytest.raises(ValueError, match="16 k"):
+        net.features(torch.zeros(2, 1, 24, 24))

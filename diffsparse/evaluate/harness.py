@@ -51,7 +51,7 @@ from diffsparse.evaluate.metrics import (
 )
 from diffsparse.evaluate.results import write_results
 from diffsparse.evaluate.timing import Speedup, Stopwatch, speedup
-from diffsparse.models.captions import forward_conditions, load_captions, null_conditions
+from diffsparse.models.captions import CAPTION_LABELS, forward_conditions, load_captions, null_conditions
 from diffsparse.models.handle import ModelHandle
 from diffsparse.models.loading import load_model
 from diffsparse.models.sampling import initial_noise, sample, sample_batched
@@ -74,6 +74,7 @@ class Conditions:
     labels: torch.Tensor | None  # class ids, for class accuracy
     distinct: int  # classes or captions (the sample grids' columns, when few)
     description: str
+    classes: int | None = None  # the classes `labels` come from, where not `distinct` (captions with classes)
 
     def first(self, n: int) -> torch.Tensor | dict:
         if isinstance(self.values, torch.Tensor):
@@ -98,8 +99,10 @@ def make_conditions(ref: ModelHandle, cfg: EvalConfig) -> Conditions:
         index = torch.arange(cfg.samples) % count
         ref.null_conditions = null_conditions(tensors)
         values = {k: v[index] for k, v in text.items()}
-        return Conditions(values, {"null_conditions": ref.null_conditions}, None, count,
-                          f"the {count} captions of {Path(cfg.captions).name} in turn")  # fmt: skip
+        labels = tensors.get(CAPTION_LABELS)  # captions that name a class (`captions --classes`)
+        classes = None if labels is None else int(labels.max()) + 1
+        return Conditions(values, {"null_conditions": ref.null_conditions}, None if labels is None else labels[index],
+                          count, f"the {count} captions of {Path(cfg.captions).name} in turn", classes)  # fmt: skip
     if cfg.captions is not None:
         raise UsageError(f"--captions: {cfg.model} is class-conditional ({ref.num_classes} classes), not text.")
     n = ref.num_classes
@@ -259,14 +262,16 @@ def prepare(ref: ModelHandle, cfg: EvalConfig):
         return conditions, None
     shape = decoded_shape(ref)
     net, real_images = feature_net_and_data(cfg.feature_net)
-    if shape != tuple(net.input_shape):
+    if not net.accepts(tuple(shape)):
         wanted, got = " x ".join(map(str, net.input_shape)), " x ".join(map(str, shape))
         raise UsageError(
-            f"--feature-net {cfg.feature_net}: it takes {wanted} images, {cfg.model} decodes to {got}; FD and class "
+            f"--feature-net {cfg.feature_net}: it takes {wanted} images (or whole multiples of that size), "
+            f"{cfg.model} decodes to {got}; FD and class "
             "accuracy need a feature network for this model's data: pass one (a folder) or --feature-net none."
         )
-    if conditions.labels is not None and net.num_classes != conditions.distinct:
-        log.warning("No class accuracy: the model has %d classes, the feature network %d.", conditions.distinct,
+    classes = conditions.classes or conditions.distinct
+    if conditions.labels is not None and net.num_classes != classes:
+        log.warning("No class accuracy: the model has %d classes, the feature network %d.", classes,
                     net.num_classes)  # fmt: skip
         conditions.labels = None
     with torch.no_grad():

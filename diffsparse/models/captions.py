@@ -8,7 +8,8 @@ their embeddings are precomputed into one safetensors file:
 The file holds `prompt_embeds` (N, L, D) and the empty prompt's embedding `negative_prompt_embeds` (1, L, D), the
 unconditional half of classifier-free guidance; PixArt-alpha's also the attention masks (`prompt_attention_mask`,
 `negative_prompt_attention_mask`), FLUX's the pooled CLIP embeddings (`pooled_prompt_embeds`,
-`negative_pooled_prompt_embeds`). The captions themselves are in its metadata.
+`negative_pooled_prompt_embeds`). The captions themselves are in its metadata. With `--classes` (lines
+"CLASS<tab>caption"), it also holds each caption's class id (`labels`), so an evaluation measures class accuracy.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from diffsparse.files import atomic_path
 from diffsparse.models.loading import load_pipeline, pipeline_backbone
 
 KEYS = ("prompt_embeds", "negative_prompt_embeds")  # in every file
+CAPTION_LABELS = "labels"  # optional: each caption's class id (N,)
 # The transformer's keyword each stored tensor goes to (PixArt-alpha, FLUX and Wan2.1 forwards), when present.
 FORWARD_KEYS = {
     "prompt_embeds": "encoder_hidden_states",
@@ -82,7 +84,10 @@ def save_captions(path: str | Path, tensors: dict, captions: list[str]) -> Path:
         raise ValueError(f"Caption embeddings lack {missing}.")
     if len(captions) != len(tensors["prompt_embeds"]):
         raise ValueError(f"{len(captions)} captions for {len(tensors['prompt_embeds'])} embeddings.")
-    known = set(FORWARD_KEYS) | {f"negative_{k}" for k in FORWARD_KEYS}
+    labels = tensors.get(CAPTION_LABELS)
+    if labels is not None and (labels.shape != (len(captions),) or labels.is_floating_point() or labels.min() < 0):
+        raise ValueError(f"Caption labels must be {len(captions)} class ids >= 0, one per caption.")
+    known = set(FORWARD_KEYS) | {f"negative_{k}" for k in FORWARD_KEYS} | {CAPTION_LABELS}
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file({k: v for k, v in tensors.items() if k in known}, tmp, metadata={"captions": json.dumps(captions)})
@@ -123,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("captions", help="text file, one caption per line (blank lines are skipped)")
     parser.add_argument("out", help="safetensors file to write")
     parser.add_argument("--max-length", type=int, default=120, help="text tokens per caption (PixArt-alpha: 120)")
+    parser.add_argument("--classes", action="store_true",
+                        help="each line is 'CLASS<tab>caption' (CLASS: an id >= 0); the file keeps the ids, so an "
+                        "evaluation measures class accuracy")  # fmt: skip
     args = parser.parse_args(argv)
     text = Path(args.captions)
     if not text.is_file():
@@ -130,8 +138,18 @@ def main(argv: list[str] | None = None) -> None:
     captions = [line.strip() for line in text.read_text().splitlines() if line.strip()]
     if not captions:
         parser.error(f"{text} holds no captions")
+    labels = None
+    if args.classes:
+        rows = [line.split("\t", 1) for line in captions]
+        if any(len(r) != 2 or not r[0].strip().isdigit() or not r[1].strip() for r in rows):
+            parser.error(f"--classes: every line of {text} must be 'CLASS<tab>caption' with CLASS an id >= 0")
+        labels = torch.tensor([int(r[0]) for r in rows])
+        captions = [r[1].strip() for r in rows]
     pipe = load_pipeline(args.pipeline, backbone=pipeline_backbone(Path(args.pipeline)))
-    out = save_captions(args.out, encode_captions(pipe, captions, args.max_length), captions)
+    tensors = encode_captions(pipe, captions, args.max_length)
+    if labels is not None:
+        tensors[CAPTION_LABELS] = labels
+    out = save_captions(args.out, tensors, captions)
     print(f"{len(captions)} captions -> {out}")
 
 

@@ -50,8 +50,21 @@ class DigitClassifier(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_features
 
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Whether images of `shape` (C, H, W) can be measured: its channels, and sides that are whole multiples of
+        its own (larger images are averaged down to 16 x 16 first)."""
+        c, h, w = self.input_shape
+        return len(shape) == 3 and shape[0] == c and shape[1] % h == 0 and shape[2] % w == 0
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate features of images in [-1, 1], (B, 1, 16, 16) -> (B, features)."""
+        """Penultimate features of images in [-1, 1], (B, 1, 16 k, 16 k) -> (B, features); images larger than
+        16 x 16 are first averaged down over k x k pixels (a 32 x 32 model's samples, measured as 16 x 16 digits)."""
+        if tuple(images.shape[-2:]) != self.input_shape[1:]:
+            if not self.accepts(tuple(images.shape[1:])):
+                raise ValueError(
+                    f"The digits feature network takes (B, 1, 16 k, 16 k) images, not {tuple(images.shape)}."
+                )
+            images = nn.functional.adaptive_avg_pool2d(images, self.input_shape[1:])
         return self.body(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -168,7 +168,7 @@ def train_transformer(pipe, latents: torch.Tensor, labels: torch.Tensor, text: d
 
 
 def measure_samples(pipe, steps: int, samples: int, seed: int = 0, batch: int = 50) -> dict:
-    """Class accuracy and FD (the shipped digits feature network, on the samples brought to its 16 x 16) of
+    """Class accuracy and FD (the shipped digits feature network, which averages the samples down to 16 x 16) of
     `samples` images from the stock pipeline, `steps` flow-matching Euler steps; sample i is of class i % 10, its
     caption template (i // 10) % 6. Returns the numbers and the images in [0, 1]."""
     from diffsparse.evaluate.metrics import fd_estimate, mean_estimate
@@ -185,10 +185,9 @@ def measure_samples(pipe, steps: int, samples: int, seed: int = 0, batch: int = 
                    max_sequence_length=MAX_SEQUENCE_LENGTH, generator=g, output_type="pt")  # fmt: skip
         images.append(out.images)
     images = torch.cat(images)
-    small = F.interpolate(images * 2 - 1, size=(16, 16), mode="area")
     real, _ = load_digits()
-    with torch.no_grad():
-        feats, real_feats = net.features(small), net.features(real)
+    with torch.no_grad():  # the feature network averages the 32 x 32 samples down to its 16 x 16
+        feats, real_feats = net.features(images * 2 - 1), net.features(real)
         correct = (net.head(feats).argmax(1) == labels).double()
     return {
         "steps": steps,
