@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from diffsparse.backbones.tiny_parts import tiny_clip, tiny_text_encoder
 from diffsparse.reference.digits import NUM_CLASSES
-from diffsparse.reference.training import constant_ema, warmup_cosine
+from diffsparse.reference.training import constant_ema, optimizer_step, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +150,7 @@ def train_transformer(pipe, latents: torch.Tensor, labels: torch.Tensor, text: d
                      encoder_hidden_states=text["embeds"][which], pooled_projections=text["pooled"][which],
                      txt_ids=text["text_ids"], img_ids=text["image_ids"]).sample  # fmt: skip
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        lr_schedule.step()
-        ema.step(model.parameters())
+        optimizer_step(loss, model, opt, lr_schedule, ema)
         running, count = running + loss.item(), count + 1
         if (step + 1) % 50 == 0 or step + 1 == steps:
             minutes = (time.perf_counter() - start) / 60

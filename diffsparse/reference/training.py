@@ -45,6 +45,17 @@ def constant_ema(model: torch.nn.Module, decay: float) -> EMAModel:
     return EMAModel(model.parameters(), decay=decay, min_decay=decay, update_after_step=-1)
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, lr_schedule: LRScheduler, ema: EMAModel) -> None:
+    """One training step of the digits models: backward, gradients clipped to norm 1, the optimizer, the learning
+    rate schedule, then the EMA."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    lr_schedule.step()
+    ema.step(model.parameters())
+
+
 def train_reference(
     output_dir: str | Path,
     steps: int = 6000,
@@ -97,12 +108,7 @@ def train_reference(
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g)
         pred = model(noise_sched.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        lr_schedule.step()
-        ema.step(model.parameters())
+        optimizer_step(loss, model, opt, lr_schedule, ema)
         running += loss.item()
         count += 1
         if (step + 1) % log_every == 0 or step + 1 == steps:
