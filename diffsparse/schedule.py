@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from diffsparse.accounting.macs import schedule_macs
@@ -310,7 +311,7 @@ class Schedule:
         tokens are forecast carry a dot (the legend says so)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        height = min(2 + 0.12 * self.num_units, 14)
+        height = min(2.4 + 0.12 * self.num_units, 14)
         width = min(3 + 0.25 * self.num_steps, 16)
         fig = Figure(figsize=(width, height))  # no pyplot: nothing global to close, safe off the main thread
         ax = fig.subplots()
@@ -325,10 +326,12 @@ class Schedule:
         ax.set_yticklabels([self.units[i] for i in range(0, self.num_units, step)], fontsize=6)
         fig.colorbar(im, ax=ax, ticks=SPARSITY_LEVELS, label="sparsity (fraction of tokens reused)")
         steps, units = np.nonzero(self._forecast)
+        handles = [Patch(facecolor="none", edgecolor="grey", linewidth=0.5, label="no dot: reused tokens copied")]
         if len(steps):
-            label = "dot: reused tokens forecast (Taylor); no dot: copied"
-            ax.scatter(steps, units, s=6, c="white", edgecolors="black", linewidths=0.3, label=label)
-            ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False, borderaxespad=0.1)
+            dots = ax.scatter(steps, units, s=6, c="white", edgecolors="black", linewidths=0.3)
+            handles.append(dots.set_label("dot: reused tokens forecast (Taylor)") or dots)
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14 * 4 / height), ncol=2, fontsize=7,
+                  frameon=False)  # the actions, under the step axis  # fmt: skip
         ax.set_title(title or f"{self.meta.get('method', 'schedule')}: mean sparsity {self.mean_sparsity():.3f}")
         fig.tight_layout()
         with atomic_path(path) as tmp:

@@ -6,11 +6,11 @@ import numbers
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.evaluate.metrics import psnr
 from diffsparse.evaluate.timing import alternate, timed
+from diffsparse.grids import labelled_grid
 from diffsparse.models.generate import generate
 from diffsparse.prune.calibration import stage_of_timestep
 from diffsparse.prune.plan import stage_macs
@@ -81,14 +81,16 @@ def run_inference(
     macs = schedule.macs(transformer, **kwargs)
     result = {"num_steps": steps, "dense_gmacs": macs["dense"] / 1e9, "cached_gmacs": macs["cached"] / 1e9,
               "mac_reduction": macs["reduction"]}  # fmt: skip
-    return {**result, **compare_with_dense(dense, cached, rounds, output_dir, _device(transformer))}
+    return {**result, **compare_with_dense(dense, cached, rounds, output_dir, _device(transformer), conditions)}
 
 
-def compare_with_dense(dense, method, rounds: int, output_dir: str | Path | None = None, device=None) -> dict:
+def compare_with_dense(dense, method, rounds: int, output_dir: str | Path | None = None, device=None,
+                       conditions=None) -> dict:  # fmt: skip
     """Time `dense()` and `method()` (each returns images in [0, 1]) alternately over `rounds` after a warm-up of
     both (`timing.alternate`, the device synchronised); the median, min and max time ratio, the PSNR of the
     method's images against dense (`metrics.psnr`: per image, averaged, in dB, 100 for identical images), and
-    (with `output_dir`) a PNG of both (top row dense, bottom row the method). `rounds` must be >= 1."""
+    (with `output_dir`) a PNG of both (top row dense, bottom row the method; columns labelled by `conditions`, the
+    class ids or prompts, when given). `rounds` must be >= 1."""
     _check_count("rounds", rounds, "2")
     timings = alternate({"dense": timed(dense), "method": timed(method)}, rounds, device=device)
     dense_images, method_images = timings.outputs["dense"], timings.outputs["method"]
@@ -96,7 +98,10 @@ def compare_with_dense(dense, method, rounds: int, output_dir: str | Path | None
     if output_dir is not None:
         path = Path(output_dir) / "samples.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(torch.cat([dense_images, method_images]), path, nrow=len(dense_images))
+        n = len(dense_images)
+        columns = [str(c)[:14] for c in conditions] if conditions is not None and len(conditions) == n else None
+        labelled_grid(torch.cat([dense_images, method_images]), path, columns or [str(i) for i in range(n)],
+                      ["dense", "cached"])  # fmt: skip
         result["grid"] = str(path)
     return result
 
@@ -141,7 +146,7 @@ def run_pruned_inference(pipe, plan, conditions, seed: int = 0, rounds: int = 2,
         "pruned_gmacs": gmacs[1],
         "mac_reduction": gmacs[0] / gmacs[1],
     }
-    return {**result, **compare_with_dense(dense, pruned, rounds, output_dir, _device(transformer))}
+    return {**result, **compare_with_dense(dense, pruned, rounds, output_dir, _device(transformer), conditions)}
 
 
 def resolve_schedule(path: str | None, units: list[str], num_steps: int | None, sparsity: float) -> Schedule:

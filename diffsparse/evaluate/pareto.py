@@ -16,10 +16,12 @@ pareto_l2.png (quality vs speed-up, one line per method across budgets, with its
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
 import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
@@ -34,6 +36,7 @@ from diffsparse.evaluate.harness import (
     start,
 )
 from diffsparse.evaluate.methods import Method
+from diffsparse.evaluate.metrics import Estimate
 from diffsparse.evaluate.results import (
     COLUMNS,
     DELTA_NOTE,
@@ -148,6 +151,21 @@ def markdown(rows: list[dict], metrics: list[str], cfg: EvalConfig, command: str
 
 
 MARKERS = "osD^v<>ph*XP"
+# 20 colours, no two methods of a plot alike: tab10, then tab20's lighter shades
+COLORS = [*(f"C{i}" for i in range(10)), *(colormaps["tab20"](2 * i + 1) for i in range(10))]
+LEARNED_COLORS = ("black", "0.5")
+
+
+def replot(out: Path) -> None:
+    """Draw pareto_psnr.png and pareto_l2.png again from `out`/pareto.json (as `write_pareto` wrote it)."""
+    data = json.loads((Path(out) / "pareto.json").read_text())
+    numbers = ("psnr", "l2")
+    rows = [{**r, **{c: Estimate(r[c], r[f"{c}_low"], r[f"{c}_high"]) if isinstance(r.get(c), int | float) else None
+                     for c in numbers}} for r in data["rows"]]  # fmt: skip
+    cfg = data["config"]
+    title = f"{cfg['model']}, {cfg['sampler']} {cfg['steps']} steps, {cfg['samples']} samples"
+    plot(rows, "psnr", "PSNR vs dense (dB)", Path(out) / "pareto_psnr.png", title)
+    plot(rows, "l2", "L2 vs dense (mean squared error)", Path(out) / "pareto_l2.png", title, log_scale=True)
 
 
 def percent(budget: float) -> str:
@@ -159,7 +177,7 @@ def plot(rows: list[dict], column: str, label: str, path: Path, title: str = "",
     """Quality `column` (an `Estimate`) against measured speed-up, one line per method through its budgets:
     95 % intervals as vertical bars, the min-max of the timing rounds as horizontal ones, rows off their budget
     hollow, each point labelled with its budget. Written whole or not at all."""
-    fig = Figure(figsize=(7.5, 5.0))  # no pyplot: no backend or global figure state
+    fig = Figure(figsize=(9.0, 5.0))  # no pyplot: no backend or global figure state
     ax = fig.subplots()
     methods = list(dict.fromkeys(r["method"] for r in rows if r.get(column) is not None))
     for i, name in enumerate(methods):
@@ -169,9 +187,13 @@ def plot(rows: list[dict], column: str, label: str, path: Path, title: str = "",
         y = [r[column].value for r in points]
         xerr = [[r["speedup"] - r["speedup_min"] for r in points], [r["speedup_max"] - r["speedup"] for r in points]]
         yerr = [[r[column].value - r[column].low for r in points], [r[column].high - r[column].value for r in points]]
-        color, marker = f"C{i % 10}", MARKERS[i % len(MARKERS)]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, color=color, marker=marker, markersize=5, linewidth=1.2,
-                    elinewidth=0.8, capsize=2.5, label=name)  # fmt: skip
+        bold = name.startswith("learned")  # the rows the project is about: black (then grey), drawn heavier
+        learned = [m for m in methods if m.startswith("learned")]
+        others = [m for m in methods if not m.startswith("learned")]
+        color = LEARNED_COLORS[learned.index(name) % 2] if bold else COLORS[others.index(name) % len(COLORS)]
+        marker = MARKERS[i % len(MARKERS)]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, color=color, marker=marker, markersize=6 if bold else 5,
+                    linewidth=2.4 if bold else 1.2, elinewidth=0.8, capsize=2.5, label=name)  # fmt: skip
         for r, xi, yi in zip(points, x, y, strict=True):
             if r.get("off_budget"):
                 ax.plot([xi], [yi], marker=marker, markersize=5, color=color, markerfacecolor="white", zorder=3)
@@ -184,7 +206,7 @@ def plot(rows: list[dict], column: str, label: str, path: Path, title: str = "",
     ax.set_ylabel(f"{label}\n(bars: 95 % bootstrap interval)")
     ax.set_title(title + ("; hollow: off its budget" if any(r.get("off_budget") for r in rows) else ""), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the plot: no point hidden
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from diffsparse.evaluate.builders import skipped_notes
 from diffsparse.evaluate.metrics import Estimate
 from diffsparse.files import atomic_path
+from diffsparse.grids import labelled_grid
 
 COLUMNS = ("fd", "accuracy", "l2", "psnr", "ssim", "lpips", "dfd", "dl2", "dpsnr")
 OFF_BUDGET = "⚠"
@@ -136,11 +137,9 @@ def save_grids(images: dict[str, torch.Tensor], out: Path, columns: int = 10, pe
     """samples/<method>.png: `per_column` rows of `columns` samples (one per class); overview.png: one row per
     method. Images in [0, 1], (N, C, H, W)."""
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    for name, x in images.items():
+    for name, x in images.items():  # small images (16 px digits) drawn at least 64 px a side
         n = min(len(x), per_column * columns)
-        zoom = max(1, 64 // x.shape[-2])  # small images (16 px digits: 4x) drawn bigger
-        big = torch.nn.functional.interpolate(x[:n], scale_factor=zoom, mode="nearest") if zoom > 1 else x[:n]
-        save_image(make_grid(big, nrow=columns, padding=2, pad_value=0.5), out / "samples" / f"{name}.png")
+        labelled_grid(x[:n], out / "samples" / f"{name}.png", [str(c) for c in range(min(columns, n))], title=name)
     first = next(iter(images.values()))
     width = columns * 0.6 * first.shape[-1] / first.shape[-2] + 1.5  # wide images (video frames side by side)
     fig = Figure(figsize=(width, len(images) * 0.75 + 0.3))  # no pyplot: no backend or global figure state

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from diffsparse.evaluate.metrics import fd_estimate, mean_estimate
 from diffsparse.files import atomic_path
+from diffsparse.grids import labelled_grid
 from diffsparse.models.sampling import initial_noise, sample_batched
 from diffsparse.reference.digits import NUM_CLASSES, load_digits, split, to_unit_range
 from diffsparse.reference.featurenet import FEATURE_NET_DIR, load_feature_net
@@ -79,8 +79,7 @@ def write_card(
     for g in SWEEP if sweep_samples else ():
         r = measure(model_dir, Path(feature_net_dir), steps=m["steps"], samples=sweep_samples, guidance=g)
         sweep.append(f"| {g} | {r['accuracy']} | {r['fd']} |")
-    grid = torch.nn.functional.interpolate(m["images"][:100], scale_factor=4, mode="nearest")
-    save_image(make_grid(grid, nrow=NUM_CLASSES, padding=2, pad_value=0.5), model_dir / "samples.png")
+    labelled_grid(m["images"][:100], model_dir / "samples.png", [str(c) for c in range(NUM_CLASSES)])
     recipe = json.loads((model_dir / "training.json").read_text())
     feature_cfg = json.loads((Path(feature_net_dir) / "config.json").read_text())
     weights = model_dir / "transformer" / "diffusion_pytorch_model.safetensors"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torchvision.utils import make_grid, save_image
 
+from diffsparse.grids import labelled_grid
 from diffsparse.reference.digits import NUM_CLASSES
 from diffsparse.reference.featurenet import FEATURE_NET_DIR, train_feature_net
 from diffsparse.reference.model import ARCHITECTURE, NOISE_SCHEDULE
@@ -64,8 +64,7 @@ def train_reference_model(cfg: DictConfig) -> dict:
 def _measure_dense(model_dir: Path, feature_dir: Path, **kwargs) -> dict:
     """The model card's dense measurement alone: quality.json and samples.png in `model_dir`."""
     m = measure(model_dir, feature_dir, **kwargs)
-    grid = torch.nn.functional.interpolate(m["images"][:100], scale_factor=4, mode="nearest")
-    save_image(make_grid(grid, nrow=NUM_CLASSES, padding=2, pad_value=0.5), model_dir / "samples.png")
+    labelled_grid(m["images"][:100], model_dir / "samples.png", [str(c) for c in range(NUM_CLASSES)])
     summary = {k: (v if isinstance(v, int | float | list) else str(v)) for k, v in m.items() if k != "images"}
     summary["feature_net"] = str(feature_dir)
     (model_dir / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
