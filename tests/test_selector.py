@@ -89,3 +89,17 @@ def test_toca_defaults_follow_the_paper():
     assert dit.reuse_weight == pytest.approx(0.25 / 3)
     pixart = make_selector("toca", BACKBONES["pixart"].selector_defaults)
     assert (pixart.self_attn_weight, pixart.cross_attn_weight, pixart.bonus, pixart.bonus_kernel) == (0, 1, 0.4, 4)
+
+
+def test_a_schedule_runs_with_the_selector_it_records_unless_told_otherwise():
+    from diffsparse import Schedule, apply_token_cache, remove_token_cache
+    from diffsparse.cache.hooks import token_cache_controller
+
+    model = build_transformer("dit", size="tiny", sample_size=8)
+    plain = Schedule.uniform(model, num_steps=4, sparsity=0.5)
+    learned = Schedule(plain.grid, plain.units, meta={"selector": "norm"})
+    for schedule, options, expected in ((plain, {}, "toca"), (learned, {}, "norm"),
+                                        (learned, {"selector": "random"}, "random")):  # fmt: skip
+        apply_token_cache(model, schedule, **options)
+        assert token_cache_controller(model).selector.name == expected
+        remove_token_cache(model)

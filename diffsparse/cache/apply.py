@@ -92,7 +92,10 @@ def apply_token_cache(model: torch.nn.Module, config: TokenCacheConfig | Schedul
     refuse_diffusers_caches(model, "Cannot apply the token cache")
     spec = backbone_for(model)
     units = find_units(model)
-    selector = make_selector(config.selector, spec.selector_defaults)
+    defaults = dict(spec.selector_defaults)
+    if schedule.meta.get("selector"):  # unless told otherwise, a schedule runs with the selector it was learned with
+        defaults["name"] = schedule.meta["selector"]
+    selector = make_selector(config.selector, defaults)
     controller = TokenCacheController(
         spec, units, schedule, selector, config.cfg, config.order(), config.factor_dtype(), config.reuse_kv
     )

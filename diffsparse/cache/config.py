@@ -18,7 +18,8 @@ class TokenCacheConfig:
     Attributes:
         schedule: the `Schedule` to run (made for `cacheable_units(model)` and the pipeline's number of steps).
         selector: a selector name (`toca`, `norm`, `similarity`, `random`, or any registered one), a
-            `SelectorConfig`, or a dict of its fields.
+            `SelectorConfig`, or a dict of its fields. Without a name: the schedule's `meta["selector"]` (a learned
+            schedule records the one it was learned with), else the backbone's default.
         cfg: whether the batch holds classifier-free-guidance halves that must pick the same tokens: `"auto"` (the
             two halves of the first step's input are equal), `True` or `False`; anything else raises a ValueError.
         forecast_order: Taylor order of the forecast actions (1 or 2); None: the schedule's `meta["forecast_order"]`

@@ -212,7 +212,9 @@ def build_methods(cfg: EvalConfig, runner: Runner, schedules: dict[str, Schedule
         note = f"{Path(path).name}, saves {table.saved_fraction(sched):.1%}"
         if cfg.budget_unit == "time":
             note += f" of MACs, {budget_table(cfg, runner).saved_fraction(sched):.1%} of time (predicted)"
-        methods.append(Method(name, steps, sched, cfg.selector, note=note))
+        selector = sched.meta.get("selector") or cfg.selector  # a learned schedule runs with its own selector
+        note += f", selector {selector}" if selector != cfg.selector else ""
+        methods.append(Method(name, steps, sched, selector, note=note))
     for item in cfg.pruned:
         methods.extend(pruned_methods(item, cfg, scheduler.timesteps.tolist()))
     return methods

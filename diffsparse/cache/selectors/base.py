@@ -25,8 +25,9 @@ class SelectorConfig:
     """Which selector and its weights; `None` takes the backbone's default (paper A.5.1) or 0.
 
     Attributes:
-        name: a registered selector (`toca`, `norm`, `similarity`, `random`); None: the backbone's default (`toca`
-            for DiT and PixArt-alpha, `norm` for FLUX and Wan).
+        name: a registered selector (`toca`, `norm`, `similarity`, `random`); None: the one the schedule records
+            (`meta["selector"]`, a learned schedule's), else the backbone's default (`toca` for DiT and
+            PixArt-alpha, `norm` for FLUX and Wan).
         self_attn_weight: lambda_1, weight of self-attention influence (attention selectors only).
         cross_attn_weight: lambda_2, weight of cross-attention entropy (attention selectors only).
         reuse_weight: lambda_3, weight of the steps since a token was last computed.
