@@ -18,6 +18,7 @@ from diffsparse.learn.export import ScheduleExport
 from diffsparse.learn.module import ScheduleLearner
 from diffsparse.models.loading import load_pipeline
 from diffsparse.tasks.infer import infer
+from diffsparse.tasks.learn import with_model_settings
 from diffsparse.tasks.schedule import make_schedule
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -40,7 +41,7 @@ def test_train_exports_a_schedule_for_every_allocator(tmp_path, allocator):
 
 def test_the_learn_task_is_built_from_its_configs(tmp_path):
     """Learner, data, callbacks and Trainer are `_target_`s; the learner's model is the `model` group's."""
-    cfg = compose_cfg("train", ["experiment=tiny_stage1", "logger=csv", f"output_dir={tmp_path}"])
+    cfg = with_model_settings(compose_cfg("train", ["experiment=tiny_stage1", "logger=csv", f"output_dir={tmp_path}"]))
     learner = instantiate(cfg.learn, _partial_=True)(model=OmegaConf.to_container(cfg.model, resolve=True))
     assert isinstance(learner, ScheduleLearner) and learner.hparams.num_steps == 8
     assert learner.transformer.config.num_layers == 2  # model=tiny, from the experiment's model group

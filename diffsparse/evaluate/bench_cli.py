@@ -93,7 +93,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     return names
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The bench's options and its schedules' names, checked (a usage error exits, as argparse does)."""
     parser = argparse.ArgumentParser(
         prog="python -m diffsparse.bench",
         description="Dense vs token-cached sampling speed on a random-weight diffusion transformer "
@@ -151,7 +152,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sweep-steps", default=",".join(map(str, SWEEP_STEPS)), help="(default: %(default)s)")
     parser.add_argument("--plot", type=Path, default=None, help="--sweep: the plot's path (default: --json's, .png)")
     args = parser.parse_args(argv)
-    names = check_args(parser, args)
+    return args, check_args(parser, args)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args, names = parse_args(argv)
     cmd = "python -m diffsparse.bench " + " ".join(argv if argv is not None else os.sys.argv[1:])
     if args.sweep:
         return sweep_main(args, names, cmd.strip())

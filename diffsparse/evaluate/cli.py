@@ -13,6 +13,7 @@ from pathlib import Path
 
 from diffsparse.backbones.registry import backbone_for
 from diffsparse.evaluate.builders import BUILDERS
+from diffsparse.models.loading import run_settings
 from diffsparse.models.sampling import SCHEDULERS, is_flow_matching
 from diffsparse.reference.featurenet import WEIGHTS as FEATURE_NET_WEIGHTS
 from diffsparse.reference.model import DEFAULT_GUIDANCE
@@ -52,7 +53,8 @@ class EvalConfig:
         cli_default=None,
         help="default: flow for flow-matching models, ddim for the others",
     )
-    steps: int = option(50, help="denoising steps of the dense run")
+    steps: int = option(50, cli_default=None, help="denoising steps of the dense run (default: the model's: 20 for "
+                        "digits-flux, else 50)")  # fmt: skip
     budget: float = option(0.5, help="fraction of dense MACs to save")
     budgets: list[float] = option(
         default_factory=list,
@@ -72,7 +74,8 @@ class EvalConfig:
     )
     samples: int = option(500, help="samples per method (classes cycle 0..num_classes-1; captions cycle too)")
     batch_size: int = option(250)
-    guidance: float = option(DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    guidance: float = option(DEFAULT_GUIDANCE, cli_default=None, help="classifier-free guidance scale (default: the "
+                             "model's: 1, none, for digits-flux, else 1.25)")  # fmt: skip
     seed: int = option(0, help="noise seed (sample i uses seed + i)")
     selector: str | None = option(
         None,
@@ -134,7 +137,7 @@ class EvalConfig:
         metavar="PATH",
         help="caption embeddings to condition a text-conditional "
         "model on (write them with `python -m diffsparse.captions PIPELINE_DIR "
-        "captions.txt OUT.safetensors`)",
+        "captions.txt OUT.safetensors`). Default: the model's own, where it ships some (digits-flux)",
     )
     budget_tolerance: float = option(
         0.05, help="flag rows whose measured MAC saving is further than this from --budget (each of --budgets)"
@@ -157,8 +160,8 @@ def row_name(method: str) -> str:
 
 
 def default_feature_net(model: str) -> str:
-    """`digits` for the shipped digits DiT, whose data the shipped feature network knows; `none` otherwise."""
-    return "digits" if model == "reference" else "none"
+    """`digits` for the shipped digits models, whose data the shipped feature network knows; `none` otherwise."""
+    return run_settings(model)["feature_net"] or "none"
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -336,7 +339,11 @@ def parse_args(argv=None) -> EvalConfig:
     args = vars(p.parse_args(argv))
     if args.pop("quick"):  # smaller defaults; values given on the command line win
         quick = dict(steps=5, samples=20, rounds=1, timing_samples=4, calibration_samples=4, bootstrap_rounds=50)
-        args.update({k: v for k, v in quick.items() if args[k] == getattr(d, k)})
+        args.update({k: v for k, v in quick.items() if args[k] in (None, getattr(d, k))})
+    settings = run_settings(args["model"])  # the model's own step count, guidance and captions, where not given
+    for key, setting in (("steps", "num_steps"), ("guidance", "guidance"), ("captions", "captions")):
+        if args[key] is None:
+            args[key] = settings[setting]
     if args["compare_to"] is None:
         args["compare_to"] = "toca" if "toca" in args["methods"] else None
     elif args["compare_to"] in ("none", ""):

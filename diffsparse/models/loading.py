@@ -25,7 +25,9 @@ from diffsparse.models.folder import dtype_of, load_transformer_folder
 from diffsparse.models.handle import ModelHandle
 from diffsparse.models.sampling import is_flow_matching
 from diffsparse.reference.digits import IMAGE_SIZE, NUM_CLASSES
-from diffsparse.reference.model import NOISE_SCHEDULE, load_reference
+from diffsparse.reference.flux_digits import FLUX_DIGITS_DIR
+from diffsparse.reference.flux_digits import IMAGE_SIZE as FLUX_DIGITS_SIZE
+from diffsparse.reference.model import DEFAULT_GUIDANCE, NOISE_SCHEDULE, load_reference
 
 
 def pipeline_backbone(path: Path) -> str:
@@ -109,6 +111,16 @@ def _tiny(backbone: str, shape: dict | None = None, **defaults) -> Callable[...,
     return load
 
 
+def _digits_flux(path: str | Path | None = None, **options) -> ModelHandle:
+    folder = Path(path) if path is not None else FLUX_DIGITS_DIR
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"No FLUX digits pipeline at {folder}: train one with `python train.py --config-name "
+                                "flux_digits` and pass its folder (path=DIR).")  # fmt: skip
+    size = dict(height=FLUX_DIGITS_SIZE, width=FLUX_DIGITS_SIZE)
+    return handle_of(load_pipeline(str(folder), "flux", options.pop("dtype", "float32"), options.pop("device", "cpu")),
+                     "flux", **{**size, **options})  # fmt: skip
+
+
 def _hub(pretrained: str, backbone: str) -> Callable[..., ModelHandle]:
     def load(pretrained: str = pretrained, dtype: str = "float32", device: str = "cpu", **shape) -> ModelHandle:
         return handle_of(load_pipeline(str(pretrained), backbone, dtype, device), backbone, **shape)
@@ -119,6 +131,7 @@ def _hub(pretrained: str, backbone: str) -> Callable[..., ModelHandle]:
 # name -> loader(**options). The Hydra `model` group has one file per name (conf/model/NAME.yaml).
 MODELS: dict[str, Callable[..., ModelHandle]] = {
     "reference": lambda path=None: load_reference(path),
+    "digits_flux": _digits_flux,  # the shipped FLUX-architecture digits model (32 x 32, captions)
     "tiny": _tiny_dit,  # a random 2-block DiT shaped like the reference (16 x 16 digits, 10 classes)
     "tiny_pixart": _tiny_pixart,  # a random 2-block PixArt on 4 x 8 x 8 latents with a tiny VAE
     "dit_tiny": _tiny("dit", size="tiny", sample_size=8),  # tiny random DiTPipeline
@@ -130,7 +143,40 @@ MODELS: dict[str, Callable[..., ModelHandle]] = {
     "flux_schnell": _hub("black-forest-labs/FLUX.1-schnell", "flux"),
     "wan_1_3b": _hub("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan"),
 }
-ALIASES = {"tiny-pixart": "tiny_pixart", "tiny-flux": "flux_tiny", "tiny-wan": "wan_tiny"}
+ALIASES = {
+    "tiny-pixart": "tiny_pixart",
+    "tiny-flux": "flux_tiny",
+    "tiny-wan": "wan_tiny",
+    "digits-flux": "digits_flux",
+}
+
+# How a named model is meant to be sampled, where it differs from the rest: the evaluation's and the learn task's
+# step count, guidance, caption embeddings and feature network when none is given.
+RUN_SETTINGS = {
+    "reference": dict(feature_net="digits"),
+    "digits_flux": dict(
+        sampler="flow",
+        num_steps=20,
+        guidance=1.0,
+        feature_net="digits",
+        captions=str(FLUX_DIGITS_DIR / "captions.safetensors"),
+    ),  # fmt: skip
+    **{name: dict(sampler="flow") for name in ("flux_tiny", "wan_tiny", "flux_schnell", "wan_1_3b")},
+}
+
+
+def run_settings(model: str | Mapping | None) -> dict:
+    """The sampler (flow for a flow-matching model, else ddim), step count, guidance scale, caption embeddings
+    (None: the user's) and feature network (None: the evaluation's choice) to run `model` with by default: a
+    name, a folder or a Hydra `model` config. Read from files only; nothing is loaded."""
+    if isinstance(model, Mapping):
+        model = model.get("name_or_path") or model.get("path")
+    key = ALIASES.get(str(model), str(model)) if model is not None else None
+    settings = dict(sampler="ddim", num_steps=50, guidance=DEFAULT_GUIDANCE, captions=None, feature_net=None)
+    config = Path(str(model)).expanduser() / "scheduler" / "scheduler_config.json" if model is not None else None
+    if config is not None and config.is_file() and is_flow_matching(json.loads(config.read_text())):
+        settings["sampler"] = "flow"
+    return {**settings, **RUN_SETTINGS.get(key, {})}
 
 
 def load_model(name_or_path: str | Path | Mapping | None = None, path: str | Path | None = None, **options):

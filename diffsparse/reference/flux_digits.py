@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from diffsparse.reference.training import constant_ema, optimizer_step, warmup_c
 
 log = logging.getLogger(__name__)
 
+FLUX_DIGITS_DIR = Path(__file__).parent / "assets" / "digits_flux"  # the shipped model (a stock FluxPipeline folder)
 IMAGE_SIZE = 32
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # captions in the tiny tokenizer's words (`TINY_VOCABULARY`); a class's captions are these with its word

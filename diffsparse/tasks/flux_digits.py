@@ -8,13 +8,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import make_grid, save_image
 
-from diffsparse.reference.digits import NUM_CLASSES, load_digits
+from diffsparse.reference.digits import load_digits
+from diffsparse.reference.flux_card import write_card
 from diffsparse.reference.flux_digits import (
     IMAGE_SIZE,
     encode_all,
-    measure_samples,
     train_autoencoder,
     train_transformer,
     untrained_pipeline,
@@ -24,7 +23,8 @@ from diffsparse.reference.training import plot_loss
 
 def train_flux_digits(cfg: DictConfig) -> dict:
     """Train the autoencoder, then the transformer; save the pipeline into `output_dir`; write training.json, the
-    loss curves and, with `card.samples`, quality.json and samples.png (class accuracy and FD of its samples)."""
+    loss curves and, with `card.samples`, the model card (`reference.flux_card`: README.md, quality.json,
+    samples.png with the class accuracy and FD of its samples, and the caption embeddings)."""
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
@@ -43,11 +43,6 @@ def train_flux_digits(cfg: DictConfig) -> dict:
               "autoencoder_final_loss": vae_history[-1]["loss"]}  # fmt: skip
     (out / "training.json").write_text(json.dumps(recipe, indent=2) + "\n")
     result = {"model": str(out), "training": recipe}
-    if cfg.card.samples:
-        m = measure_samples(pipe, cfg.card.steps, cfg.card.samples, seed=cfg.seed)
-        grid = torch.nn.functional.interpolate(m["images"][:100], scale_factor=2, mode="nearest")
-        save_image(make_grid(grid, nrow=NUM_CLASSES, padding=2, pad_value=0.5), out / "samples.png")
-        quality = {k: (v if isinstance(v, int | float | list) else str(v)) for k, v in m.items() if k != "images"}
-        (out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
-        result["quality"] = quality
+    if cfg.card.samples:  # the card (README.md), quality.json, samples.png and the caption embeddings
+        result["quality"] = write_card(out, cfg.card.samples, cfg.card.steps, seed=cfg.seed)
     return result

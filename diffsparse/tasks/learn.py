@@ -8,12 +8,24 @@ import logging
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffsparse.learn.export import ScheduleExport
+from diffsparse.models.loading import run_settings
 from diffsparse.tasks.common import check_complete
 
 log = logging.getLogger(__name__)
+
+
+def with_model_settings(cfg: DictConfig) -> DictConfig:
+    """`cfg` with the `learn` settings left null (sampler, steps, guidance, captions) set to the model's own
+    (`diffsparse.models.loading.run_settings`); in place, and returned."""
+    settings = run_settings(cfg.model)
+    with open_dict(cfg):
+        for key in ("sampler", "num_steps", "guidance", "captions"):
+            if cfg.learn.get(key) is None:
+                cfg.learn[key] = settings[key]
+    return cfg
 
 
 def learn_schedule(cfg: DictConfig) -> dict:
@@ -25,6 +37,7 @@ def learn_schedule(cfg: DictConfig) -> dict:
             f"trainer.max_epochs={cfg.trainer.max_epochs}: nothing would be learned, and the untrained start would be "
             "exported as a learned schedule. Set trainer.max_epochs >= 1."
         )
+    with_model_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     # partial: the model and the objects below are passed as they are, not merged into the config
     learner = instantiate(cfg.learn, _partial_=True)(model=OmegaConf.to_container(cfg.model, resolve=True))
