@@ -31,7 +31,7 @@ def table():
 
 
 def test_every_registered_allocator_is_a_method_of_the_evaluation():
-    assert list(ALLOCATORS) == ["fora", "forecast_fora", "toca", "duca", "uniform", "snr_stages"]
+    assert list(ALLOCATORS) == ["fora", "forecast_fora", "forecast_warmup", "toca", "duca", "uniform", "snr_stages"]
     assert SCHEDULE_METHODS == {spec.method: name for name, spec in ALLOCATORS.items()}
     assert set(SCHEDULE_METHODS) <= set(ALL_METHODS) and tuple(BUILDERS) == ALL_METHODS
     assert ALLOCATORS["duca"].selector == "norm" and ALLOCATORS["snr_stages"].method == "snr-stages"
@@ -56,7 +56,16 @@ def test_a_new_registered_rule_is_fitted_and_named_with_the_others(table):
 
     try:
         fitted = baselines.budget_schedules(table, list(range(999, 0, -50)), 0.3)
-        assert set(fitted) == {"fora", "forecast_fora", "toca", "duca", "uniform", "snr_stages", "every_other"}
+        assert set(fitted) == {
+            "fora",
+            "forecast_fora",
+            "forecast_warmup",
+            "toca",
+            "duca",
+            "uniform",
+            "snr_stages",
+            "every_other",
+        }
         gaps = {s: abs(table.saved_fraction(every_other(table.units, 20, s)) - 0.3) for s in (0.25, 0.5, 0.75, 1.0)}
         assert fitted["every_other"].meta["sparsity"] == min(gaps, key=gaps.get)
         assert named_schedule("every-other-half", UNITS, 4).grid[1].tolist() == [0.5] * 4

@@ -79,7 +79,7 @@ def test_fewer_steps():
 def test_every_family_lands_near_the_budget(table, budget):
     scheduler_steps = list(range(999, 0, -20))  # 50 steps
     fitted = baselines.budget_schedules(table, scheduler_steps, budget)
-    assert set(fitted) == {"uniform", "fora", "forecast_fora", "toca", "duca", "snr_stages"}
+    assert set(fitted) == {"uniform", "fora", "forecast_fora", "forecast_warmup", "toca", "duca", "snr_stages"}
     for name, sched in fitted.items():
         assert sched.num_steps == 50 and sched.full_steps[0] == 0
         if name in ("uniform", "toca", "duca"):  # fine knobs: close to the budget

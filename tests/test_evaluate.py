@@ -37,7 +37,8 @@ def test_quick_run_writes_table_grids_and_overview(two_runs):
     rows = _rows(out)
     peers = ["cache-dit"] if importlib.util.find_spec("cache_dit") else []  # skipped, with a note, where missing
     assert [r["method"] for r in rows] == [
-        "dense", "fewer-steps", "fora", "forecast-fora", "toca", "duca", "uniform", "snr-stages", "FirstBlockCache",
+        "dense", "fewer-steps", "fora", "forecast-fora", "forecast-warmup", "toca", "duca", "uniform", "snr-stages",
+        "FirstBlockCache",
         "TaylorSeer", "PAB", *peers,
     ]  # fmt: skip
     assert len(rows) == len(ALL_METHODS) - (not peers)

@@ -77,7 +77,7 @@ def test_an_8_class_dit_of_another_width_gets_fidelity_columns_and_its_own_class
     assert "FD" not in header and "accuracy" not in header  # no feature network for this data: no such columns
     rows = _rows(out)
     peers = 1 if importlib.util.find_spec("cache_dit") else 0  # its row is skipped, with a note, where missing
-    assert len(rows) == 11 + peers and not {"fd", "accuracy", "dfd"} & set(rows[0])
+    assert len(rows) == 12 + peers and not {"fd", "accuracy", "dfd"} & set(rows[0])
     assert all(float(r["psnr"]) > 0 for r in rows[1:])
     labels = torch.cat([conditions for conditions, _ in recorded])
     assert set(labels.tolist()) == set(range(8))  # classes 0..7 only, every one of them

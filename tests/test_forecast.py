@@ -11,7 +11,7 @@ from diffusers import TaylorSeerCacheConfig
 from diffusers.hooks import apply_taylorseer_cache
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
-from diffsparse.allocate.baselines import forecast_fora, toca
+from diffsparse.allocate.baselines import forecast_fora, forecast_warmup, toca
 from diffsparse.backbones import build_transformer
 from diffsparse.cache.control import set_soft_choice
 from diffsparse.cache.forecast import forecast, update_history
@@ -45,7 +45,8 @@ def test_forecast_schedule_reproduces_diffusers_taylorseer(tiny, interval, befor
     full = _taylorseer_steps(steps, interval, before)
     grid = np.ones((steps, len(cacheable_units(tiny))))
     grid[full] = 0.0
-    sched = Schedule(grid, cacheable_units(tiny), forecast=np.ones_like(grid, dtype=bool))
+    sched = forecast_warmup(cacheable_units(tiny), steps, interval, warmup=before)  # TaylorSeer's shape, by name
+    assert sched == Schedule(grid, cacheable_units(tiny), forecast=np.ones_like(grid, dtype=bool))
     apply_token_cache(tiny, sched, forecast_order=1, forecast_dtype="float32")
     try:
         ours = _rollout(tiny, steps)

@@ -90,7 +90,7 @@ def test_the_recipe_starts_from_the_best_validated_start_and_never_exports_worse
     out = train(tmp_path / "learn", *common, "trainer.max_epochs=2")
     metrics = json.loads((out / "metrics.json").read_text())
     scores = metrics["start_scores"]
-    assert set(scores) == {"toca", "fora", "forecast_fora", "uniform"}
+    assert set(scores) == {"toca", "fora", "forecast_fora", "forecast_warmup", "uniform"}
     assert metrics["start"] == min(scores, key=scores.get) and metrics["start_val_l2"] == min(scores.values())
     sched = Schedule.load(out / "schedule.json")
     assert sched.meta["saved_macs"] >= 0.5

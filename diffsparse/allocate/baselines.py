@@ -79,6 +79,25 @@ def forecast_fora(units: Sequence[str], num_steps: int, interval: int = 2) -> Sc
     return copy.with_forecast(True, {"method": "forecast_fora"})
 
 
+TAYLORSEER_WARMUP = 3  # diffusers' TaylorSeerCacheConfig.disable_cache_before_step default
+
+
+@register_allocator("forecast_warmup", fit=lambda num_steps: [{"interval": i} for i in range(1, num_steps + 1)])
+def forecast_warmup(
+    units: Sequence[str], num_steps: int, interval: int = 2, warmup: int = TAYLORSEER_WARMUP
+) -> Schedule:
+    """TaylorSeer's shape on our runtime: the first `warmup` steps full, then a full step every `interval` steps
+    in diffusers' phase (steps t >= warmup with (t - warmup - 1) % interval == 0), every unit forecast between.
+    With its defaults it computes the steps diffusers' `apply_taylorseer_cache` computes."""
+    if interval < 1 or warmup < 1:
+        raise ValueError(f"interval and warmup must be >= 1, got interval={interval}, warmup={warmup}")
+    steps = np.arange(num_steps)
+    full = (steps < warmup) | ((steps - warmup - 1) % interval == 0)
+    grid = np.where(full[:, None], 0.0, np.ones((num_steps, len(units))))
+    meta = {"method": "forecast_warmup", "interval": interval, "warmup": warmup}
+    return Schedule(grid, units, meta).with_forecast(True)
+
+
 def _toca_rows(units: Sequence[str], num_steps: int, fresh_ratio: float, ramp: float, kind_weights: dict):
     """(T, U) sparsities of ToCa's partial steps: fresh ratio x module weight x a linear ramp along the steps."""
     weight_of = {**TOCA_KIND_WEIGHTS, **(kind_weights or {})}

@@ -39,7 +39,7 @@ from diffsparse.schedule import Schedule
 PROBLEM_SETTINGS = ("model", "sampler", "num_steps", "budget", "stage", "num_full", "loss", "selector", "guidance",
                     "forecast", "forecast_order", "budget_unit")  # fmt: skip
 # The recipe's hand-made starts (`allocate.registry` names), each fitted to the budget.
-RECIPE_STARTS = ("toca", "fora", "forecast_fora", "uniform")
+RECIPE_STARTS = ("toca", "fora", "forecast_fora", "forecast_warmup", "uniform")
 
 
 def with_step_costs(costs: torch.Tensor, step_logits: torch.Tensor) -> torch.Tensor:
@@ -237,10 +237,13 @@ class ScheduleLearner(L.LightningModule):
             hs = straight_through(step_costs, is_full, self.hparams.temperature)
             compute_all = torch.nn.functional.one_hot(torch.zeros_like(levels), costs.shape[-1]).to(h.dtype)
             h = hs[:, 0, None, None] * compute_all + hs[:, 1, None, None] * h
-        meta = {"method": "learned", "stage": self.hparams.stage, "budget": self.hparams.budget}
-        if self.hparams.forecast:
-            meta["forecast_order"] = self.hparams.forecast_order
+        meta = self._meta({"method": "learned", "stage": self.hparams.stage, "budget": self.hparams.budget})
         return schedule_from_choice(levels, costs.shape[-1], self.units, meta), h
+
+    def _meta(self, meta: dict) -> dict:
+        """`meta` and what the schedule must be run with: the selector it was learned with, the forecast order."""
+        order = {"forecast_order": self.hparams.forecast_order} if self.hparams.forecast else {}
+        return {**meta, "selector": self.hparams.selector, **order}
 
     # --- rollouts -------------------------------------------------------------------------------------------------
     @property
@@ -268,10 +271,7 @@ class ScheduleLearner(L.LightningModule):
         """`start` as the DP gives it back under the budget from costs initialised to it."""
         costs = CostPredictor(len(self.timesteps), len(self.units), init=start, forecast=self.hparams.forecast)()
         choice = choose(costs.detach(), self.hparams.budget, self.table)
-        meta = {**start.meta, "start": True}
-        if self.hparams.forecast:
-            meta["forecast_order"] = self.hparams.forecast_order
-        return schedule_from_choice(choice, costs.shape[-1], self.units, meta)
+        return schedule_from_choice(choice, costs.shape[-1], self.units, self._meta({**start.meta, "start": True}))
 
     def validation_l2(self, schedule: Schedule, batches) -> float:
         """Mean squared error of `schedule`'s samples (the inference path) against the teacher's, over `batches`:

@@ -3,12 +3,13 @@
 settings; a test keeps the two equal), for callers without Hydra (`python -m diffsparse.evaluate --learn`).
 
 It starts from the hand-made schedules fitted to the budget (`RECIPE_STARTS`: ToCa, FORA, forecast-FORA,
-uniform), keeps the one that validates best on the validation conditions (their own noise seeds), learns actions
-(a level of S, and copy or forecast for the reused tokens) from it with the L2 loss against the dense samples, and
-exports the best validated schedule, refined by up to two passes of neighbouring-step swaps judged by rollouts on
-every training condition (the best-validating pass kept, only if it validates better): never one that validates
-worse than that start. Its settings were chosen on two models (the reference DiT and a second DiT of another width,
-depth and noise schedule), not on one.
+forecast-FORA after TaylorSeer's 3-step warm-up, uniform), keeps the one that validates best on the validation
+conditions (their own noise seeds), learns actions (a level of S, and copy or forecast for the reused tokens) from
+it with the L2 loss against the dense samples, and exports the best validated schedule, refined by up to two passes
+of neighbouring-step swaps judged by rollouts on every training condition (the best-validating pass kept, only if
+it validates better): never one that validates worse than that start. Its settings were chosen on two models (the
+reference DiT and a second DiT of another width, depth and noise schedule), not on one; the warm-up start was
+added after a third, the FLUX digits model, and re-checked on the other two.
 """
 
 from __future__ import annotations
