@@ -37,7 +37,8 @@ attn, ff, single = (
 groups = {"dual-stream attention": [attn], "dual-stream MLPs": [ff], "single-stream blocks": [single],
           "all units": [attn, ff, single]}  # fmt: skip
 for name, patterns in groups.items():
-    columns = np.array([any(fullmatch(p, u) for p in patterns) for u in units])
+    # our units split FLUX's joint attention module into its image and text streams (attn, attn_context)
+    columns = np.array([any(fullmatch(p + r"(_context)?", u) for p in patterns) for u in units])
     grid = forecast_warmup(units, 20, interval=2).grid * columns[None]
     apply_token_cache(model, Schedule(grid, units, forecast=grid > 0))
     ours = run()
