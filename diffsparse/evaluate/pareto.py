@@ -180,6 +180,8 @@ def plot(rows: list[dict], column: str, label: str, path: Path, title: str = "",
     fig = Figure(figsize=(9.0, 5.0))  # no pyplot: no backend or global figure state
     ax = fig.subplots()
     methods = list(dict.fromkeys(r["method"] for r in rows if r.get(column) is not None))
+    learned = [m for m in methods if m.startswith("learned")]  # the rows the project is about: black, then grey
+    others = [m for m in methods if m not in learned]
     for i, name in enumerate(methods):
         points = sorted((r for r in rows if r["method"] == name and r.get(column) is not None),
                         key=lambda r: r["budget"])  # fmt: skip
@@ -187,9 +189,7 @@ def plot(rows: list[dict], column: str, label: str, path: Path, title: str = "",
         y = [r[column].value for r in points]
         xerr = [[r["speedup"] - r["speedup_min"] for r in points], [r["speedup_max"] - r["speedup"] for r in points]]
         yerr = [[r[column].value - r[column].low for r in points], [r[column].high - r[column].value for r in points]]
-        bold = name.startswith("learned")  # the rows the project is about: black (then grey), drawn heavier
-        learned = [m for m in methods if m.startswith("learned")]
-        others = [m for m in methods if not m.startswith("learned")]
+        bold = name in learned  # drawn heavier
         color = LEARNED_COLORS[learned.index(name) % 2] if bold else COLORS[others.index(name) % len(COLORS)]
         marker = MARKERS[i % len(MARKERS)]
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, color=color, marker=marker, markersize=6 if bold else 5,

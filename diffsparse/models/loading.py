@@ -116,9 +116,7 @@ def _digits_flux(path: str | Path | None = None, **options) -> ModelHandle:
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"No FLUX digits pipeline at {folder}: train one with `python train.py --config-name "
                                 "flux_digits` and pass its folder (path=DIR).")  # fmt: skip
-    size = dict(height=FLUX_DIGITS_SIZE, width=FLUX_DIGITS_SIZE)
-    return handle_of(load_pipeline(str(folder), "flux", options.pop("dtype", "float32"), options.pop("device", "cpu")),
-                     "flux", **{**size, **options})  # fmt: skip
+    return load_model(path=folder, **{"height": FLUX_DIGITS_SIZE, "width": FLUX_DIGITS_SIZE, **options})
 
 
 def _hub(pretrained: str, backbone: str) -> Callable[..., ModelHandle]:
