@@ -282,3 +282,63 @@ def test_flux_toca_ranks_image_tokens_by_their_entropy_over_the_text(flow_pipeli
     assert {key for key in seen} == {(0, ENTROPY), (1, ENTROPY)}  # the dual-stream block, the single-stream one
     assert all(v.shape == (1, 16) and 0 < v.min() and v.max() <= 1 + 1e-6 for v in seen.values())
     assert not torch.equal(outputs["toca"], outputs["norm"])
+
+
+@pytest.mark.parametrize("make", ["fora", "forecast_warmup"])
+def test_whole_step_reuse_macs_are_exact(model, inputs, backbone, make):
+    """Schedules that reuse whole steps: the MAC table's trajectory equals the flop counter's to the MAC. On FLUX
+    that needs the joint attention's shared keys and values (skipped when both streams reuse) and the single-stream
+    block's text rows (reused with its image tokens) counted where they run."""
+    from diffsparse.allocate.baselines import fora, forecast_warmup
+
+    units = cacheable_units(model)
+    sched = fora(units, 5, 2) if make == "fora" else forecast_warmup(units, 5, 2, warmup=1)
+    predicted = sched.macs(model, **inputs)
+    apply_token_cache(model, sched)
+    with torch.no_grad(), flop_counter() as counter:
+        loop(model, inputs, backbone)
+    assert predicted["cached"] == counter.get_total_flops() // 2
+    assert predicted["reduction"] > 1.5
+
+
+def test_flux_single_stream_block_does_no_work_when_it_reuses_every_image_token():
+    model = build_flux("tiny")
+    inputs = flux_example_inputs(model)
+    block = model.single_transformer_blocks[0]
+    calls = []
+    for layer in (block.norm.linear, block.attn.to_k, block.proj_mlp):
+        layer.register_forward_pre_hook(lambda mod, a: calls.append(a[0].shape[1] if a[0].ndim == 3 else 0))
+    units = cacheable_units(model)
+    grid = np.zeros((3, len(units)))
+    grid[1:, units.index("single_transformer_blocks.0")] = 1.0
+    sched = Schedule(grid, units, forecast=np.ones_like(grid, dtype=bool))
+    apply_token_cache(model, sched)
+    loop(model, inputs, "flux", steps=3)
+    assert len(calls) == 3  # step 0 only: norm, keys, MLP; steps 1 and 2 forecast the whole branch
+
+
+def test_flux_training_mode_with_forecast_actions_equals_inference():
+    """Training mode's blend (the text rows of single-stream blocks included) reproduces the inference path for a
+    one-hot choice that mixes partial steps, whole-unit copies and forecasts."""
+    from diffsparse.allocate.baselines import toca
+    from diffsparse.cache.control import set_soft_choice
+    from diffsparse.levels import ACTIONS
+
+    model, backbone = build_flux("tiny"), "flux"
+    inputs = flux_example_inputs(model)
+    units = cacheable_units(model)
+    sched = toca(units, 5, fresh_ratio=0.5, interval=3)
+    sched = Schedule(np.where(np.arange(5)[:, None] == 2, 1.0, sched.grid), units)  # step 2 reuses every token
+    modes = np.zeros(sched.grid.shape, dtype=bool)
+    modes[:, ::2] = True  # every other unit forecasts, the rest copy
+    sched = sched.with_forecast(modes)
+    h = torch.nn.functional.one_hot(torch.as_tensor(sched.action_indices()), len(ACTIONS)).float()
+    apply_token_cache(model, sched, selector="norm")
+    fast = loop(model, inputs, backbone)
+    set_soft_choice(model, sched, h)
+    blended = loop(model, inputs, backbone)
+    set_soft_choice(model, sched, None)
+    again = loop(model, inputs, backbone)
+    assert max_diff(blended, fast) <= 1e-4
+    assert max_diff(again, fast) == 0.0
+    assert max_diff(fast, loop(remove_token_cache(model) or model, inputs, backbone)) > 1e-4  # not the dense model

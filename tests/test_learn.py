@@ -30,7 +30,10 @@ def stage1(tmp_path_factory):
 
 def test_both_stages_export_a_schedule_within_budget(stage1, tmp_path):
     s1 = Schedule.load(stage1 / "schedule.json")
-    assert s1.meta["saved_macs"] >= 0.5 and s1.meta["stage"] == 1
+    exported = json.loads((stage1 / "metrics.json").read_text())["exported"]
+    assert s1.meta["saved_macs"] >= 0.5
+    # the learned schedule, or (when nothing learned validated better) the start it was learned from
+    assert s1.meta["stage"] == 1 if exported == "learned" else s1.meta["start"] is True
     assert (stage1 / "costs.safetensors").is_file() and (stage1 / "schedule.png").is_file()
     s2_dir = train(tmp_path, "experiment=tiny_stage2", f"learn.stage1_checkpoint={stage1}/stage1.ckpt")
     s2 = Schedule.load(s2_dir / "schedule.json")
@@ -46,13 +49,21 @@ def test_resume_from_a_checkpoint_continues_the_run(stage1, tmp_path):
     assert (out / "stage1.ckpt").is_file()  # the best of them by validation L2, which the export used
 
 
-def test_two_process_ddp_gives_the_same_schedule_as_one_process(tmp_path):
-    common = ["experiment=tiny_stage1", "trainer.max_epochs=3", "learn.dtype=float64"]
+def test_two_process_ddp_chooses_and_exports_as_one_process(tmp_path):
+    """Two processes validate the starts, choose the same one and export what one process exports. With lr 0, so
+    that nothing is learned: learning itself is not equal to the bit between process counts (Adam normalises the
+    near-zero gradients of costs that do not matter, and float noise in those flips their sign), so a learned
+    schedule may differ where costs are nearly tied."""
+    common = ["experiment=tiny_stage1", "trainer.max_epochs=2", "learn.dtype=float64", "learn.lr=0.0",
+              "learn.step_lr=0.0"]  # fmt: skip
     one = train(tmp_path / "one", *common, "data.batch_size=4")
     two = train(tmp_path / "two", *common, "data.batch_size=2", "trainer=ddp")  # 2 processes x 2 = one batch of 4
     assert Schedule.load(one / "schedule.json") == Schedule.load(two / "schedule.json")
-    scores = [json.loads((run / "metrics.json").read_text())["best_val_l2"] for run in (one, two)]
-    assert all(isinstance(score, float) for score in scores)  # spawned processes used to leave it null
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (one, two)]
+    assert len(metrics[0]["start_scores"]) > 1 and metrics[0]["start"] == metrics[1]["start"]
+    assert metrics[0]["start_scores"] == pytest.approx(metrics[1]["start_scores"], rel=1e-9)
+    assert all(isinstance(m["best_val_l2"], float) for m in metrics)  # spawned processes used to leave it null
+    assert metrics[1]["best_val_l2"] == pytest.approx(metrics[0]["best_val_l2"], rel=1e-9)  # synced over processes
 
 
 def test_missing_lpips_weights_stop_with_what_to_do(tmp_path, monkeypatch):
@@ -77,7 +88,7 @@ def test_flow_matching_models_learn_a_schedule_end_to_end(family, tmp_path):
     s1 = train(tmp_path / "s1", f"experiment=tiny_{family}_stage1", f"learn.captions={path}")
     schedule = Schedule.load(s1 / "schedule.json")
     assert list(schedule.units) == cacheable_units(pipe.transformer)
-    budget = schedule.meta["budget"]
+    budget = schedule.meta["budget"]  # also when the export is a start
     assert schedule.meta["saved_macs"] >= budget and schedule.grid[0].max() == 0.0  # step 0 computes everything
     stage2 = [f"experiment=tiny_{family}_stage1", "learn.stage=2", f"learn.stage1_checkpoint={s1}/stage1.ckpt"]
     s2 = Schedule.load(train(tmp_path / "s2", *stage2, f"learn.captions={path}") / "schedule.json")
@@ -90,7 +101,9 @@ def test_the_recipe_starts_from_the_best_validated_start_and_never_exports_worse
     out = train(tmp_path / "learn", *common, "trainer.max_epochs=2")
     metrics = json.loads((out / "metrics.json").read_text())
     scores = metrics["start_scores"]
-    assert set(scores) == {"toca", "fora", "forecast_fora", "forecast_warmup", "uniform"}
+    recipe = {"toca", "fora", "forecast_fora", "forecast_warmup", "uniform"}
+    # each start fitted to the budget, and where that fit saves less, also its closest fit that saves at least it
+    assert recipe <= set(scores) <= recipe | {f"{name}_above" for name in recipe}
     assert metrics["start"] == min(scores, key=scores.get) and metrics["start_val_l2"] == min(scores.values())
     sched = Schedule.load(out / "schedule.json")
     assert sched.meta["saved_macs"] >= 0.5
@@ -108,7 +121,7 @@ def test_the_recipe_starts_from_the_best_validated_start_and_never_exports_worse
     metrics = json.loads((frozen / "metrics.json").read_text())
     assert metrics["exported"] == "start" and metrics["best_val_l2"] == pytest.approx(metrics["start_val_l2"])
     assert "refine" not in metrics
-    assert Schedule.load(frozen / "schedule.json").meta["method"] == metrics["start"]
+    assert Schedule.load(frozen / "schedule.json").meta["method"] == metrics["start"].removesuffix("_above")
 
 
 def test_the_recipe_in_python_is_the_recipe_of_the_config():

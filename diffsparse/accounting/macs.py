@@ -6,10 +6,13 @@ A unit at a step computes `k` fresh tokens of `N` (see `fresh_tokens`):
   2 x inner_dim x k x N for QK^T and AV.
 - cross-attention: q and output projections on k tokens, k and v on the M context tokens, 2 x inner x k x M.
 - one stream of a joint attention (FLUX): its q and output projections on k tokens, 2 x inner x k x (N + M).
-  Both streams' k and v projections run whenever either stream computes, so they are counted outside the units
-  (a step where both streams reuse everything is charged them anyway: the table errs towards fewer savings).
-- single-stream block (FLUX): q, MLP and output projections on k image tokens, 2 x inner x k x (N + M); the text
-  tokens' rows and all k and v projections run at every level and are counted outside the units.
+  Both streams' k and v projections (on all N + M tokens) run whenever either stream computes, and not at all when
+  both reuse every token: a cost the two units share (`MacTable.shared`). Each stream's levels with k > 0 carry
+  half of it, exact when both compute or both reuse; `MacTable.step_macs` adds the other half back where only one
+  of them computes.
+- single-stream block (FLUX): q, MLP and output projections on k image tokens, 2 x inner x k x (N + M); with any
+  image token fresh (k > 0) also the same rows for the M text tokens, the k and v projections of all N + M tokens
+  and the block's modulation. Reusing every image token reuses the text rows too: nothing runs.
 - reuse-all (k = 0): nothing.
 Everything outside the units (embeddings, norms, modulation, final layer) is the same at every step and is
 measured as `FlopCounterMode(dense forward) / 2 - dense unit MACs`.
@@ -71,13 +74,28 @@ def unit_macs(unit: UnitInfo, num_tokens: int, num_fresh: int, num_context: int 
         )
     if unit.kind == PARALLEL_BLOCK:
         rows = _linear_macs(m.attn.to_q) + _linear_macs(m.proj_mlp) + _linear_macs(m.proj_out)
-        return num_fresh * rows + 2 * m.attn.to_q.out_features * num_fresh * (num_tokens + num_context)
+        queries = num_fresh + num_context  # the fresh image tokens and every text token
+        keys = num_tokens + num_context
+        kv = keys * (_linear_macs(m.attn.to_k) + _linear_macs(m.attn.to_v))
+        return queries * rows + kv + 2 * m.attn.to_q.out_features * queries * keys + _linear_macs(m.norm.linear)
     kv_tokens = num_context if unit.kind == CROSS_ATTN else num_tokens
     inner = int(m.to_q.out_features)
     projections = num_fresh * (_linear_macs(m.to_q) + _linear_macs(m.to_out[0]))
     projected = num_fresh if reuse_kv and unit.kind == SELF_ATTN and unit.runner == MODULE else kv_tokens
     projections += projected * (_linear_macs(m.to_k) + _linear_macs(m.to_v))
     return projections + 2 * inner * num_fresh * kv_tokens
+
+
+def shared_macs(unit: UnitInfo, num_tokens: int, num_context: int) -> int:
+    """MACs per sample that `unit` shares with its partner unit: for a joint attention (either stream), the key
+    and value projections of both streams, run when either stream computes. 0 for every other kind."""
+    if unit.kind != JOINT_ATTN:
+        return 0
+    m = unit.module
+    image, text = (num_context, num_tokens) if unit.stream == TEXT else (num_tokens, num_context)
+    return image * (_linear_macs(m.to_k) + _linear_macs(m.to_v)) + text * (
+        _linear_macs(m.add_k_proj) + _linear_macs(m.add_v_proj)
+    )
 
 
 def _probe(model: torch.nn.Module, units: list[UnitInfo], forward_kwargs: dict) -> tuple[dict, int]:
@@ -133,12 +151,16 @@ class MacTable:
     """MACs of one denoising step for the batch of the probe, per unit and sparsity level.
 
     `level_macs[u, j]` is unit u at `SPARSITY_LEVELS[j]`; `other` is everything outside the units. Budgets and
-    hand-made schedules use it without running the model again.
+    hand-made schedules use it without running the model again. `shared` lists `(a, b, macs)`: work that units a
+    and b share, run when either computes (a joint attention's keys and values). `level_macs` carries half of it on
+    each one's computing levels, so the DP's additive costs are exact unless exactly one of the two computes;
+    `step_macs` is exact.
     """
 
     units: tuple[str, ...]
     level_macs: np.ndarray
     other: int
+    shared: tuple[tuple[int, int, int], ...] = ()
 
     unit_name = "MACs"  # how budgets on this table are worded
 
@@ -162,7 +184,13 @@ class MacTable:
 
     def step_macs(self, level_indices: np.ndarray) -> np.ndarray:
         """MACs of each step for a (T, U) array of level indices."""
-        return step_totals(self.level_macs, level_indices, self.other)
+        level_indices = np.asarray(level_indices)
+        total = step_totals(self.level_macs, level_indices, self.other)
+        reuse = len(SPARSITY_LEVELS) - 1  # the level that computes nothing
+        for a, b, macs in self.shared:  # the half that the one computing unit did not carry
+            a_on, b_on = level_indices[:, a] != reuse, level_indices[:, b] != reuse
+            total = total + np.where(a_on & ~b_on, macs // 2, 0) + np.where(b_on & ~a_on, macs - macs // 2, 0)
+        return total
 
     def saved_fraction(self, schedule) -> float:
         """Fraction of the dense trajectory's MACs that `schedule` skips."""
@@ -179,11 +207,20 @@ def mac_table(model: torch.nn.Module, reuse_kv: bool = False, **forward_kwargs) 
     if missing:
         raise RuntimeError(f"Units {missing[:3]} did not run in the example forward; check forward_kwargs.")
     table = np.zeros((len(units), len(SPARSITY_LEVELS)), dtype=np.int64)
+    partners: dict[int, list[int]] = {}  # the streams of one joint attention, by its module
     for u in units:
         b, n, m = shapes[u.index]
         table[u.index] = [b * unit_macs(u, n, fresh_tokens(s, n), m, reuse_kv) for s in SPARSITY_LEVELS]
+        if shared_macs(u, n, m):
+            partners.setdefault(id(u.module), []).append(u.index)
+    shared = []
+    for a, b in partners.values():
+        macs = shapes[a][0] * shared_macs(units[a], *shapes[a][1:])
+        shared.append((a, b, macs))
+        table[a, :-1] += macs - macs // 2  # every level but the one that reuses all tokens
+        table[b, :-1] += macs // 2
     other = max(total - int(table[:, 0].sum()), 0)
-    return MacTable(tuple(u.name for u in units), table, other)
+    return MacTable(tuple(u.name for u in units), table, other, tuple(shared))
 
 
 def schedule_macs(schedule, model: torch.nn.Module, reuse_kv: bool = False, **forward_kwargs) -> dict:

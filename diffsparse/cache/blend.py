@@ -19,7 +19,7 @@ import torch
 
 from diffsparse.backbones.registry import SELF_ATTN
 from diffsparse.cache.attention import attention_with_signals
-from diffsparse.cache.forecast import blend_history, forecast
+from diffsparse.cache.forecast import blend_history, forecast, text_slot
 from diffsparse.levels import ACTIONS, FORECAST, fresh_tokens
 
 
@@ -92,4 +92,30 @@ def blend_output(ctl, u, x: torch.Tensor, out: torch.Tensor, context: int = 0) -
     state.full_at.pop(u.index, None)
     if ctl.selector.needs_inputs:
         state.inputs[u.index] = torch.where(fresh[..., None], x.detach(), state.inputs[u.index])
+    return blended
+
+
+def blend_text(ctl, u, txt: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """Training mode for the text rows of FLUX single-stream block `u`: its text `branch` (B, M, D), computed,
+    blended with the reused one (copied or forecast) by the weight of the actions that reuse all image tokens,
+    the only ones where inference reuses the text (`hooks.stale_text`); updates the text's cache."""
+    state, key = ctl.current, text_slot(u.index)
+    if state.step == 0:
+        state.store_full(key, branch, txt, False)
+        return branch
+    h = ctl.choice[state.step, u.index].to(branch.dtype)
+    actions = ACTIONS[: len(h)]
+    reuse = torch.tensor([s == 1.0 for s, _ in actions], device=h.device, dtype=h.dtype)
+    forecasts = torch.tensor([mode == FORECAST for _, mode in actions], device=h.device, dtype=h.dtype)
+    computed = (h * (1 - reuse)).sum()
+    cache = state.cache[key]
+    blended = computed * branch + (h * reuse * (1 - forecasts)).sum() * cache
+    if forecasts.any():
+        blended = blended + (h * reuse * forecasts).sum() * forecast(state, key, state.step, ctl.forecast_order)
+    fresh = torch.full(txt.shape[:2], ctl.sparsity(state.step, u.index) < 1.0, device=txt.device)
+    if ctl.history[u.index]:
+        blend_history(state, key, branch, fresh, ctl.forecast_order, ctl.forecast_dtype)
+    state.cache[key] = computed * branch + (1 - computed) * cache
+    state.last_fresh[key] = torch.where(fresh, state.step, state.last_fresh[key])
+    state.full_at.pop(key, None)
     return blended

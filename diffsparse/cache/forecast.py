@@ -22,6 +22,13 @@ from diffsparse.cache.rows import put_rows, take_rows
 FORECAST_ORDERS = (1, 2)
 
 
+def text_slot(unit: int) -> int:
+    """The key under which the trajectory state keeps the text rows of unit `unit` (a FLUX single-stream block's
+    text branch, reused with its image tokens when the block reuses all of them): a negative number, kept apart
+    from the units' own keys."""
+    return -1 - unit
+
+
 def forecast(state, unit: int, step: int, order: int) -> torch.Tensor:
     """Unit `unit`'s output (B, N, D) at `step` forecast from its history, in the cache's dtype."""
     cache = state.cache[unit]
@@ -107,9 +114,10 @@ def blend_history(state, unit: int, out: torch.Tensor, fresh_mask: torch.Tensor,
 def factor_bytes(state) -> dict[int, int]:
     """The forecast's extra memory per unit (bytes of its factors and step records), for this trajectory."""
     sizes = {}
-    for unit, factors in state.factors.items():
+    for key, factors in state.factors.items():
         extra = sum(f.numel() * f.element_size() for f in factors)
-        if unit in state.prev_fresh:
-            extra += state.prev_fresh[unit].numel() * state.prev_fresh[unit].element_size()
-        sizes[unit] = extra
+        if key in state.prev_fresh:
+            extra += state.prev_fresh[key].numel() * state.prev_fresh[key].element_size()
+        unit = key if key >= 0 else text_slot(key)  # a text slot's memory is its unit's
+        sizes[unit] = sizes.get(unit, 0) + extra
     return sizes

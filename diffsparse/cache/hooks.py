@@ -14,9 +14,9 @@ from diffusers.hooks.hooks import StateManager
 
 from diffsparse.backbones.registry import CROSS_ATTN, JOINT, ROPE_SELF, SELF_ATTN, SINGLE_STREAM, UnitInfo
 from diffsparse.cache.attention import attention_with_signals
-from diffsparse.cache.blend import blend_forward, blend_output
+from diffsparse.cache.blend import blend_forward, blend_output, blend_text
 from diffsparse.cache.conflicts import refuse_diffusers_caches
-from diffsparse.cache.forecast import forecast, update_history
+from diffsparse.cache.forecast import forecast, text_slot, update_history
 from diffsparse.cache.kv import full_attention, partial_attention
 from diffsparse.cache.rows import flat_rows, put_rows, take_rows
 from diffsparse.cache.runners import (
@@ -101,6 +101,20 @@ def stale_output(ctl: TokenCacheController, u: UnitInfo, x: torch.Tensor) -> tor
     return cache
 
 
+def stale_text(ctl: TokenCacheController, u: UnitInfo, txt: torch.Tensor) -> torch.Tensor:
+    """The text branch (B, M, D) of single-stream block `u` at a step where it reuses all its image tokens: copied,
+    or forecast, as its image tokens are."""
+    state = ctl.current
+    key = text_slot(u.index)
+    cache = state.cache.get(key)
+    if cache is None or cache.shape != txt.shape:
+        raise RuntimeError(
+            f"Unit {u.name} has no cached text rows of this shape at step {state.step}: a trajectory must start "
+            "with a full step. Call reset_token_cache(model) before sampling with new captions or batch size."
+        )
+    return forecast(state, key, state.step, ctl.forecast_order) if ctl.forecasting(state.step, u.index) else cache
+
+
 class TokenCacheBlockHook(ModelHook):
     """On a block whose backbone row can put its output together from its units' (`BlockList.reused`): at a step
     where each of its units reuses all its tokens, that output, without running the block. Elsewhere, and in
@@ -161,6 +175,13 @@ class TokenCacheUnitHook(ModelHook):
         if ctl.history[u.index]:
             update_history(ctl.current, u.index, out, None, None, ctl.forecast_order, ctl.forecast_dtype)
         ctl.current.store_full(u.index, out, x, ctl.selector.needs_inputs, context)
+
+    def _store_text(self, u: UnitInfo, txt: torch.Tensor, branch: torch.Tensor) -> None:
+        """Record the text branch of single-stream block `u`, computed on all its rows (`stale_text` reuses it)."""
+        ctl, key = self.controller, text_slot(u.index)
+        if ctl.history[u.index]:
+            update_history(ctl.current, key, branch, None, None, ctl.forecast_order, ctl.forecast_dtype)
+        ctl.current.store_full(key, branch, txt, False)
 
     def _choose(self, u: UnitInfo, x: torch.Tensor, s: float):
         """The fresh tokens of `u` at sparsity `s` < 1: `(idx (B, k), rows)`; rows None when all are fresh."""
@@ -283,7 +304,9 @@ class TokenCacheUnitHook(ModelHook):
         )
 
     def _single_stream(self, block, args, kwargs):
-        """FLUX single-stream block: its residual branch cached per image token; text tokens always computed."""
+        """FLUX single-stream block: its residual branch cached per image token. The text rows are computed
+        whenever any image token is (they are keys and values of every query), and reused with the image tokens
+        at a step that reuses all of those: then the block does no work at all."""
         ctl, u = self.controller, self.unit
         state = ctl.current
         bound = self.signature.bind(*args, **kwargs).arguments
@@ -296,18 +319,20 @@ class TokenCacheUnitHook(ModelHook):
                 state.signals[(u.block, ENTROPY)] = entropy
             txt_out, img_out = self.fn_ref.original_forward(*args, **kwargs)
             if ctl.choice is not None:
-                return txt_out, img + blend_output(ctl, u, img, img_out - img, txt.shape[1])
+                txt_branch = blend_text(ctl, u, txt, txt_out - txt)
+                return txt + txt_branch, img + blend_output(ctl, u, img, img_out - img, txt.shape[1])
+            self._store_text(u, txt, txt_out - txt)
             self._store_full(u, img, img_out - img, txt.shape[1])
             return txt_out, img_out
         if bound.get("joint_attention_kwargs"):
             raise ValueError(f"{u.name}: extra attention arguments are not supported.")
-        chosen = None if s == 1.0 else self._choose(u, img, s)
+        if s == 1.0:
+            return txt + stale_text(ctl, u, txt), img + stale_output(ctl, u, img)
+        chosen = self._choose(u, img, s)
         rotary = bound["image_rotary_emb"]
         txt_branch, img_branch = single_stream_branch(block, img, txt, bound["temb"], rotary, chosen)
-        img_branch = (
-            stale_output(ctl, u, img) if chosen is None else self._store(u, img, img_branch, chosen, txt.shape[1])
-        )
-        return txt + txt_branch, img + img_branch
+        self._store_text(u, txt, txt_branch)
+        return txt + txt_branch, img + self._store(u, img, img_branch, chosen, txt.shape[1])
 
 
 def _no_mask(u: UnitInfo, args: tuple, kwargs: dict) -> None:

@@ -135,15 +135,12 @@ class ScheduleLearner(L.LightningModule):
         # what the budget counts: the MACs, or the time measured per action
         self.table = self._ref.budget_table(budget_unit, time_table, selector, time_batch, macs=self.macs)
         check_budget(budget, num_steps, self.table, budget_name="learn.budget", steps_name="learn.num_steps")
-        fitted = baselines.budget_schedules(self.table, self.timesteps, budget)
-        unknown = [name for name in starts if name not in fitted]
-        if not starts or unknown:
-            raise ValueError(f"learn.starts={starts}: choose one or more of {sorted(fitted)}.")
-        if not forecast and any(fitted[name].forecast.any() for name in starts):
+        fitted = baselines.start_schedules(self.table, self.timesteps, budget, starts)
+        if not forecast and any(s.forecast.any() for s in fitted.values()):
             raise ValueError(f"learn.starts={starts} has a forecasting start but learn.forecast=false: drop it.")
         # each start as the DP makes it from costs initialised to it: a hand-made schedule fitted to the budget may
         # save a little less than it, the DP's version saves at least the budget (and is where learning begins)
-        self.starts = {name: self._projected(fitted[name]) for name in starts}
+        self.starts = {name: self._projected(schedule) for name, schedule in fitted.items()}
         self.start: dict | None = None  # the chosen start and its validation L2 (`choose_start`)
         init = fitted[starts[0]]
         self.layer_costs = CostPredictor(num_steps, len(self.units), init=init, forecast=forecast).to(self._dtype)
@@ -241,9 +238,10 @@ class ScheduleLearner(L.LightningModule):
         return schedule_from_choice(levels, costs.shape[-1], self.units, meta), h
 
     def _meta(self, meta: dict) -> dict:
-        """`meta` and what the schedule must be run with: the selector it was learned with, the forecast order."""
+        """`meta`, the budget, and what the schedule must be run with: the selector it was learned with, the
+        forecast order."""
         order = {"forecast_order": self.hparams.forecast_order} if self.hparams.forecast else {}
-        return {**meta, "selector": self.hparams.selector, **order}
+        return {**meta, "budget": self.hparams.budget, "selector": self.hparams.selector, **order}
 
     # --- rollouts -------------------------------------------------------------------------------------------------
     @property
@@ -289,7 +287,8 @@ class ScheduleLearner(L.LightningModule):
     def choose_start(self, batches) -> dict:
         """Validate every start; restart the costs from the best. Returns {name: validation L2}."""
         batches = list(batches)
-        scores = {name: self.validation_l2(schedule, batches) for name, schedule in self.starts.items()}
+        with torch.random.fork_rng(devices=[]):  # training draws the same random numbers whatever was validated
+            scores = {name: self.validation_l2(schedule, batches) for name, schedule in self.starts.items()}
         best = min(scores, key=scores.get)
         if self._trainer is not None:  # every process restarts from the same start (rank 0's)
             best = self.trainer.strategy.broadcast(best, src=0)
