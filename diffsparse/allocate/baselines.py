@@ -221,28 +221,22 @@ def snr_stages(
     return Schedule(grid, units, meta)
 
 
-def at_budget(
-    make: Callable[..., Schedule], knobs: Sequence[dict], table: MacTable, budget: float, at_least: bool = False
-) -> Schedule:
-    """Of `make(**knob)` for each knob setting, the schedule whose saved MAC fraction is closest to `budget`
-    (`at_least`: closest among those that save at least `budget`, if any does)."""
+def at_budget(make: Callable[..., Schedule], knobs: Sequence[dict], table: MacTable, budget: float) -> Schedule:
+    """Of `make(**knob)` for each knob setting, the schedule whose saved MAC fraction is closest to `budget`."""
     if not 0.0 <= budget < 1.0:
         raise ValueError(f"budget must be in [0, 1), got {budget}")
-    best, best_gap, best_reaches = None, float("inf"), False
+    best, best_gap = None, float("inf")
     for knob in knobs:
         schedule = make(**knob)
-        saved = table.saved_fraction(schedule)
-        gap, reaches = abs(saved - budget), at_least and saved >= budget - 1e-12
-        if (reaches, -gap) > (best_reaches, -best_gap + 1e-12):
-            best, best_gap, best_reaches = schedule, gap, reaches
+        gap = abs(table.saved_fraction(schedule) - budget)
+        if gap < best_gap - 1e-12:
+            best, best_gap = schedule, gap
     return best
 
 
-def budget_schedules(
-    table: MacTable, timesteps: Sequence[int], budget: float, at_least: bool = False
-) -> dict[str, Schedule]:
+def budget_schedules(table: MacTable, timesteps: Sequence[int], budget: float) -> dict[str, Schedule]:
     """Every registered hand-made allocator (`registry.ALLOCATORS`) fitted to `budget` (fraction of dense MACs
-    saved), by name: its knob setting that saves closest to the budget (`at_least`: closest at or above it).
+    saved), by name.
 
     A step count below 2 or a budget above what `len(timesteps)` steps can save (the first step is always full)
     is refused with what to choose instead (`solver.check_budget`).
@@ -250,25 +244,6 @@ def budget_schedules(
     units, n = list(table.units), len(timesteps)
     check_budget(budget, n, table)
     return {
-        name: at_budget(
-            lambda spec=spec, **k: spec.make(units, n, timesteps, **k), spec.fit(n), table, budget, at_least
-        )
+        name: at_budget(lambda spec=spec, **k: spec.make(units, n, timesteps, **k), spec.fit(n), table, budget)
         for name, spec in ALLOCATORS.items()
     }
-
-
-def start_schedules(table: MacTable, timesteps: Sequence[int], budget: float, names: Sequence[str]) -> dict:
-    """The learner's starts: each allocator of `names` fitted to `budget`; where that fit saves less than the
-    budget (the DP will have to change it to reach the budget), also its closest fit that saves at least the
-    budget, as `NAME_above`. Both are candidates: which one validates better depends on the model."""
-    closest = budget_schedules(table, timesteps, budget)
-    above = budget_schedules(table, timesteps, budget, at_least=True)
-    unknown = [name for name in names if name not in closest]
-    if not names or unknown:
-        raise ValueError(f"learn.starts={list(names)}: choose one or more of {sorted(closest)}.")
-    starts = {}
-    for name in names:
-        starts[name] = closest[name]
-        if table.saved_fraction(closest[name]) < budget and table.saved_fraction(above[name]) >= budget:
-            starts[f"{name}_above"] = above[name]
-    return starts

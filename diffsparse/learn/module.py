@@ -135,12 +135,15 @@ class ScheduleLearner(L.LightningModule):
         # what the budget counts: the MACs, or the time measured per action
         self.table = self._ref.budget_table(budget_unit, time_table, selector, time_batch, macs=self.macs)
         check_budget(budget, num_steps, self.table, budget_name="learn.budget", steps_name="learn.num_steps")
-        fitted = baselines.start_schedules(self.table, self.timesteps, budget, starts)
-        if not forecast and any(s.forecast.any() for s in fitted.values()):
+        fitted = baselines.budget_schedules(self.table, self.timesteps, budget)
+        unknown = [name for name in starts if name not in fitted]
+        if not starts or unknown:
+            raise ValueError(f"learn.starts={starts}: choose one or more of {sorted(fitted)}.")
+        if not forecast and any(fitted[name].forecast.any() for name in starts):
             raise ValueError(f"learn.starts={starts} has a forecasting start but learn.forecast=false: drop it.")
         # each start as the DP makes it from costs initialised to it: a hand-made schedule fitted to the budget may
         # save a little less than it, the DP's version saves at least the budget (and is where learning begins)
-        self.starts = {name: self._projected(schedule) for name, schedule in fitted.items()}
+        self.starts = {name: self._projected(fitted[name]) for name in starts}
         self.start: dict | None = None  # the chosen start and its validation L2 (`choose_start`)
         init = fitted[starts[0]]
         self.layer_costs = CostPredictor(num_steps, len(self.units), init=init, forecast=forecast).to(self._dtype)
