@@ -30,7 +30,7 @@ def stage1(tmp_path_factory):
 
 def test_both_stages_export_a_schedule_within_budget(stage1, tmp_path):
     s1 = Schedule.load(stage1 / "schedule.json")
-    exported = json.loads((stage1 / "metrics.json").read_text())["exported"]
+    exported = json.loads((stage1 / "metrics.json").read_text()).get("exported", "learned")  # one start: learned
     assert s1.meta["saved_macs"] >= 0.5
     # the learned schedule, or (when nothing learned validated better) the start it was learned from
     assert s1.meta["stage"] == 1 if exported == "learned" else s1.meta["start"] is True
