@@ -38,8 +38,7 @@ from diffsparse.schedule import Schedule
 # The settings that define the learning problem: a run can only be resumed (`ckpt_path`) with the same ones.
 PROBLEM_SETTINGS = ("model", "sampler", "num_steps", "budget", "stage", "num_full", "loss", "selector", "guidance",
                     "forecast", "forecast_order", "budget_unit")  # fmt: skip
-# The recipe's hand-made starts (`allocate.registry` names), each fitted to the budget.
-RECIPE_STARTS = ("toca", "fora", "forecast_fora", "forecast_warmup", "uniform")
+RECIPE_STARTS = ("toca", "fora", "forecast_fora", "forecast_warmup", "uniform")  # registry names, fitted to budget
 
 
 def with_step_costs(costs: torch.Tensor, step_logits: torch.Tensor) -> torch.Tensor:
@@ -241,8 +240,7 @@ class ScheduleLearner(L.LightningModule):
         return schedule_from_choice(levels, costs.shape[-1], self.units, meta), h
 
     def _meta(self, meta: dict) -> dict:
-        """`meta`, the budget, and what the schedule must be run with: the selector it was learned with, the
-        forecast order."""
+        """`meta`, the budget, and what the schedule runs with: its selector and forecast order."""
         order = {"forecast_order": self.hparams.forecast_order} if self.hparams.forecast else {}
         return {**meta, "budget": self.hparams.budget, "selector": self.hparams.selector, **order}
 
@@ -290,8 +288,8 @@ class ScheduleLearner(L.LightningModule):
     def choose_start(self, batches) -> dict:
         """Validate every start; restart the costs from the best. Returns {name: validation L2}."""
         batches = list(batches)
-        with torch.random.fork_rng(devices=[]):  # training draws the same random numbers whatever was validated
-            scores = {name: self.validation_l2(schedule, batches) for name, schedule in self.starts.items()}
+        with torch.random.fork_rng(devices=[]):  # training draws the same numbers whatever was validated
+            scores = {name: self.validation_l2(s, batches) for name, s in self.starts.items()}
         best = min(scores, key=scores.get)
         if self._trainer is not None:  # every process restarts from the same start (rank 0's)
             best = self.trainer.strategy.broadcast(best, src=0)
