@@ -98,7 +98,7 @@ def blend_output(ctl, u, x: torch.Tensor, out: torch.Tensor, context: int = 0) -
 def blend_text(ctl, u, txt: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """Training mode for the text rows of FLUX single-stream block `u`: its text `branch` (B, M, D), computed,
     blended with the reused one (copied or forecast) by the weight of the actions that reuse all image tokens,
-    the only ones where inference reuses the text (`hooks.stale_text`); updates the text's cache."""
+    the only ones where inference reuses the text (`hooks.stale_output` on its text slot); updates the text's cache."""
     state, key = ctl.current, text_slot(u.index)
     if state.step == 0:
         state.store_full(key, branch, txt, False)

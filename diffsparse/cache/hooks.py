@@ -81,10 +81,11 @@ class TrajectoryHook(ModelHook):
         return module
 
 
-def cached_output(ctl: TokenCacheController, u: UnitInfo, x: torch.Tensor) -> torch.Tensor:
-    """Unit `u`'s cached output (B, N, D), checked against its input `x` (B, N, ...) at this step."""
+def cached_output(ctl: TokenCacheController, u: UnitInfo, x: torch.Tensor, key: int | None = None) -> torch.Tensor:
+    """Unit `u`'s cached output (B, N, D) (`key`: another of its slots, as `forecast.text_slot`; default its own),
+    checked against its input `x` (B, N, ...) at this step."""
     state = ctl.current
-    cache = state.cache.get(u.index)
+    cache = state.cache.get(u.index if key is None else key)
     if cache is None or cache.shape[0] != x.shape[0] or cache.shape[1] != x.shape[1]:
         raise RuntimeError(
             f"Unit {u.name} has no cached output for this batch at step {state.step}: a trajectory must start "
@@ -93,26 +94,13 @@ def cached_output(ctl: TokenCacheController, u: UnitInfo, x: torch.Tensor) -> to
     return cache
 
 
-def stale_output(ctl: TokenCacheController, u: UnitInfo, x: torch.Tensor) -> torch.Tensor:
-    """Unit `u`'s output at this step for tokens it does not recompute: copied, or forecast from their history."""
-    cache = cached_output(ctl, u, x)
+def stale_output(ctl: TokenCacheController, u: UnitInfo, x: torch.Tensor, key: int | None = None) -> torch.Tensor:
+    """Unit `u`'s output at this step for tokens it does not recompute: copied, or forecast from their history
+    (`key`: another of its slots, e.g. a FLUX single-stream block's text rows, reused as its image tokens are)."""
+    cache = cached_output(ctl, u, x, key)
     if ctl.forecasting(ctl.current.step, u.index):
-        return forecast(ctl.current, u.index, ctl.current.step, ctl.forecast_order)
+        return forecast(ctl.current, u.index if key is None else key, ctl.current.step, ctl.forecast_order)
     return cache
-
-
-def stale_text(ctl: TokenCacheController, u: UnitInfo, txt: torch.Tensor) -> torch.Tensor:
-    """The text branch (B, M, D) of single-stream block `u` at a step where it reuses all its image tokens: copied,
-    or forecast, as its image tokens are."""
-    state = ctl.current
-    key = text_slot(u.index)
-    cache = state.cache.get(key)
-    if cache is None or cache.shape != txt.shape:
-        raise RuntimeError(
-            f"Unit {u.name} has no cached text rows of this shape at step {state.step}: a trajectory must start "
-            "with a full step. Call reset_token_cache(model) before sampling with new captions or batch size."
-        )
-    return forecast(state, key, state.step, ctl.forecast_order) if ctl.forecasting(state.step, u.index) else cache
 
 
 class TokenCacheBlockHook(ModelHook):
@@ -177,7 +165,7 @@ class TokenCacheUnitHook(ModelHook):
         ctl.current.store_full(u.index, out, x, ctl.selector.needs_inputs, context)
 
     def _store_text(self, u: UnitInfo, txt: torch.Tensor, branch: torch.Tensor) -> None:
-        """Record the text branch of single-stream block `u`, computed on all its rows (`stale_text` reuses it)."""
+        """Record the text branch of single-stream block `u`, computed on all its rows (`stale_output` reuses it)."""
         ctl, key = self.controller, text_slot(u.index)
         if ctl.history[u.index]:
             update_history(ctl.current, key, branch, None, None, ctl.forecast_order, ctl.forecast_dtype)
@@ -327,7 +315,7 @@ class TokenCacheUnitHook(ModelHook):
         if bound.get("joint_attention_kwargs"):
             raise ValueError(f"{u.name}: extra attention arguments are not supported.")
         if s == 1.0:
-            return txt + stale_text(ctl, u, txt), img + stale_output(ctl, u, img)
+            return txt + stale_output(ctl, u, txt, text_slot(u.index)), img + stale_output(ctl, u, img)
         chosen = self._choose(u, img, s)
         rotary = bound["image_rotary_emb"]
         txt_branch, img_branch = single_stream_branch(block, img, txt, bound["temb"], rotary, chosen)
