@@ -4,7 +4,8 @@ that produced the numbers) still parses, and the site builds with `mkdocs build 
 Conventions of the pages: a ```python or ```bash block is an example, run here from the repository root (so it
 must be quick: tiny models, `--quick`); a ```text block records a long command and its output, and each of its
 `python ...` command lines is parsed here, not run; a block right after `<!-- not run: REASON -->` is left out
-(only the set-up commands, which CI itself runs: tests/test_install.py checks them).
+(only the set-up commands, which CI itself runs: tests/test_install.py checks them); a block right after
+`<!-- slow: REASON -->` runs with the slow tests only (`python -m pytest -m slow`), to keep the default suite short.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^( *)```(\w*)[^\n]*\n(.*?)^\1```", re.S | re.M)  # also indented in a list
 NOT_RUN = re.compile(r"<!-- not run: ([^>]+?) -->\s*$")
+SLOW = re.compile(r"<!-- slow: ([^>]+?) -->\s*$")
 
 
-def fenced_blocks() -> list[tuple[str, str, str, str | None]]:
-    """(page:line, language, code, the not-run reason or None) of every fenced block of the pages."""
+def fenced_blocks() -> list[tuple[str, str, str, str | None, bool]]:
+    """(page:line, language, code, the not-run reason or None, whether it is marked slow) of every fenced block of
+    the pages."""
     found = []
     for page in PAGES:
         text = page.read_text()
@@ -36,7 +39,8 @@ def fenced_blocks() -> list[tuple[str, str, str, str | None]]:
             reason = NOT_RUN.search(before)
             line = text.count("\n", 0, m.start()) + 1
             code = textwrap.dedent(m.group(3))
-            found.append((f"{page.relative_to(ROOT)}:{line}", m.group(2), code, reason and reason.group(1)))
+            where = f"{page.relative_to(ROOT)}:{line}"
+            found.append((where, m.group(2), code, reason and reason.group(1), bool(SLOW.search(before))))
     return found
 
 
@@ -45,11 +49,21 @@ EXAMPLES = [b for b in BLOCKS if b[1] in ("python", "bash") and b[3] is None]
 
 
 def test_only_the_set_up_commands_are_left_out():
-    left_out = [(where, reason) for where, _, _, reason in BLOCKS if reason]
+    left_out = [(where, reason) for where, _, _, reason, _ in BLOCKS if reason]
     assert [where.split(":")[0] for where, _ in left_out] == ["README.md"], left_out
 
 
-@pytest.mark.parametrize("where,language,code", [b[:3] for b in EXAMPLES], ids=[b[0] for b in EXAMPLES])
+def test_every_slow_marker_is_on_an_example_and_most_examples_run_by_default():
+    markers = sum(page.read_text().count("<!-- slow: ") for page in PAGES)
+    slow = [b for b in EXAMPLES if b[4]]
+    assert markers == len(slow), "a <!-- slow: --> marker is not right before a python or bash block"
+    assert len(slow) <= len(EXAMPLES) // 3, [b[0] for b in slow]
+
+
+@pytest.mark.parametrize(
+    "where,language,code",
+    [pytest.param(*b[:3], id=b[0], marks=[pytest.mark.slow] if b[4] else []) for b in EXAMPLES],
+)
 def test_every_example_runs_as_written(where, language, code):
     command = [sys.executable, "-c", code] if language == "python" else ["bash", "-euo", "pipefail", "-c", code]
     env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"  # `python` is this environment's
@@ -61,7 +75,7 @@ def test_every_example_runs_as_written(where, language, code):
 def recorded_commands() -> list[tuple[str, str]]:
     """(page:line, command) of each `python ...` line of the text blocks (joined over trailing backslashes)."""
     commands = []
-    for where, language, code, _ in BLOCKS:
+    for where, language, code, _, _ in BLOCKS:
         if language != "text":
             continue
         for line in code.replace("\\\n", " ").splitlines():
