@@ -105,7 +105,7 @@ def test_train_learns_on_a_users_dit_and_infer_runs_it(eight_class_dit, tmp_path
     assert list(schedule.units) == cacheable_units(
         ref.transformer
     )  # learned on this model: 2 blocks, not the digits' 6
-    assert schedule.num_steps == 6 and metrics["best_val_l2"] is not None
+    assert schedule.num_steps == 6 and metrics["best_val"] is not None
     cfg = compose_cfg(
         "infer",
         ["model=local", f"model.path={eight_class_dit}", f"schedule={tmp_path / 'learn' / 'schedule.json'}",

@@ -50,7 +50,7 @@ def test_the_learn_task_is_built_from_its_configs(tmp_path):
     callbacks = {name: instantiate(node) for name, node in cfg.callbacks.items()}
     checkpoint, export = callbacks["model_checkpoint"], callbacks["schedule_export"]
     assert isinstance(checkpoint, ModelCheckpoint) and isinstance(export, ScheduleExport)
-    assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val/l2", "min", True)
+    assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val/score", "min", True)
     assert checkpoint.dirpath == str(tmp_path / "checkpoints") and export.metrics_path == tmp_path / "metrics.json"
     trainer = instantiate(cfg.trainer, _partial_=True)(callbacks=list(callbacks.values()), logger=False)
     assert isinstance(trainer, L.Trainer) and trainer.checkpoint_callback is checkpoint and trainer.max_epochs == 1

@@ -1,6 +1,7 @@
 """Learning a schedule end to end on a tiny model: both stages, resume, data-parallel equals one process."""
 
 import json
+import math
 import subprocess
 import sys
 from functools import partial
@@ -62,8 +63,8 @@ def test_two_process_ddp_chooses_and_exports_as_one_process(tmp_path):
     metrics = [json.loads((run / "metrics.json").read_text()) for run in (one, two)]
     assert len(metrics[0]["start_scores"]) > 1 and metrics[0]["start"] == metrics[1]["start"]
     assert metrics[0]["start_scores"] == pytest.approx(metrics[1]["start_scores"], rel=1e-9)
-    assert all(isinstance(m["best_val_l2"], float) for m in metrics)  # spawned processes used to leave it null
-    assert metrics[1]["best_val_l2"] == pytest.approx(metrics[0]["best_val_l2"], rel=1e-9)  # synced over processes
+    assert all(isinstance(m["best_val"], float) for m in metrics)  # spawned processes used to leave it null
+    assert metrics[1]["best_val"] == pytest.approx(metrics[0]["best_val"], rel=1e-9)  # synced over processes
 
 
 def test_missing_lpips_weights_stop_with_what_to_do(tmp_path, monkeypatch):
@@ -102,13 +103,13 @@ def test_the_recipe_starts_from_the_best_validated_start_and_never_exports_worse
     metrics = json.loads((out / "metrics.json").read_text())
     scores = metrics["start_scores"]
     assert set(scores) == {"toca", "fora", "forecast_fora", "forecast_warmup", "uniform"}
-    assert metrics["start"] == min(scores, key=scores.get) and metrics["start_val_l2"] == min(scores.values())
+    assert metrics["start"] == min(scores, key=scores.get) and metrics["start_val"] == min(scores.values())
     sched = Schedule.load(out / "schedule.json")
     assert sched.meta["saved_macs"] >= 0.5
     if metrics["exported"].startswith("learned"):
-        assert metrics["best_val_l2"] < metrics["start_val_l2"]
+        assert metrics["best_val"] < metrics["start_val"]
     else:
-        assert metrics["start_val_l2"] <= metrics["best_val_l2"] and sched.meta["kept_start"]
+        assert metrics["start_val"] <= metrics["best_val"] and sched.meta["kept_start"]
     # then the refinement (one pass of swaps, the recipe's), whose outcome the export states
     refine = metrics["refine"]
     assert refine["conditions"] == 8 and refine["rollouts"] >= 1
@@ -117,9 +118,30 @@ def test_the_recipe_starts_from_the_best_validated_start_and_never_exports_worse
     off = ["trainer.max_epochs=1", "learn.lr=0.0", "learn.refine_passes=0"]
     frozen = train(tmp_path / "frozen", *common, *off)
     metrics = json.loads((frozen / "metrics.json").read_text())
-    assert metrics["exported"] == "start" and metrics["best_val_l2"] == pytest.approx(metrics["start_val_l2"])
+    assert metrics["exported"] == "start" and metrics["best_val"] == pytest.approx(metrics["start_val"])
     assert "refine" not in metrics
     assert Schedule.load(frozen / "schedule.json").meta["method"] == metrics["start"]
+    # judged by the mean per-sample log L2 (dB): starts and epochs scored by it (val/score, the checkpoints' monitor)
+    logged = train(tmp_path / "log", *common, *off, "learn.judge=log_l2")
+    metrics = json.loads((logged / "metrics.json").read_text())
+    l2_scores, scores = scores, metrics["start_scores"]
+    assert metrics["judge"] == "log_l2" and metrics["start_val"] == min(scores.values())
+    # the same conditions as the first run: the mean of the logs is at most the log of the mean (Jensen), in dB
+    assert all(scores[name] <= 10 * math.log10(l2_scores[name]) + 1e-4 for name in scores)
+    assert metrics["best_val"] == pytest.approx(metrics["start_val"], abs=1e-4)
+    log = next(logged.glob("logs/**/metrics.csv")).read_text().splitlines()[0]
+    assert {"val/score", "val/log_l2", "val/l2"} <= set(log.split(","))
+
+
+def test_a_checkpoint_monitor_other_than_the_judge_is_refused(tmp_path):
+    """The start kept and the best epoch must be scored alike: a run judged by log L2 whose checkpoints monitor
+    val/l2, not the judge's val/score, stops before training, saying what to set."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=tiny_stage1", "learn.loss=l2", "learn.judge=log_l2",
+           "callbacks.model_checkpoint.monitor=val/l2", "logger=csv", f"output_dir={tmp_path}",
+           f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode != 0 and "set the monitor to val/score" in result.stderr
+    assert not (tmp_path / "schedule.json").exists()
 
 
 def test_the_recipe_in_python_is_the_recipe_of_the_config():

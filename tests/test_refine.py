@@ -59,15 +59,15 @@ def test_nothing_is_kept_unless_the_score_falls_by_min_gain():
         refine_by_swaps(actions, lambda a, limit: 0.0, min_gain=1.0)
 
 
-def stub_l2(train_target, val_target):
-    """A `validation_l2` that scores full steps against one target on training batches (seeds < 100) and another
+def stub_score(train_target, val_target):
+    """A `validation_score` that scores full steps against one target on training batches (seeds < 100) and another
     on validation batches (seeds >= 100)."""
 
-    def validation_l2(schedule: Schedule, batches) -> float:
+    def validation_score(schedule: Schedule, batches) -> float:
         target = val_target if int(batches[0]["seed"][0]) >= 100 else train_target
         return distance_to(target)(schedule.action_indices())
 
-    return validation_l2
+    return validation_score
 
 
 def batches(first: int, size: int, batch: int = 2) -> list[dict]:
@@ -79,16 +79,16 @@ def test_a_refinement_is_kept_only_if_it_validates_better():
     start = forecast_fora(UNITS, 8, interval=2).with_forecast(True, {"method": "forecast_fora"})  # full 0, 2, 4, 6
     better = [0, 3, 5, 7]
     refine = partial(refine_schedule, passes=2, size=4, batch=3, progress=False)
-    refined, report = refine(stub_l2(better, better), start, batches(0, 8), batches(100, 4))
+    refined, report = refine(stub_score(better, better), start, batches(0, 8), batches(100, 4))
     assert report["kept"] and full_steps(refined.action_indices()) == better and report["conditions"] == 4
-    assert report["val_l2_after"] == 0.0 < report["val_l2_before"] and refined.meta["refined_swaps"] == 3
+    assert report["val_after"] == 0.0 < report["val_before"] and refined.meta["refined_swaps"] == 3
     assert refined.meta["method"] == "forecast_fora"
     # better on the training conditions, worse on validation: the start comes back
-    same, report = refine(stub_l2(better, [0, 2, 4, 6]), start, batches(0, 8), batches(100, 4))
+    same, report = refine(stub_score(better, [0, 2, 4, 6]), start, batches(0, 8), batches(100, 4))
     assert same is start and report["moves"] and not report["kept"]
     # nothing better on training: no validation needed, nothing kept
-    same, report = refine(stub_l2([0, 2, 4, 6], better), start, batches(0, 8), batches(100, 4))
-    assert same is start and report["moves"] == [] and report["val_l2_before"] is None
+    same, report = refine(stub_score([0, 2, 4, 6], better), start, batches(0, 8), batches(100, 4))
+    assert same is start and report["moves"] == [] and report["val_before"] is None
 
 
 def test_the_refined_schedule_saves_exactly_the_macs_of_its_start():
@@ -96,7 +96,7 @@ def test_the_refined_schedule_saves_exactly_the_macs_of_its_start():
 
     table = load_model("tiny").mac_table()
     start = forecast_fora(list(table.units), 8, interval=2)
-    refined, report = refine_schedule(stub_l2([0, 3, 5, 7], [0, 3, 5, 7]), start, batches(0, 4), batches(100, 2),
+    refined, report = refine_schedule(stub_score([0, 3, 5, 7], [0, 3, 5, 7]), start, batches(0, 4), batches(100, 2),
                                       size=4, progress=False)  # fmt: skip
     assert report["kept"] and refined != start
     assert table.saved_fraction(refined) == table.saved_fraction(start)
@@ -118,22 +118,85 @@ def test_refinement_settings_that_cannot_work_are_refused_before_learning():
     for bad in ({"refine_passes": -1}, {"refine_size": 0}, {"refine_batch": 0}):
         with pytest.raises(ValueError, match="learn.refine_passes"):
             ScheduleLearner(model="tiny", num_steps=8, **bad)
+    with pytest.raises(ValueError, match="learn.judge='psnr'"):
+        ScheduleLearner(model="tiny", num_steps=8, judge="psnr")
 
 
 def test_a_clearly_worse_candidate_stops_its_rollouts_early_and_nothing_else_changes():
     start = forecast_fora(UNITS, 8, interval=2).with_forecast(True, {"method": "forecast_fora"})  # full 0, 2, 4, 6
     calls = []
 
-    def validation_l2(schedule, parts):  # the start 1 on every condition, every swap 10: each is stopped early
+    def validation_score(schedule, parts):  # the start 1 on every condition, every swap 10: each is stopped early
         calls.append(len(parts[0]["seed"]))
         return 1.0 if schedule.full_steps == [0, 2, 4, 6] else 10.0
 
-    same, report = refine_schedule(validation_l2, start, batches(0, 8), batches(100, 4), size=8, batch=2,
+    same, report = refine_schedule(validation_score, start, batches(0, 8), batches(100, 4), size=8, batch=2,
                                    progress=False)  # fmt: skip
     assert same is start and report["moves"] == []
     candidates = report["rollouts"] - 1
     # the start on all 8 conditions; each candidate stops after its first batch of 2 (10 x 2 / 8 >= 0.99)
     assert candidates == 6 and report["rolled_out"] == 8 + 2 * candidates == sum(calls)
+
+
+def test_negative_scores_stop_early_only_once_the_floor_proves_a_candidate_worse():
+    """Log L2 scores are negative: a candidate is stopped when even the least score (`floor`) on every condition
+    left could not bring its mean below the current one's."""
+    start = forecast_fora(UNITS, 8, interval=2).with_forecast(True, {"method": "forecast_fora"})  # full 0, 2, 4, 6
+    calls = []
+
+    def scorer(swapped: float):  # the start -50 dB on every condition, every swap `swapped`
+        def validation_score(schedule, parts):
+            calls.append(len(parts[0]["seed"]))
+            return -50.0 if schedule.full_steps == [0, 2, 4, 6] else swapped
+
+        return validation_score
+
+    for swapped, rolled in ((-40.0, 8), (300.0, 2)):  # -40 may still end below -50; 300 cannot after 2 of 8
+        calls.clear()
+        same, report = refine_schedule(scorer(swapped), start, batches(0, 8), batches(100, 4), size=8, batch=2,
+                                       progress=False, parts=("log_l2",))  # fmt: skip
+        assert same is start and report["moves"] == []
+        assert report["rolled_out"] == 8 + rolled * (report["rollouts"] - 1) == sum(calls)
+
+
+def test_judged_by_both_a_swap_is_kept_only_if_it_lowers_both_scores():
+    """Two parts (mean L2, mean log L2): moving the full step to 3 lowers both, to 2 only the log L2; the swaps
+    stop at 3, and a pass is kept only if it validates better under both."""
+    start = forecast_fora(UNITS, 8, interval=4).with_forecast(True)  # full at 0, 4
+    table = {
+        (0, 4): [2.0, -40.0],
+        (0, 3): [1.0, -41.0],
+        (0, 2): [1.5, -50.0],
+        (0, 5): [3.0, -39.0],
+        (0, 1): [9.0, -30.0],
+    }
+
+    def validation_scores(schedule, parts):
+        return np.array(table[tuple(schedule.full_steps)])
+
+    refined, report = refine_schedule(validation_scores, start, batches(0, 4), batches(100, 2), passes=3, size=4,
+                                      progress=False, parts=("l2", "log_l2"))  # fmt: skip
+    assert report["kept"] and refined.full_steps == [0, 3] and report["moves"] == [(3, 4)]
+    assert report["val_before"] == [2.0, -40.0] and report["val_after"] == [1.0, -41.0]
+    assert report["score_after"] == pytest.approx([1.0, -41.0]) and report["parts"] == ["l2", "log_l2"]
+    # judged by the log L2 alone, the full step goes on to 2
+    refined, _ = refine_schedule(lambda s, p: table[tuple(s.full_steps)][1], start, batches(0, 4), batches(100, 2),
+                                 passes=3, size=4, progress=False, parts=("log_l2",))  # fmt: skip
+    assert refined.full_steps == [0, 2]
+
+
+def test_the_judges_score_each_sample():
+    from diffsparse.learn.losses import sample_errors
+
+    student, teacher = torch.zeros(3, 1, 4, 4), torch.zeros(3, 1, 4, 4)
+    student[0] += 0.1
+    student[1] += 0.01
+    l2 = sample_errors(student, teacher, "l2")
+    assert l2.mean() == pytest.approx(float(torch.nn.functional.mse_loss(student, teacher)))
+    log = sample_errors(student, teacher, "log_l2")
+    assert log[:2].tolist() == pytest.approx([-20.0, -40.0], abs=1e-4) and log[2] == pytest.approx(-120.0)
+    with pytest.raises(ValueError, match="judge 'psnr'"):
+        sample_errors(student, teacher, "psnr")
 
 
 def test_a_failed_refinement_leaves_the_learned_schedule_exported(tmp_path, monkeypatch):
@@ -162,7 +225,7 @@ def test_paused_rollouts_give_the_scores_of_whole_ones_in_fewer_steps():
     data.setup("fit")
     start = learner.starts["toca"]
     assert any(0 < s < 1 for row in start.grid for s in row)  # partial steps: the selector and gathers run too
-    run = partial(refine_schedule, learner.validation_l2, start, passes=2, size=6, batch=3, progress=False)
+    run = partial(refine_schedule, learner.validation_scores, start, passes=2, size=6, batch=3, progress=False)
     whole, report = run(data.train_dataloader(), data.val_dataloader())
     paused, fast = run(data.train_dataloader(), data.val_dataloader(), rollouts=learner)
     assert report["moves"] and fast["moves"] == report["moves"] and fast["rolled_out"] == report["rolled_out"]
@@ -177,8 +240,8 @@ def test_paused_rollouts_give_the_scores_of_whole_ones_in_fewer_steps():
 def test_of_the_passes_the_one_that_validates_best_is_kept():
     start = forecast_fora(UNITS, 8, interval=4).with_forecast(True)  # full at 0, 4
     # training pulls the full step to 2 (two passes), validation prefers 3 (the first pass's result)
-    refined, report = refine_schedule(stub_l2([0, 2], [0, 3]), start, batches(0, 4), batches(100, 2), passes=3,
+    refined, report = refine_schedule(stub_score([0, 2], [0, 3]), start, batches(0, 4), batches(100, 2), passes=3,
                                       size=4, progress=False)  # fmt: skip
-    assert [p["val_l2"] for p in report["passes"]] == [0.0, 1.0] and report["val_l2_before"] == 1.0
+    assert [p["val"] for p in report["passes"]] == [0.0, 1.0] and report["val_before"] == 1.0
     assert report["kept"] and full_steps(refined.action_indices()) == [0, 3] and report["moves"] == [(3, 4)]
-    assert refined.meta["refined_swaps"] == 1 and report["val_l2_after"] == 0.0
+    assert refined.meta["refined_swaps"] == 1 and report["val_after"] == 0.0

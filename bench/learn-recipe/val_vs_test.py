@@ -1,7 +1,7 @@
 """Does a recipe run's validation gain hold on other noise? Scores schedules by the learner's own `val/l2` path
-(`ScheduleLearner.validation_l2`: the inference path, L2 against the dense samples on [-1, 1]) on the recipe's
-validation conditions and on held-out ones (the evaluation's seeds 0..N-1, classes cycling), beside the recipe's
-start fitted to the budget.
+(`ScheduleLearner.validation_scores` with `learn.judge=l2`: the inference path, L2 against the dense samples on
+[-1, 1]) on the recipe's validation conditions and on held-out ones (the evaluation's seeds 0..N-1, classes
+cycling), beside the recipe's start fitted to the budget.
 
 python bench/learn-recipe/val_vs_test.py BUDGET START NAME=SCHEDULE.json [NAME=SCHEDULE.json ...] [--held-out N]
 (the shipped reference model, 50 DDIM steps, the recipe's settings; START: a name of the recipe's starts)
@@ -21,7 +21,7 @@ from diffsparse.schedule import Schedule
 
 
 def per_sample_l2(learner: ScheduleLearner, schedule: Schedule, batches) -> torch.Tensor:
-    """Each condition's L2 against the dense sample: `validation_l2` is their mean."""
+    """Each condition's L2 against the dense sample: `validation_scores` (judge l2) is their mean."""
     out = []
     for batch in batches:
         conditions, noise, target = learner._inputs(batch)

@@ -30,7 +30,7 @@ units, T, table = L.units, len(L.timesteps), L.table
 def ev(name, s, order=1, quiet=False):
     remove_token_cache(L.transformer)
     apply_token_cache(L.transformer, s, selector="toca", forecast_order=order)
-    l2 = L.validation_l2(s, batches)
+    l2 = float(L.validation_scores(s, batches)[0])  # learn.judge=l2
     if not quiet:
         print(f"{name:20s} o{order} saved={table.saved_fraction(s):.4f} val_l2={l2 * 1e4:.4f}e-4", flush=True)
     return l2

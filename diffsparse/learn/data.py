@@ -73,7 +73,7 @@ class ConditionDataModule(L.LightningDataModule):
         if val_size < 1:
             raise ValueError(
                 f"data.val_size={val_size}: validation chooses the exported schedule (the checkpoint with the lowest "
-                "val/l2), and with no validation conditions there is none to choose; set data.val_size >= 1."
+                "validation score), and with no validation conditions there is none to choose; set data.val_size >= 1."
             )
         if batch_size < 1:
             raise ValueError(

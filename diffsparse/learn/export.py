@@ -1,8 +1,8 @@
 """Exporting a learned schedule when training ends: a rank-zero Lightning callback and the files it writes.
 
-The exported costs are those of the best checkpoint (`trainer.checkpoint_callback`: the lowest `val/l2`, the hard
-schedule on held-out conditions), or the last ones when validation never ran. When the learner chose among several
-hand-made starts, the chosen start is exported instead if it validated at least as well as the best checkpoint:
+The exported costs are those of the best checkpoint (`trainer.checkpoint_callback`: the lowest `val/score`,
+the hard schedule on held-out conditions), or the last ones when validation never ran. When the learner chose among
+several hand-made starts, the chosen start is exported instead if it validated at least as well as the best checkpoint:
 a learned schedule never validates worse than its start. With `learn.refine_passes`, that schedule is exported,
 then refined by neighbouring-step swaps (`refine.refine_schedule`) and exported again if the refined one
 validates better.
@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from diffsparse.accounting.times import TimeTable
 from diffsparse.files import write_json
+from diffsparse.learn.losses import JUDGE_PARTS
 from diffsparse.learn.module import ScheduleLearner
 from diffsparse.learn.refine import refine_schedule
 from diffsparse.schedule import Schedule
@@ -58,15 +59,15 @@ def export_schedule(learner: ScheduleLearner, out_dir: str | Path, schedule: Sch
 
 class ScheduleExport(L.Callback):
     """At the end of `fit`, on rank 0: the best checkpoint's schedule, costs and heatmap (`export_schedule`), that
-    checkpoint copied to `stage{N}.ckpt`, and `metrics.json` (what `export_schedule` returns, `best_val_l2`, what
-    was `exported`, `refine` (what the refinement did), `minutes` since the run began and the process's peak
-    resident memory during training, `peak_rss_mb`).
+    checkpoint copied to `stage{N}.ckpt`, and `metrics.json` (what `export_schedule` returns, the `judge` and the best
+    checkpoint's validation score under it, `best_val`, what was `exported`, `refine` (what the refinement did),
+    `minutes` since the run began and the process's peak resident memory during training, `peak_rss_mb`).
 
     Args:
         out_dir: the folder the files go to (the run's output directory).
 
     Example:
-        >>> best = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/l2", mode="min", save_last=True)
+        >>> best = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/score", mode="min", save_last=True)
         >>> trainer = L.Trainer(callbacks=[best, ScheduleExport(out)])
     """
 
@@ -80,6 +81,13 @@ class ScheduleExport(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._start = time.perf_counter()
+        best = trainer.checkpoint_callback
+        if best is not None and best.monitor != "val/score":  # else the start and the epochs are scored apart
+            raise ValueError(
+                f"The checkpoint callback monitors {best.monitor}, and the learner's start is scored by its judge "
+                "(learn.judge), which it logs as val/score: set the monitor to val/score "
+                "(conf/callbacks/model_checkpoint.yaml does)."
+            )
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: ScheduleLearner) -> None:
@@ -97,14 +105,14 @@ class ScheduleExport(L.Callback):
             best_score = best.best_model_score
         start = pl_module.start
         best_score = float(best_score) if best_score is not None else None
-        kept_start = start is not None and (best_score is None or start["val_l2"] <= best_score)
+        kept_start = start is not None and (best_score is None or start["val_score"] <= best_score)
         chosen = None
         if kept_start:
             chosen = pl_module.start_schedule()
             chosen = Schedule(chosen.grid, chosen.units, {**chosen.meta, "kept_start": True}, chosen.forecast)
-        metrics = {"best_val_l2": best_score}
+        metrics = {"judge": pl_module.hparams.judge, "best_val": best_score}
         if start is not None:
-            metrics.update(start=start["name"], start_val_l2=start["val_l2"], start_scores=start["scores"],
+            metrics.update(start=start["name"], start_val=start["val_score"], start_scores=start["scores"],
                            exported="start" if kept_start else "learned")  # fmt: skip
         exported = export_schedule(learner, self.out_dir, chosen)
         self._write(exported, chosen, metrics, peak_rss_mb)
@@ -114,9 +122,10 @@ class ScheduleExport(L.Callback):
             chosen = chosen if chosen is not None else learner.choice()[0]
             data, began = trainer.datamodule, time.perf_counter()
             pl_module.to(next(pl_module.transformer.parameters()).device)  # Lightning's teardown moved it to the CPU
-            chosen, report = refine_schedule(pl_module.validation_l2, chosen, data.train_dataloader(),
+            chosen, report = refine_schedule(pl_module.validation_scores, chosen, data.train_dataloader(),
                                              data.val_dataloader(), passes=hp.refine_passes, size=hp.refine_size,
-                                             batch=hp.refine_batch, rollouts=pl_module)  # fmt: skip
+                                             batch=hp.refine_batch, rollouts=pl_module,
+                                             parts=JUDGE_PARTS[hp.judge])  # fmt: skip
             report["minutes"] = round((time.perf_counter() - began) / 60, 2)
             metrics["refine"] = report
             if report["kept"]:  # else the files written above stand; only metrics.json gains the report

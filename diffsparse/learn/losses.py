@@ -13,6 +13,13 @@ import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 LOSSES = ("lpips", "l2", "ssim", "psnr")
+# How a schedule is judged on the validation conditions (the start kept, the best epoch, the refinement's swaps):
+# `l2`, the mean squared error (led by the worst samples), or `log_l2`, the mean per-sample 10 log10 of it in dB
+# (minus the evaluation's mean PSNR, up to a constant: every sample counts alike), or `both`: starts and epochs by
+# L2, and a swap of the refinement kept only if it lowers both.
+JUDGE_PARTS = {"l2": ("l2",), "log_l2": ("log_l2",), "both": ("l2", "log_l2")}
+JUDGES = tuple(JUDGE_PARTS)
+JUDGE_FLOORS = {"l2": 0.0, "log_l2": -120.0}  # the least a sample can score under each (10 log10 of 1e-12)
 _LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
                          "squeeze": "squeezenet1_1-b8a52dc0.pth"}  # fmt: skip
 
@@ -23,6 +30,17 @@ class LpipsWeightsMissing(FileNotFoundError):
 
 def l2_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student, teacher)
+
+
+def sample_errors(student: torch.Tensor, teacher: torch.Tensor, judge: str = "l2") -> torch.Tensor:
+    """Each sample's error under `judge` (`l2` or `log_l2`), (B,): its mean is the judge's score, lower is better."""
+    diff = student - teacher
+    mse = diff.to(torch.promote_types(diff.dtype, torch.float32)).pow(2).flatten(1).mean(1)
+    if judge == "l2":
+        return mse
+    if judge == "log_l2":
+        return 10 * torch.log10(mse + 1e-12)
+    raise ValueError(f"judge {judge!r}: choose one of {tuple(JUDGE_FLOORS)}.")
 
 
 def psnr_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

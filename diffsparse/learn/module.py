@@ -17,6 +17,7 @@ lowered by `delta` (eq. 9), the unified layer costs fine-tuned alone.
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,7 +26,7 @@ from diffsparse.allocate.solver import check_budget, pick_full_steps
 from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.cache.control import set_soft_choice, token_cache_paused
 from diffsparse.learn.data import split_batch
-from diffsparse.learn.losses import make_loss
+from diffsparse.learn.losses import JUDGE_PARTS, make_loss, sample_errors
 from diffsparse.learn.predictor import CostPredictor, choose, schedule_from_choice, straight_through, tie_broken
 from diffsparse.learn.refine import check_refine_settings
 from diffsparse.learn.settings import STAGE1_HOWTO, check_settings
@@ -65,6 +66,8 @@ class ScheduleLearner(L.LightningModule):
             paper's levels with copy only.
         forecast_order: Taylor order of the forecast actions (1 or 2), saved in the schedule's meta.
         loss: `lpips`, `l2` or `ssim`.
+        judge: how schedules are scored on the validation conditions (`losses.JUDGES`): `l2`, `log_l2` or `both`
+            (L2 for the start and the epochs, `val/score` in the logs; a refinement's swap must lower both).
         lr, step_lr: AdamW learning rates of the layer and the step costs.
         temperature: of the soft assignment that carries the straight-through gradient.
         dtype: of the rollouts and the costs. float32 gradients differ in their last bits with how a batch is
@@ -110,12 +113,13 @@ class ScheduleLearner(L.LightningModule):
         budget_unit: str = "macs",
         time_table: str | None = None,
         time_batch: int = 20,
+        judge: str = "l2",
     ):
         super().__init__()
         starts = list(starts)
         self.save_hyperparameters()
         check_settings(num_steps, budget, stage, num_full, stage1_checkpoint, budget_unit)
-        check_refine_settings(refine_passes, refine_size, refine_batch)
+        check_refine_settings(refine_passes, refine_size, refine_batch, judge)
         self._ref = load_model(model)  # not a submodule: frozen, and kept out of checkpoints
         self._dtype = getattr(torch, dtype)
         for part in (self._ref.transformer, self._ref.vae):
@@ -143,7 +147,7 @@ class ScheduleLearner(L.LightningModule):
         # each start as the DP makes it from costs initialised to it: a hand-made schedule fitted to the budget may
         # save a little less than it, the DP's version saves at least the budget (and is where learning begins)
         self.starts = {name: self._projected(fitted[name]) for name in starts}
-        self.start: dict | None = None  # the chosen start and its validation L2 (`choose_start`)
+        self.start: dict | None = None  # the chosen start and its validation score (`choose_start`)
         init = fitted[starts[0]]
         self.layer_costs = CostPredictor(num_steps, len(self.units), init=init, forecast=forecast).to(self._dtype)
         self.num_full = num_full
@@ -272,24 +276,17 @@ class ScheduleLearner(L.LightningModule):
         choice = choose(costs.detach(), self.hparams.budget, self.table)
         return schedule_from_choice(choice, costs.shape[-1], self.units, self._meta({**start.meta, "start": True}))
 
-    def validation_l2(self, schedule: Schedule, batches) -> float:
-        """Mean squared error of `schedule`'s samples (the inference path) against the teacher's, over `batches`:
-        what `val/l2` logs for an epoch."""
-        total, count = 0.0, 0
-        for batch in batches:
-            conditions, noise, target = self._inputs({k: v.to(self.device) for k, v in batch.items()})
-            set_soft_choice(self.transformer, schedule, None)
-            with torch.no_grad():
-                student = self._rollout(conditions, noise)
-            total += float(torch.nn.functional.mse_loss(student, target)) * len(noise)
-            count += len(noise)
-        return total / max(count, 1)
+    def validation_scores(self, schedule: Schedule, batches) -> np.ndarray:
+        """The judge's mean per-sample errors (one per `JUDGE_PARTS[judge]`) of `schedule`'s samples (the inference
+        path) against the teacher's, over `batches`; the first is what `val/score` logs for an epoch."""
+        errors = [self.resumed_scores(schedule, batch, None) * len(batch["seed"]) for batch in batches]
+        return sum(errors) / max(sum(len(batch["seed"]) for batch in batches), 1)
 
     def choose_start(self, batches) -> dict:
-        """Validate every start; restart the costs from the best. Returns {name: validation L2}."""
+        """Validate every start; restart the costs from the best. Returns {name: validation score}."""
         batches = list(batches)
         with torch.random.fork_rng(devices=[]):  # training draws the same numbers whatever was validated
-            scores = {name: self.validation_l2(s, batches) for name, s in self.starts.items()}
+            scores = {name: float(self.validation_scores(s, batches)[0]) for name, s in self.starts.items()}
         best = min(scores, key=scores.get)
         if self._trainer is not None:  # every process restarts from the same start (rank 0's)
             best = self.trainer.strategy.broadcast(best, src=0)
@@ -298,7 +295,7 @@ class ScheduleLearner(L.LightningModule):
             with torch.no_grad():
                 self.step_logits.zero_()
                 self.step_logits[self.starts[best].full_steps, 0] = -2.0
-        self.start = {"name": best, "val_l2": scores[best], "scores": scores}
+        self.start = {"name": best, "val_score": scores[best], "scores": scores, "judge": self.hparams.judge}
         return scores
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -332,14 +329,14 @@ class ScheduleLearner(L.LightningModule):
         with torch.no_grad():
             return self._rollout(conditions, noise, pause_at=step, resume=resume)
 
-    def resumed_l2(self, schedule: Schedule, batch: dict, resume) -> float:
-        """`validation_l2(schedule, [batch])` with the rollout run on from `resume` (`paused_rollout` of a schedule
-        that acts as `schedule` does before the pause)."""
+    def resumed_scores(self, schedule: Schedule, batch: dict, resume) -> np.ndarray:
+        """`validation_scores(schedule, [batch])`, with the rollout run on from `resume` if given (`paused_rollout` of
+        a schedule that acts as `schedule` does before the pause)."""
         conditions, noise, target = self._inputs({k: v.to(self.device) for k, v in batch.items()})
         set_soft_choice(self.transformer, schedule, None)
         with torch.no_grad():
             student = self._rollout(conditions, noise, resume=resume)
-        return float(torch.nn.functional.mse_loss(student, target))
+        return np.array([float(sample_errors(student, target, p).mean()) for p in JUDGE_PARTS[self.hparams.judge]])
 
     def _noise(self, seeds: torch.Tensor) -> torch.Tensor:
         noise = torch.cat([initial_noise(1, self._ref.sample_shape, int(s)) for s in seeds])
@@ -387,8 +384,10 @@ class ScheduleLearner(L.LightningModule):
         set_soft_choice(self.transformer, schedule, None)
         with torch.no_grad():
             student = self._rollout(conditions, noise)
-        l2 = torch.nn.functional.mse_loss(student, target)
-        self.log("val/l2", l2, prog_bar=True, batch_size=len(noise), sync_dist=True)
+        errors = {part: sample_errors(student, target, part).mean() for part in ("l2", "log_l2")}
+        errors["score"] = errors[JUDGE_PARTS[self.hparams.judge][0]]  # what the checkpoint callback monitors
+        for name, value in errors.items():
+            self.log(f"val/{name}", value, prog_bar=name == "l2", batch_size=len(noise), sync_dist=True)
         self.log("val/loss", self.loss_fn(student, target), batch_size=len(noise), sync_dist=True)
 
     def configure_optimizers(self):

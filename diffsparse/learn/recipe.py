@@ -35,6 +35,7 @@ RECIPE_LEARN = {
     "lr": 0.2,
     "refine_passes": 2,
     "refine_size": 96,
+    "judge": "l2",
 }
 # `data.*` and `trainer.max_epochs` of conf/experiment/learn.yaml
 RECIPE_DATA = {"train_size": 96, "val_size": 64, "batch_size": 8}
@@ -66,7 +67,7 @@ def learn_recipe(
     learner = ScheduleLearner(model=model, sampler=sampler, num_steps=num_steps, budget=budget, selector=selector,
                               captions=captions, **RECIPE_LEARN, **options)  # fmt: skip
     data = ConditionDataModule(num_classes=learner.num_classes, captions=captions, **RECIPE_DATA)
-    best = ModelCheckpoint(dirpath=out / "checkpoints", filename="{epoch}", monitor="val/l2", mode="min",
+    best = ModelCheckpoint(dirpath=out / "checkpoints", filename="{epoch}", monitor="val/score", mode="min",
                            save_top_k=1, save_last=True, enable_version_counter=False)  # fmt: skip
     trainer = L.Trainer(default_root_dir=out, accelerator="auto", devices=1, max_epochs=max_epochs,
                         log_every_n_steps=1, enable_model_summary=False, callbacks=[best, ScheduleExport(out)],

@@ -9,7 +9,8 @@ step of forecast-FORA (interval 2) by one step changed the validation L2 by -29 
 A move swaps the actions of steps t and t + 1 (t >= 1: the first step stays full). The MACs of a step's actions do
 not depend on the step, so a swap keeps the schedule's saved MACs exactly and it stays within its budget. A pass
 tries, in trajectory order, the neighbouring pairs that differ when it begins (skipping those a kept swap has made
-equal); a swap is kept when the score (the L2 of the rollouts on the training conditions) falls below
+equal); a swap is kept when the score (the learner's judge of the rollouts on the training conditions: mean L2, or
+mean per-sample log L2) falls below
 (1 - `min_gain`) times its current value. The schedule after each pass is then judged on the validation
 conditions, and the best of them is kept if it validates better than the unrefined schedule: a pass whose swaps
 fit the training conditions only is not exported.
@@ -31,13 +32,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffsparse.learn.losses import JUDGE_FLOORS, JUDGE_PARTS
 from diffsparse.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
 
-def check_refine_settings(passes: int, size: int, batch: int) -> None:
-    """Refuse refinement settings that cannot work, before anything is learned."""
+def check_refine_settings(passes: int, size: int, batch: int, judge: str = "l2") -> None:
+    """Refuse refinement (and judging) settings that cannot work, before anything is learned."""
+    if judge not in JUDGE_PARTS:
+        raise ValueError(f"learn.judge={judge!r}: choose one of {tuple(JUDGE_PARTS)}.")
     if passes < 0 or size < 1 or batch < 1:
         raise ValueError(
             f"learn.refine_passes={passes}, learn.refine_size={size}, learn.refine_batch={batch}: the passes must "
@@ -58,18 +62,26 @@ def refine_by_swaps(
     progress: bool = True,
     on_keep: Callable[[np.ndarray], None] | None = None,
     on_pass: Callable[[np.ndarray, list], None] | None = None,
+    in_db: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Greedy swaps of neighbouring steps' actions (T, U) that lower `score`; returns the refined actions and a
     report: the kept moves (t, t + 1), the score before and after, the number of candidates scored.
 
     `score(actions, limit)` is the score, or any value >= `limit` once it is known to reach `limit` (a candidate
-    scoring that much is not kept, so its exact score is not needed). `on_keep(actions)` hears of each kept
-    candidate, the new current actions; `on_pass(actions, moves)` of the end of each pass that kept a move (the
-    actions then, and the moves kept so far)."""
+    scoring that much is not kept, so its exact score is not needed); a vector of scores (each lower is better) is
+    kept only if every one of them falls. A candidate is kept when its score is below `limit`: (1 - `min_gain`)
+    times the current score, or, `in_db`, the current score plus 10 log10(1 - `min_gain`) (scores in dB, where
+    the same relative gain of an error is a fixed step). `on_keep(actions)` hears of each kept candidate, the new
+    current actions; `on_pass(actions, moves)` of the end of each pass that kept a move (the actions then, and the
+    moves kept so far)."""
     if passes < 0 or not 0.0 <= min_gain < 1.0:
         raise ValueError(f"passes={passes}, min_gain={min_gain}: passes must be >= 0 and min_gain in [0, 1).")
+
+    def limit_of(best):
+        return best + 10 * np.log10(1.0 - min_gain) if in_db else best * (1.0 - min_gain)
+
     current = np.array(actions, copy=True)
-    best = before = float(score(current, np.inf))
+    best = before = np.atleast_1d(np.asarray(score(current, np.inf), dtype=float))
     kept, scored = [], 1
     for p in range(passes):
         moves = swap_moves(current)
@@ -79,9 +91,9 @@ def refine_by_swaps(
                 continue
             candidate = current.copy()
             candidate[[t, t + 1]] = candidate[[t + 1, t]]
-            value = float(score(candidate, best * (1.0 - min_gain)))
+            value = np.atleast_1d(np.asarray(score(candidate, limit_of(best)), dtype=float))
             scored += 1
-            if value < best * (1.0 - min_gain):
+            if (value < limit_of(best)).all():
                 current, best = candidate, value
                 kept.append((t, t + 1))
                 if on_keep is not None:
@@ -91,7 +103,8 @@ def refine_by_swaps(
             break
         if on_pass is not None:
             on_pass(current, list(kept))
-    return current, {"moves": kept, "score_before": before, "score_after": best, "rollouts": scored}
+    plain = (lambda v: float(v[0])) if len(before) == 1 else (lambda v: v.tolist())
+    return current, {"moves": kept, "score_before": plain(before), "score_after": plain(best), "rollouts": scored}
 
 
 def first_conditions(batches: Iterable[dict], size: int, batch_size: int) -> list[dict]:
@@ -114,12 +127,12 @@ class Rollouts(Protocol):
 
     def paused_rollout(self, schedule: Schedule, batch: dict, step: int, resume=None): ...
 
-    def resumed_l2(self, schedule: Schedule, batch: dict, resume) -> float: ...
+    def resumed_scores(self, schedule: Schedule, batch: dict, resume) -> np.ndarray: ...
 
 
 class PrefixScorer:
-    """The mean L2 of a candidate's rollouts over `batches`, run on from each batch's rollout of the current
-    schedule paused before the first step where the candidate differs from it.
+    """The score (the learner's judge) of a candidate's rollouts over `batches`, run on from each batch's rollout of
+    the current schedule paused before the first step where the candidate differs from it.
 
     `keep(actions)` makes `actions` the current schedule; a pause stays valid as long as the current schedule acts
     as it did before the pause's step (a kept swap changes steps at or after it)."""
@@ -133,8 +146,8 @@ class PrefixScorer:
     def keep(self, actions: np.ndarray) -> None:
         self.current = np.array(actions, copy=True)
 
-    def l2(self, actions: np.ndarray, index: int) -> float:
-        """The candidate's L2 on batch `index`."""
+    def score(self, actions: np.ndarray, index: int) -> np.ndarray:
+        """The candidate's scores on batch `index`."""
         differs = [t for t in range(len(actions)) if not np.array_equal(actions[t], self.current[t])]
         first = differs[0] if differs else len(actions) - 1
         paused = self.pauses[index]
@@ -149,7 +162,7 @@ class PrefixScorer:
             paused = self.pauses[index] = _Pause(first, self.current[:first].copy(), state)
         self.steps_run += len(actions) - first
         candidate = Schedule.from_actions(actions, self.units, self.meta)
-        return self.rollouts.resumed_l2(candidate, self.batches[index], paused.state)
+        return self.rollouts.resumed_scores(candidate, self.batches[index], paused.state)
 
 
 @dataclass
@@ -160,7 +173,7 @@ class _Pause:
 
 
 def refine_schedule(
-    validation_l2: Callable[[Schedule, list[dict]], float],
+    validation_scores: Callable[[Schedule, list[dict]], np.ndarray | float],
     schedule: Schedule,
     train_batches: Iterable[dict],
     val_batches: Iterable[dict],
@@ -169,15 +182,19 @@ def refine_schedule(
     batch: int = 16,
     progress: bool = True,
     rollouts: Rollouts | None = None,
+    parts: tuple[str, ...] = ("l2",),
 ) -> tuple[Schedule, dict]:
-    """`schedule` refined by `refine_by_swaps`, scored by `validation_l2(schedule, batches)` (the L2 of its
-    rollouts against the dense ones) on at most `size` training conditions, `batch` per rollout; with `rollouts`,
-    the same scores from paused rollouts (`PrefixScorer`). Returns, of the schedules after each pass, the one with the
-    lowest validation L2 if that is below the unrefined one's (both measured here, on `val_batches`), else
-    `schedule`; and the report, with `moves` (those of the returned schedule, or all tried when none is kept),
-    `passes` (each pass's moves so far and validation L2), `conditions`, `rolled_out` (conditions rolled out in
-    all, early stops included), `steps_run` (denoising steps run for the scores, summed over the batches; None
-    without `rollouts`), `val_l2_before`, `val_l2_after` (the best pass's) and `kept`."""
+    """`schedule` refined by `refine_by_swaps`, scored by `validation_scores(schedule, batches)`: the mean errors of
+    its rollouts against the dense ones, one per judge in `parts` (`losses.JUDGE_PARTS`: `l2`, `log_l2` or both),
+    compared in dB, so a swap is kept when every one of them falls by 1 % of the error. Scored on at most `size`
+    training conditions, `batch` per rollout; with `rollouts`, the same scores from paused rollouts
+    (`PrefixScorer`). Returns, of the schedules after each pass that validate better than the unrefined one under
+    every part (both measured here, on `val_batches`), the one that gains most (summed in dB), else `schedule`; and
+    the report, with `moves` (those of the returned schedule, or all tried when none is kept), `passes` (each pass's
+    moves so far and validation scores, `val`), `conditions`, `rolled_out` (conditions rolled out in all, early
+    stops included), `steps_run` (denoising steps run for the scores, summed over the batches; None without
+    `rollouts`), `val_before`, `val_after` (the kept pass's, else the closest one's) and `kept`. Scores in the report
+    are the judges' own (mean L2, mean log L2 in dB): a number for one part, a list for several."""
     check_refine_settings(passes, size, batch)
     batches, val_batches = first_conditions(train_batches, size, batch), list(val_batches)
     sizes = [len(next(iter(b.values()))) for b in batches]
@@ -186,41 +203,68 @@ def refine_schedule(
         log.warning("Refining on the %d training conditions there are (learn.refine_size=%d).", count, size)
     actions = schedule.action_indices()
     prefix = None if rollouts is None else PrefixScorer(rollouts, actions, schedule.units, meta, batches)
+    floors = np.array([JUDGE_FLOORS[part] for part in parts])
+    is_l2 = np.array([part == "l2" for part in parts])
 
-    def l2(candidate: np.ndarray, index: int) -> float:
+    def in_db(values: np.ndarray) -> np.ndarray:
+        return np.where(is_l2, 10 * np.log10(np.maximum(values, 1e-30)), values)
+
+    def vector(values) -> np.ndarray:
+        return np.atleast_1d(np.asarray(values, dtype=float))
+
+    def batch_scores(candidate: np.ndarray, index: int) -> np.ndarray:
         if prefix is not None:
-            return prefix.l2(candidate, index)
-        return validation_l2(Schedule.from_actions(candidate, schedule.units, meta), [batches[index]])
+            return vector(prefix.score(candidate, index))
+        return vector(validation_scores(Schedule.from_actions(candidate, schedule.units, meta), [batches[index]]))
 
     def score(candidate, limit):
-        """The mean L2 over the batches; stops early, at a lower bound >= `limit`, once the sum so far shows it
-        (every term is >= 0), so a clearly worse candidate costs part of the rollouts."""
-        total = 0.0
+        """The mean scores over the batches, in dB; stops early, at lower bounds one of which is >= its `limit`,
+        once the sums so far show it (every later condition scores at least its part's floor), so a clearly worse
+        candidate costs part of the rollouts."""
+        total, left = np.zeros(len(parts)), count
         for index, n in enumerate(sizes):
-            total += l2(candidate, index) * n
+            total += batch_scores(candidate, index) * n
             rolled[0] += n
-            if total / count >= limit:
-                break
-        return total / count
+            left -= n
+            bound = in_db((total + left * floors) / count if left else total / count)
+            if (bound >= limit).any():
+                return bound
+        return in_db(total / count)
 
-    passes_seen = []  # after each pass that kept a move: (actions, moves so far, validation L2)
+    passes_seen = []  # after each pass that kept a move: (actions, moves so far, validation scores)
 
     def validate(actions: np.ndarray, moves: list) -> None:
         candidate = Schedule.from_actions(actions, schedule.units, meta)
-        passes_seen.append((actions.copy(), moves, validation_l2(candidate, val_batches)))
+        passes_seen.append((actions.copy(), moves, vector(validation_scores(candidate, val_batches))))
 
     keep = None if prefix is None else prefix.keep
-    _, report = refine_by_swaps(actions, score, passes=passes, progress=progress, on_keep=keep, on_pass=validate)
-    before = validation_l2(schedule, val_batches) if passes_seen else None
-    best = min(passes_seen, key=lambda seen: seen[2], default=None)
-    kept = best is not None and best[2] < before
+    _, report = refine_by_swaps(actions, score, passes=passes, progress=progress, on_keep=keep, on_pass=validate,
+                                in_db=True)  # fmt: skip
+    before = vector(validation_scores(schedule, val_batches)) if passes_seen else None
+    better = [seen for seen in passes_seen if (in_db(seen[2]) < in_db(before)).all()]
+    best = max(better, key=lambda seen: float((in_db(before) - in_db(seen[2])).sum()), default=None)
+    kept = best is not None
     refined = schedule
     if kept:
         refined = Schedule.from_actions(best[0], schedule.units, {**meta, "refined_swaps": len(best[1])})
     steps = None if prefix is None else prefix.steps_run
+    shown = best or min(passes_seen, key=lambda seen: float(in_db(seen[2]).sum()), default=None)
+
+    def plain(values):
+        return None if values is None else float(values[0]) if len(values) == 1 else values.tolist()
+
     report.update(
         moves=best[1] if kept else report["moves"], conditions=count, rolled_out=rolled[0], steps_run=steps,
-        passes=[{"moves": m, "val_l2": v} for _, m, v in passes_seen], val_l2_before=before,
-        val_l2_after=None if best is None else best[2], kept=kept,
+        passes=[{"moves": m, "val": plain(v)} for _, m, v in passes_seen], val_before=plain(before),
+        val_after=None if shown is None else plain(shown[2]), kept=kept, parts=list(parts),
     )  # fmt: skip
+    report.update(score_before=_undo_db(report["score_before"], parts),
+                  score_after=_undo_db(report["score_after"], parts))  # fmt: skip
     return refined, report
+
+
+def _undo_db(values, parts: tuple[str, ...]):
+    """Scores from dB back to the judges' own units (mean L2; mean log L2 stays in dB)."""
+    values = np.atleast_1d(np.asarray(values, dtype=float))
+    out = [10 ** (v / 10) if part == "l2" else v for v, part in zip(values, parts, strict=True)]
+    return float(out[0]) if len(out) == 1 else out
