@@ -18,7 +18,6 @@ LOSSES = ("lpips", "l2", "ssim", "psnr")
 # (minus the evaluation's mean PSNR, up to a constant: every sample counts alike), or `both`: starts and epochs by
 # L2, and a swap of the refinement kept only if it lowers both.
 JUDGE_PARTS = {"l2": ("l2",), "log_l2": ("log_l2",), "both": ("l2", "log_l2")}
-JUDGES = tuple(JUDGE_PARTS)
 JUDGE_FLOORS = {"l2": 0.0, "log_l2": -120.0}  # the least a sample can score under each (10 log10 of 1e-12)
 _LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
                          "squeeze": "squeezenet1_1-b8a52dc0.pth"}  # fmt: skip

@@ -66,7 +66,7 @@ class ScheduleLearner(L.LightningModule):
             paper's levels with copy only.
         forecast_order: Taylor order of the forecast actions (1 or 2), saved in the schedule's meta.
         loss: `lpips`, `l2` or `ssim`.
-        judge: how schedules are scored on the validation conditions (`losses.JUDGES`): `l2`, `log_l2` or `both`
+        judge: how schedules are scored on the validation conditions (`losses.JUDGE_PARTS`): `l2`, `log_l2` or `both`
             (L2 for the start and the epochs, `val/score` in the logs; a refinement's swap must lower both).
         lr, step_lr: AdamW learning rates of the layer and the step costs.
         temperature: of the soft assignment that carries the straight-through gradient.

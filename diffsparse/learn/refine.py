@@ -38,6 +38,16 @@ from diffsparse.schedule import Schedule
 log = logging.getLogger(__name__)
 
 
+def _vector(values) -> np.ndarray:
+    """A score or a vector of scores as a 1-d float array."""
+    return np.atleast_1d(np.asarray(values, dtype=float))
+
+
+def _plain(values: np.ndarray | None):
+    """A vector of scores as the report gives it: a number for one, a list for several (None stays None)."""
+    return None if values is None else float(values[0]) if len(values) == 1 else values.tolist()
+
+
 def check_refine_settings(passes: int, size: int, batch: int, judge: str = "l2") -> None:
     """Refuse refinement (and judging) settings that cannot work, before anything is learned."""
     if judge not in JUDGE_PARTS:
@@ -81,7 +91,7 @@ def refine_by_swaps(
         return best + 10 * np.log10(1.0 - min_gain) if in_db else best * (1.0 - min_gain)
 
     current = np.array(actions, copy=True)
-    best = before = np.atleast_1d(np.asarray(score(current, np.inf), dtype=float))
+    best = before = _vector(score(current, np.inf))
     kept, scored = [], 1
     for p in range(passes):
         moves = swap_moves(current)
@@ -91,7 +101,7 @@ def refine_by_swaps(
                 continue
             candidate = current.copy()
             candidate[[t, t + 1]] = candidate[[t + 1, t]]
-            value = np.atleast_1d(np.asarray(score(candidate, limit_of(best)), dtype=float))
+            value = _vector(score(candidate, limit_of(best)))
             scored += 1
             if (value < limit_of(best)).all():
                 current, best = candidate, value
@@ -103,8 +113,7 @@ def refine_by_swaps(
             break
         if on_pass is not None:
             on_pass(current, list(kept))
-    plain = (lambda v: float(v[0])) if len(before) == 1 else (lambda v: v.tolist())
-    return current, {"moves": kept, "score_before": plain(before), "score_after": plain(best), "rollouts": scored}
+    return current, {"moves": kept, "score_before": _plain(before), "score_after": _plain(best), "rollouts": scored}
 
 
 def first_conditions(batches: Iterable[dict], size: int, batch_size: int) -> list[dict]:
@@ -209,13 +218,10 @@ def refine_schedule(
     def in_db(values: np.ndarray) -> np.ndarray:
         return np.where(is_l2, 10 * np.log10(np.maximum(values, 1e-30)), values)
 
-    def vector(values) -> np.ndarray:
-        return np.atleast_1d(np.asarray(values, dtype=float))
-
     def batch_scores(candidate: np.ndarray, index: int) -> np.ndarray:
         if prefix is not None:
-            return vector(prefix.score(candidate, index))
-        return vector(validation_scores(Schedule.from_actions(candidate, schedule.units, meta), [batches[index]]))
+            return _vector(prefix.score(candidate, index))
+        return _vector(validation_scores(Schedule.from_actions(candidate, schedule.units, meta), [batches[index]]))
 
     def score(candidate, limit):
         """The mean scores over the batches, in dB; stops early, at lower bounds one of which is >= its `limit`,
@@ -235,12 +241,12 @@ def refine_schedule(
 
     def validate(actions: np.ndarray, moves: list) -> None:
         candidate = Schedule.from_actions(actions, schedule.units, meta)
-        passes_seen.append((actions.copy(), moves, vector(validation_scores(candidate, val_batches))))
+        passes_seen.append((actions.copy(), moves, _vector(validation_scores(candidate, val_batches))))
 
     keep = None if prefix is None else prefix.keep
     _, report = refine_by_swaps(actions, score, passes=passes, progress=progress, on_keep=keep, on_pass=validate,
                                 in_db=True)  # fmt: skip
-    before = vector(validation_scores(schedule, val_batches)) if passes_seen else None
+    before = _vector(validation_scores(schedule, val_batches)) if passes_seen else None
     better = [seen for seen in passes_seen if (in_db(seen[2]) < in_db(before)).all()]
     best = max(better, key=lambda seen: float((in_db(before) - in_db(seen[2])).sum()), default=None)
     kept = best is not None
@@ -250,13 +256,10 @@ def refine_schedule(
     steps = None if prefix is None else prefix.steps_run
     shown = best or min(passes_seen, key=lambda seen: float(in_db(seen[2]).sum()), default=None)
 
-    def plain(values):
-        return None if values is None else float(values[0]) if len(values) == 1 else values.tolist()
-
     report.update(
         moves=best[1] if kept else report["moves"], conditions=count, rolled_out=rolled[0], steps_run=steps,
-        passes=[{"moves": m, "val": plain(v)} for _, m, v in passes_seen], val_before=plain(before),
-        val_after=None if shown is None else plain(shown[2]), kept=kept, parts=list(parts),
+        passes=[{"moves": m, "val": _plain(v)} for _, m, v in passes_seen], val_before=_plain(before),
+        val_after=None if shown is None else _plain(shown[2]), kept=kept, parts=list(parts),
     )  # fmt: skip
     report.update(score_before=_undo_db(report["score_before"], parts),
                   score_after=_undo_db(report["score_after"], parts))  # fmt: skip
@@ -265,6 +268,6 @@ def refine_schedule(
 
 def _undo_db(values, parts: tuple[str, ...]):
     """Scores from dB back to the judges' own units (mean L2; mean log L2 stays in dB)."""
-    values = np.atleast_1d(np.asarray(values, dtype=float))
-    out = [10 ** (v / 10) if part == "l2" else v for v, part in zip(values, parts, strict=True)]
-    return float(out[0]) if len(out) == 1 else out
+    return _plain(
+        np.array([10 ** (v / 10) if part == "l2" else v for v, part in zip(_vector(values), parts, strict=True)])
+    )
