@@ -55,11 +55,11 @@ def main(argv: list[str]) -> None:
         refine = metrics.get("refine")
         if refine and refine.get("passes"):  # the schedule after each pass, validated (the best kept if better)
             for i, done in enumerate(refine["passes"]):
-                label = f"after pass {i + 1}: {len(done['moves'])} swaps"
+                label = f"after pass {i + 1}: {len(done['moves'])} moves"
                 ax.plot([len(epochs) + i], [done["val"]], "*", ms=12, c=f"C{3 + i}", label=label)
         elif refine and refine["val_after"] is not None:
             kept = "kept" if refine["kept"] else "not kept"
-            label = f"after {len(refine['moves'])} swaps ({kept})"
+            label = f"after {len(refine['moves'])} moves ({kept})"
             ax.plot([len(epochs)], [refine["val_after"]], "*", ms=12, c="C3", label=label)
         log_l2 = metrics["judge"] == "log_l2"  # its score is in dB
         if not log_l2:
@@ -68,8 +68,9 @@ def main(argv: list[str]) -> None:
         ax.set_xlabel("epoch (then: the refinement)")
         ax.set_ylabel("validation mean log L2 (dB)" if log_l2 else "validation L2 vs dense")
         exported = metrics["exported"]
-        if refine and refine["kept"] and "swaps" not in exported:  # metrics.json written before 'exported' said so
-            exported += f" + {len(refine['moves'])} swaps"
+        # metrics.json written before 'exported' said so
+        if refine and refine["kept"] and not exported.endswith(("swaps", "moves")):
+            exported += f" + {len(refine['moves'])} moves"
         ax.set_title(f"{name}: exported {exported}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -113,7 +113,7 @@ def test_the_recipe_starts_from_the_best_validated_start_and_never_exports_worse
     # then the refinement (one pass of swaps, the recipe's), whose outcome the export states
     refine = metrics["refine"]
     assert refine["conditions"] == 8 and refine["rollouts"] >= 1
-    assert refine["kept"] == ("refined_swaps" in sched.meta) == metrics["exported"].endswith("swaps")
+    assert refine["kept"] == ("refined_moves" in sched.meta) == metrics["exported"].endswith("moves")
     # nothing learned (lr 0), nothing refined: every epoch validates as the start does, and the start is exported
     off = ["trainer.max_epochs=1", "learn.lr=0.0", "learn.refine_passes=0"]
     frozen = train(tmp_path / "frozen", *common, *off)

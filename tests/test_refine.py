@@ -1,4 +1,5 @@
-"""Refining a schedule by neighbouring-step swaps: the moves, the greedy search, and the learner's use of it."""
+"""Refining a schedule by moving steps' actions (swaps, shifts): the moves, the greedy search, and the learner's use
+of it."""
 
 import json
 from functools import partial
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from diffsparse.allocate.baselines import forecast_fora
-from diffsparse.learn.refine import first_conditions, refine_by_swaps, refine_schedule, swap_moves
+from diffsparse.learn.refine import first_conditions, refine_by_moves, refine_schedule, shifted, swap_moves
 from diffsparse.schedule import Schedule
 
 UNITS = ["a", "b", "c"]
@@ -32,31 +33,56 @@ def test_moves_are_the_neighbouring_steps_that_differ_and_never_step_0():
 def test_swaps_move_full_steps_towards_a_better_score_and_keep_the_rows():
     actions = forecast_fora(UNITS, 12, interval=2).action_indices()  # full at 0, 2, 4, 6, 8, 10
     target = [0, 3, 5, 6, 8, 11]
-    refined, report = refine_by_swaps(actions, distance_to(target), passes=3, progress=False)
+    refined, report = refine_by_moves(actions, distance_to(target), passes=3, progress=False)
     assert full_steps(refined) == target and report["score_after"] == 0.0 < report["score_before"]
     # a swap permutes steps: the same rows, and step 0 untouched
     assert sorted(map(tuple, refined)) == sorted(map(tuple, actions)) and (refined[0] == actions[0]).all()
     assert report["moves"] == [(2, 3), (4, 5), (10, 11)]
     # the start, then pass 1: 10 candidates, of which (3, 4) and (5, 6) were made no-ops by the swap kept just
-    # before them and are skipped; pass 2: the 7 pairs that differ, none better, which ends the search
-    assert report["rollouts"] == 1 + 8 + 7
+    # before them and are skipped; pass 2: the 7 pairs that differ, none better, which ends the search; one of
+    # them undoes the swap (10, 11), which gives a schedule scored before, and is not scored again
+    assert report["rollouts"] == 1 + 8 + 6
 
 
 def test_a_target_two_steps_away_needs_a_second_pass():
     actions = forecast_fora(UNITS, 8, interval=4).action_indices()  # full at 0, 4
-    refined, report = refine_by_swaps(actions, distance_to([0, 2]), passes=1, progress=False)
+    refined, report = refine_by_moves(actions, distance_to([0, 2]), passes=1, progress=False)
     assert full_steps(refined) == [0, 3]  # one pass moves a full step by one
-    refined, report = refine_by_swaps(actions, distance_to([0, 2]), passes=3, progress=False)
+    refined, report = refine_by_moves(actions, distance_to([0, 2]), passes=3, progress=False)
     assert full_steps(refined) == [0, 2] and report["moves"] == [(3, 4), (2, 3)]
+
+
+def test_a_shift_moves_every_later_full_step_by_one_and_keeps_the_rows():
+    actions = forecast_fora(UNITS, 10, interval=2).action_indices()  # full at 0, 2, 4, 6, 8
+    found = dict(shifted(actions, 3))
+    assert full_steps(found[(3, "later")]) == [0, 2, 5, 7, 9]
+    assert full_steps(found[(3, "earlier")]) == [0, 2, 3, 5, 7]
+    for candidate in found.values():  # a permutation of the steps after step 0
+        assert sorted(map(tuple, candidate)) == sorted(map(tuple, actions)) and (candidate[0] == actions[0]).all()
+    # a shift that changes nothing is not offered: the steps from 3 on all act alike here
+    assert shifted(np.concatenate([actions[:3], np.ones((7, 3), dtype=int)]), 3) == []
+
+
+def test_a_shift_reaches_in_one_move_what_swaps_reach_in_many():
+    actions = forecast_fora(UNITS, 12, interval=2).action_indices()  # full at 0, 2, 4, 6, 8, 10
+    target = [0, 2, 5, 7, 9, 11]
+    # the shift of the steps from 1 on also gains ([0, 3, 5, ...]), but the best shift is kept, not the first
+    moved, report = refine_by_moves(actions, distance_to(target), passes=3, progress=False, moves=("shift",))
+    assert full_steps(moved) == target and report["moves"] == [(3, "later")]
+    # the start, 15 distinct shifts (shifting later from an odd step gives the same as from the next step), then 5
+    # shifts of the target not scored before, none better: a schedule is scored once
+    assert report["rollouts"] == 1 + 15 + 5
+    swapped, report = refine_by_moves(actions, distance_to(target), passes=3, progress=False)
+    assert full_steps(swapped) == target and len(report["moves"]) == 4
 
 
 def test_nothing_is_kept_unless_the_score_falls_by_min_gain():
     actions = forecast_fora(["a"], 10, interval=2).action_indices()
     values = iter([1.0] + [0.995] * 100)  # every candidate 0.5 % better: below the 1 % needed
-    refined, report = refine_by_swaps(actions, lambda a, limit: next(values), min_gain=0.01, progress=False)
+    refined, report = refine_by_moves(actions, lambda a, limit: next(values), min_gain=0.01, progress=False)
     assert (refined == actions).all() and report["moves"] == [] and report["score_after"] == 1.0
     with pytest.raises(ValueError, match="min_gain"):
-        refine_by_swaps(actions, lambda a, limit: 0.0, min_gain=1.0)
+        refine_by_moves(actions, lambda a, limit: 0.0, min_gain=1.0)
 
 
 def stub_score(train_target, val_target):
@@ -81,7 +107,7 @@ def test_a_refinement_is_kept_only_if_it_validates_better():
     refine = partial(refine_schedule, passes=2, size=4, batch=3, progress=False)
     refined, report = refine(stub_score(better, better), start, batches(0, 8), batches(100, 4))
     assert report["kept"] and full_steps(refined.action_indices()) == better and report["conditions"] == 4
-    assert report["val_after"] == 0.0 < report["val_before"] and refined.meta["refined_swaps"] == 3
+    assert report["val_after"] == 0.0 < report["val_before"] and refined.meta["refined_moves"] == 3
     assert refined.meta["method"] == "forecast_fora"
     # better on the training conditions, worse on validation: the start comes back
     same, report = refine(stub_score(better, [0, 2, 4, 6]), start, batches(0, 8), batches(100, 4))
@@ -118,6 +144,9 @@ def test_refinement_settings_that_cannot_work_are_refused_before_learning():
     for bad in ({"refine_passes": -1}, {"refine_size": 0}, {"refine_batch": 0}):
         with pytest.raises(ValueError, match="learn.refine_passes"):
             ScheduleLearner(model="tiny", num_steps=8, **bad)
+    for bad in (["jump"], []):
+        with pytest.raises(ValueError, match="learn.refine_moves"):
+            ScheduleLearner(model="tiny", num_steps=8, refine_moves=bad)
     with pytest.raises(ValueError, match="learn.judge='psnr'"):
         ScheduleLearner(model="tiny", num_steps=8, judge="psnr")
 
@@ -213,9 +242,10 @@ def test_a_failed_refinement_leaves_the_learned_schedule_exported(tmp_path, monk
     assert Schedule.load(tmp_path / "schedule.json").meta["saved_macs"] >= 0.5 and "refine" not in metrics
 
 
-def test_paused_rollouts_give_the_scores_of_whole_ones_in_fewer_steps():
-    """The learner's scores from rollouts paused before the swapped step equal whole rollouts' (the cache state
-    restored from a copy), over two passes with kept swaps, on a forecasting and partial-token start."""
+@pytest.mark.parametrize("moves", [("swap",), ("swap", "shift")])
+def test_paused_rollouts_give_the_scores_of_whole_ones_in_fewer_steps(moves):
+    """The learner's scores from rollouts paused before the moved step equal whole rollouts' (the cache state
+    restored from a copy), over two passes with kept moves, on a forecasting and partial-token start."""
     from diffsparse.learn.data import ConditionDataModule
     from diffsparse.learn.module import ScheduleLearner
 
@@ -225,7 +255,8 @@ def test_paused_rollouts_give_the_scores_of_whole_ones_in_fewer_steps():
     data.setup("fit")
     start = learner.starts["toca"]
     assert any(0 < s < 1 for row in start.grid for s in row)  # partial steps: the selector and gathers run too
-    run = partial(refine_schedule, learner.validation_scores, start, passes=2, size=6, batch=3, progress=False)
+    run = partial(refine_schedule, learner.validation_scores, start, passes=2, size=6, batch=3, progress=False,
+                  moves=moves)  # fmt: skip
     whole, report = run(data.train_dataloader(), data.val_dataloader())
     paused, fast = run(data.train_dataloader(), data.val_dataloader(), rollouts=learner)
     assert report["moves"] and fast["moves"] == report["moves"] and fast["rolled_out"] == report["rolled_out"]
@@ -244,4 +275,4 @@ def test_of_the_passes_the_one_that_validates_best_is_kept():
                                       size=4, progress=False)  # fmt: skip
     assert [p["val"] for p in report["passes"]] == [0.0, 1.0] and report["val_before"] == 1.0
     assert report["kept"] and full_steps(refined.action_indices()) == [0, 3] and report["moves"] == [(3, 4)]
-    assert refined.meta["refined_swaps"] == 1 and report["val_after"] == 0.0
+    assert refined.meta["refined_moves"] == 1 and report["val_after"] == 0.0

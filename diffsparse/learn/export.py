@@ -4,7 +4,7 @@ The exported costs are those of the best checkpoint (`trainer.checkpoint_callbac
 the hard schedule on held-out conditions), or the last ones when validation never ran. When the learner chose among
 several hand-made starts, the chosen start is exported instead if it validated at least as well as the best checkpoint:
 a learned schedule never validates worse than its start. With `learn.refine_passes`, that schedule is exported,
-then refined by neighbouring-step swaps (`refine.refine_schedule`) and exported again if the refined one
+then refined by moving steps' actions (`refine.refine_schedule`) and exported again if the refined one
 validates better.
 """
 
@@ -125,11 +125,12 @@ class ScheduleExport(L.Callback):
             chosen, report = refine_schedule(pl_module.validation_scores, chosen, data.train_dataloader(),
                                              data.val_dataloader(), passes=hp.refine_passes, size=hp.refine_size,
                                              batch=hp.refine_batch, rollouts=pl_module,
-                                             parts=JUDGE_PARTS[hp.judge])  # fmt: skip
+                                             parts=JUDGE_PARTS[hp.judge],
+                                             moves=tuple(hp.refine_moves))  # fmt: skip
             report["minutes"] = round((time.perf_counter() - began) / 60, 2)
             metrics["refine"] = report
             if report["kept"]:  # else the files written above stand; only metrics.json gains the report
-                metrics["exported"] = f"{metrics.get('exported', 'learned')} + {len(report['moves'])} swaps"
+                metrics["exported"] = f"{metrics.get('exported', 'learned')} + {len(report['moves'])} moves"
                 exported = export_schedule(learner, self.out_dir, chosen)
             self._write(exported, chosen, metrics, peak_rss_mb)
 
@@ -137,7 +138,7 @@ class ScheduleExport(L.Callback):
         """Write metrics.json: what `export_schedule` returned for `chosen` (None: the learner's choice),
         `metrics`, and the minutes since the run began."""
         metrics = {**exported, **metrics}
-        if chosen is not None and (chosen.meta.get("kept_start") or chosen.meta.get("refined_swaps")):
+        if chosen is not None and (chosen.meta.get("kept_start") or chosen.meta.get("refined_moves")):
             metrics["costs"] = "costs.safetensors and the checkpoints hold the learned costs, not this schedule's"
         minutes = (time.perf_counter() - self._start) / 60
         metrics.update(minutes=round(minutes, 2), peak_rss_mb=peak_rss_mb)

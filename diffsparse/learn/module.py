@@ -7,11 +7,11 @@ samples from the same noise -> gradients into the costs. The model stays frozen.
 
 The costs start from a hand-made schedule fitted to the budget: with several `starts`, the one whose hard schedule
 validates best (on the validation conditions, their own noise seeds) before any training. Stage 1 also learns step
-costs (T x 2, full or not). By default the DP chooses the full steps under the budget: a step's cost of being
-full lowers the "compute all" cost of every unit at that step (a weakness: at a step the DP made full, the layer
-choice is "compute all" too, so its step costs get no gradient). With `num_full` set, a step DP picks that many
-full steps and the layer DP fills the others. Stage 2 starts from a stage-1 checkpoint: "compute all" at its full steps
-lowered by `delta` (eq. 9), the unified layer costs fine-tuned alone.
+costs (T x 2, full or not). By default the DP chooses the full steps under the budget: a step's cost of being full
+lowers the "compute all" cost of every unit at that step (a weakness: at a step the DP made full, the layer choice
+is "compute all" too, so its step costs get no gradient). With `num_full` set, a step DP picks that many full steps
+and the layer DP fills the others. Stage 2 starts from a stage-1 checkpoint: "compute all" at its full steps lowered
+by `delta` (eq. 9), the unified layer costs fine-tuned alone.
 """
 
 from __future__ import annotations
@@ -77,9 +77,9 @@ class ScheduleLearner(L.LightningModule):
             the unconditional half of guidance. The data module reads the conditions from the same file.
         checkpoint_steps: recompute each denoising step in the backward pass (the same gradients, bit for bit):
             reference model, stage 1: peak memory 3.1 GB instead of 5.1, 5.68 min instead of 3.82.
-        refine_passes, refine_size, refine_batch: after training, passes of neighbouring-step swaps over the
-            exported schedule (0: none) judged by rollouts on at most `refine_size` training conditions,
-            `refine_batch` a rollout (`learn.refine`, run by the export); kept if it validates better.
+        refine_passes, refine_size, refine_batch, refine_moves: after training, passes of `refine_moves`
+            (`refine.MOVES`) over the exported schedule (0: none) judged by rollouts on at most `refine_size`
+            training conditions, `refine_batch` a rollout (run by the export); kept if it validates better.
         budget_unit: `macs` (the budget is a fraction of the dense MACs) or `time` (of the dense time, per action
             as measured on this device, dtype and `time_batch` CFG pairs, or loaded from `time_table`, a file that
             a time-budget run writes beside its schedule).
@@ -110,16 +110,17 @@ class ScheduleLearner(L.LightningModule):
         refine_passes: int = 0,
         refine_size: int = 64,
         refine_batch: int = 16,
+        refine_moves: list[str] | tuple[str, ...] = ("swap",),
         budget_unit: str = "macs",
         time_table: str | None = None,
         time_batch: int = 20,
         judge: str = "l2",
     ):
         super().__init__()
-        starts = list(starts)
+        starts, refine_moves = list(starts), list(refine_moves)  # plain lists in the checkpoint, not ListConfig
         self.save_hyperparameters()
         check_settings(num_steps, budget, stage, num_full, stage1_checkpoint, budget_unit)
-        check_refine_settings(refine_passes, refine_size, refine_batch, judge)
+        check_refine_settings(refine_passes, refine_size, refine_batch, judge, refine_moves)
         self._ref = load_model(model)  # not a submodule: frozen, and kept out of checkpoints
         self._dtype = getattr(torch, dtype)
         for part in (self._ref.transformer, self._ref.vae):

@@ -35,6 +35,7 @@ RECIPE_LEARN = {
     "lr": 0.2,
     "refine_passes": 2,
     "refine_size": 96,
+    "refine_moves": ["swap"],
     "judge": "l2",
 }
 # `data.*` and `trainer.max_epochs` of conf/experiment/learn.yaml
