@@ -74,6 +74,13 @@ def swap_moves(actions: np.ndarray) -> list[int]:
     return [t for t in range(1, len(actions) - 1) if not np.array_equal(actions[t], actions[t + 1])]
 
 
+def swapped(actions: np.ndarray, t: int) -> np.ndarray:
+    """`actions` with the actions of steps t and t + 1 traded."""
+    out = actions.copy()
+    out[[t, t + 1]] = out[[t + 1, t]]
+    return out
+
+
 def shifted(actions: np.ndarray, t: int) -> list[tuple[tuple, np.ndarray]]:
     """The steps t.. of `actions` (T, U) shifted by one step, as (record, candidate): later (the last step's action
     moves to t), recorded (t, "later"), and earlier (step t's moves to the end), (t, "earlier"); a candidate equal
@@ -120,14 +127,15 @@ def refine_by_moves(
 
     current = np.array(actions, copy=True)
     best = before = _vector(score(current, np.inf))
-    kept, scored, seen = [], [1], {current.tobytes()}
+    kept, scored, seen = [], 1, {current.tobytes()}
 
     def scored_below(candidate: np.ndarray, limit: np.ndarray) -> np.ndarray | None:
         """The candidate's scores if below `limit` (None if not, or if it was scored before)."""
+        nonlocal scored
         if candidate.tobytes() in seen:
             return None
         seen.add(candidate.tobytes())
-        scored[0] += 1
+        scored += 1
         value = _vector(score(candidate, limit))
         return value if (value < limit).all() else None
 
@@ -142,9 +150,12 @@ def refine_by_moves(
         kept_before = len(kept)
         if "shift" in moves:
             found = None  # the best shift so far: (record, candidate, value)
-            shifts = [move for t in range(1, len(current) - 1) for move in shifted(current, t)]
-            for record, candidate in tqdm(shifts, desc=f"shifts, pass {p + 1}/{passes}", disable=not progress,
-                                          leave=False):  # fmt: skip
+            shifts = {}  # each distinct candidate once, under the first shift that makes it (equal actions repeat)
+            for t in range(1, len(current) - 1):
+                for record, candidate in shifted(current, t):
+                    shifts.setdefault(candidate.tobytes(), (record, candidate))
+            bar = tqdm(list(shifts.values()), desc=f"shifts, pass {p + 1}/{passes}", disable=not progress, leave=False)
+            for record, candidate in bar:
                 limit = limit_of(best)
                 if found is not None and len(best) == 1:  # one score: beating the best shift so far is enough
                     limit = np.minimum(limit, found[2])
@@ -158,8 +169,7 @@ def refine_by_moves(
             for t in tqdm(swaps, desc=f"swaps, pass {p + 1}/{passes}", disable=not progress, leave=False):
                 if np.array_equal(current[t], current[t + 1]):  # made equal by the swap kept just before
                     continue
-                candidate = current.copy()
-                candidate[[t, t + 1]] = candidate[[t + 1, t]]
+                candidate = swapped(current, t)
                 value = scored_below(candidate, limit_of(best))
                 if value is not None:
                     keep((t, t + 1), candidate, value)
@@ -167,7 +177,7 @@ def refine_by_moves(
             break
         if on_pass is not None:
             on_pass(current, list(kept))
-    report = {"moves": kept, "score_before": _plain(before), "score_after": _plain(best), "rollouts": scored[0]}
+    report = {"moves": kept, "score_before": _plain(before), "score_after": _plain(best), "rollouts": scored}
     return current, report
 
 
