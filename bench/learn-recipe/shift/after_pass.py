@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffsparse.learn.refine import shifted
+from diffsparse.learn.refine import shifted, swapped
 from diffsparse.schedule import Schedule
 
 
@@ -24,9 +24,7 @@ def undone(actions: np.ndarray, move) -> np.ndarray:
     """`actions` before `move` ((t, t + 1) or (t, "later" | "earlier")) was made."""
     t, kind = move
     if kind == t + 1:
-        out = actions.copy()
-        out[[t, t + 1]] = out[[t + 1, t]]
-        return out
+        return swapped(actions, t)
     inverse = {"later": "earlier", "earlier": "later"}[kind]
     return dict(shifted(actions, t))[(t, inverse)]
 
