@@ -110,7 +110,7 @@ def test_the_recipe_starts_from_the_best_validated_start_and_never_exports_worse
         assert metrics["best_val"] < metrics["start_val"]
     else:
         assert metrics["start_val"] <= metrics["best_val"] and sched.meta["kept_start"]
-    # then the refinement (one pass of swaps, the recipe's), whose outcome the export states
+    # then the refinement (the recipe's passes of shifts and swaps), whose outcome the export states
     refine = metrics["refine"]
     assert refine["conditions"] == 8 and refine["rollouts"] >= 1
     assert refine["kept"] == ("refined_moves" in sched.meta) == metrics["exported"].endswith("moves")

@@ -69,11 +69,41 @@ def test_a_shift_reaches_in_one_move_what_swaps_reach_in_many():
     # the shift of the steps from 1 on also gains ([0, 3, 5, ...]), but the best shift is kept, not the first
     moved, report = refine_by_moves(actions, distance_to(target), passes=3, progress=False, moves=("shift",))
     assert full_steps(moved) == target and report["moves"] == [(3, "later")]
-    # the start, 15 distinct shifts (shifting later from an odd step gives the same as from the next step), then 5
-    # shifts of the target not scored before, none better: a schedule is scored once
-    assert report["rollouts"] == 1 + 15 + 5
+    # the start, the 10 distinct shifts of pass 1 (a shift from an even step gives what one from the odd step before
+    # gives), then pass 2's 10 shifts of the target, one of which is the start, scored before, none better: the search
+    # ends, and a schedule is scored once
+    assert report["rollouts"] == 1 + 10 + 10
     swapped, report = refine_by_moves(actions, distance_to(target), passes=3, progress=False)
     assert full_steps(swapped) == target and len(report["moves"]) == 4
+
+
+def test_shifts_are_screened_and_only_the_finalists_scored():
+    actions = forecast_fora(UNITS, 12, interval=2).action_indices()  # full at 0, 2, 4, 6, 8, 10
+    target = [0, 2, 5, 7, 9, 11]
+    score = distance_to(target)
+    # an exact screen: the best shift is among the finalists, so the same move is kept, from fewer full scores
+    moved, report = refine_by_moves(actions, score, passes=1, progress=False, moves=("shift",), screen=score,
+                                    finalists=2)  # fmt: skip
+    assert full_steps(moved) == target and report["moves"] == [(3, "later")]
+    assert report["screened"] == 10 and report["rollouts"] == 1 + 2
+    # a screen that prefers other shifts: the best one is never scored, and the screen's favourite is kept
+    misled = distance_to([0, 3, 5, 7, 9, 11])  # the shift of the steps from 1 on
+    moved, report = refine_by_moves(actions, score, passes=1, progress=False, moves=("shift",), screen=misled,
+                                    finalists=1)  # fmt: skip
+    assert report["moves"] == [(1, "later")] and full_steps(moved) == [0, 3, 5, 7, 9, 11]
+
+
+def test_a_shift_is_kept_only_if_it_validates_better_and_the_swaps_go_on():
+    start = forecast_fora(UNITS, 8, interval=2).with_forecast(True)  # full at 0, 2, 4, 6
+    shift = [0, 3, 5, 7]  # one shift of the steps from 1 on, or four swaps
+    refine = partial(refine_schedule, passes=1, size=4, batch=2, progress=False, moves=("swap", "shift"))
+    kept, report = refine(stub_score(shift, shift), start, batches(0, 8), batches(100, 4))
+    assert report["moves"] == [(1, "later")] and report["rejected"] == [] and report["screened"] > 0
+    assert full_steps(kept.action_indices()) == shift and report["kept"]
+    # training wants the shift, validation does not: the shift is not kept, and the swaps are still tried
+    same, report = refine(stub_score(shift, [0, 2, 4, 6]), start, batches(0, 8), batches(100, 4))
+    assert report["rejected"] == [(1, "later")] and report["moves"][0] == (2, 3) and not report["kept"]
+    assert same is start and report["val_before"] == 0.0
 
 
 def test_nothing_is_kept_unless_the_score_falls_by_min_gain():
@@ -160,11 +190,33 @@ def test_a_clearly_worse_candidate_stops_its_rollouts_early_and_nothing_else_cha
         return 1.0 if schedule.full_steps == [0, 2, 4, 6] else 10.0
 
     same, report = refine_schedule(validation_score, start, batches(0, 8), batches(100, 4), size=8, batch=2,
-                                   progress=False)  # fmt: skip
+                                   progress=False, screen=False)  # fmt: skip
     assert same is start and report["moves"] == []
     candidates = report["rollouts"] - 1
     # the start on all 8 conditions; each candidate stops after its first batch of 2 (10 x 2 / 8 >= 0.99)
     assert candidates == 6 and report["rolled_out"] == 8 + 2 * candidates == sum(calls)
+    # screened (the default), the same first batches, and no candidate is scored: none screens better
+    calls.clear()
+    same, report = refine_schedule(validation_score, start, batches(0, 8), batches(100, 4), size=8, batch=2,
+                                   progress=False)  # fmt: skip
+    assert same is start and report["rollouts"] == 1 and report["screened"] == 6
+    assert report["rolled_out"] == 8 + 2 * 6 == sum(calls)
+
+
+def test_a_swap_that_screens_worse_on_the_first_batch_is_not_scored_on_the_rest():
+    start = forecast_fora(UNITS, 8, interval=4).with_forecast(True)  # full at 0, 4: swaps at 3 and 4
+    moved_to_3 = [0, 3]
+
+    def validation_score(schedule, parts):  # moving the full step to 3 helps everywhere but on seeds 0, 1
+        worse_here = int(parts[0]["seed"][0]) == 0
+        return 1.0 if schedule.full_steps != moved_to_3 else 2.0 if worse_here else 0.1
+
+    refine = partial(refine_schedule, validation_score, start, batches(0, 8), batches(100, 4), size=8, batch=2,
+                     passes=1, progress=False)  # fmt: skip
+    kept, report = refine(screen=False)
+    assert full_steps(kept.action_indices()) == moved_to_3 and report["screened"] == 0
+    same, report = refine()
+    assert same is start and report["moves"] == [] and report["screened"] == 2 and report["rollouts"] == 1
 
 
 def test_negative_scores_stop_early_only_once_the_floor_proves_a_candidate_worse():
@@ -183,7 +235,7 @@ def test_negative_scores_stop_early_only_once_the_floor_proves_a_candidate_worse
     for swapped, rolled in ((-40.0, 8), (300.0, 2)):  # -40 may still end below -50; 300 cannot after 2 of 8
         calls.clear()
         same, report = refine_schedule(scorer(swapped), start, batches(0, 8), batches(100, 4), size=8, batch=2,
-                                       progress=False, parts=("log_l2",))  # fmt: skip
+                                       progress=False, parts=("log_l2",), screen=False)  # fmt: skip
         assert same is start and report["moves"] == []
         assert report["rolled_out"] == 8 + rolled * (report["rollouts"] - 1) == sum(calls)
 

@@ -6,10 +6,11 @@ It starts from the hand-made schedules fitted to the budget (`RECIPE_STARTS`: To
 forecast-FORA after TaylorSeer's 3-step warm-up, uniform), keeps the one that validates best on the validation
 conditions (their own noise seeds), learns actions (a level of S, and copy or forecast for the reused tokens) from
 it with the L2 loss against the dense samples, and exports the best validated schedule, refined by up to two passes
-of neighbouring-step swaps judged by rollouts on every training condition (the best-validating pass kept, only if
-it validates better): never one that validates worse than that start. Its settings were chosen on two models (the
-reference DiT and a second DiT of another width, depth and noise schedule), not on one; the warm-up start was
-added after a third, the FLUX digits model, and re-checked on the other two.
+of moves (the best shift of the later steps, then neighbouring-step swaps; `refine.py`) judged by rollouts on every
+training condition (the best-validating pass kept, only if it validates better): never one that validates worse
+than that start. Its settings were chosen on two models (the reference DiT and a second DiT of another width,
+depth and noise schedule), not on one; the warm-up start and the shift's validation check were added after a
+third, the FLUX digits model, and re-checked on the other two.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ RECIPE_LEARN = {
     "lr": 0.2,
     "refine_passes": 2,
     "refine_size": 96,
-    "refine_moves": ["swap"],
+    "refine_moves": ["swap", "shift"],
     "judge": "l2",
 }
 # `data.*` and `trainer.max_epochs` of conf/experiment/learn.yaml
