@@ -5,7 +5,7 @@ A pass is deterministic given the schedule it starts from, so the schedule after
 one a one-pass run (`learn.refine_passes=1`) validates and exports, if it validates better than the unrefined one.
 
 python bench/learn-recipe/shift/after_pass.py RUN_DIR PASS OUT.json
-(RUN_DIR holds the run's schedule.json and metrics.json; PASS counts from 1)
+(RUN_DIR holds the run's schedule.json and metrics.json; PASS counts from 1; 0: the unrefined schedule)
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     refine = json.loads((args.run / "metrics.json").read_text())["refine"]
-    if not refine["kept"] or not 1 <= args.stage <= len(refine["passes"]):
+    if not refine["kept"] or not 0 <= args.stage <= len(refine["passes"]):
         raise SystemExit(f"{args.run}: refinement kept={refine['kept']}, {len(refine['passes'])} pass(es) recorded.")
     exported = Schedule.load(args.run / "schedule.json")
     kept = [tuple(m) for m in refine["moves"]]
-    wanted = [tuple(m) for m in refine["passes"][args.stage - 1]["moves"]]
+    wanted = [tuple(m) for m in refine["passes"][args.stage - 1]["moves"]] if args.stage else []
     if kept[: len(wanted)] != wanted:
         raise SystemExit(f"{args.run}: the exported moves do not begin with pass {args.stage}'s.")
     actions = exported.action_indices()
@@ -48,7 +48,8 @@ def main() -> None:
         actions = undone(actions, move)
     meta = {**exported.meta, "refined_moves": len(wanted), "rebuilt_after_pass": args.stage}
     Schedule.from_actions(actions, exported.units, meta).save(args.out)
-    print(f"{args.out}: {len(wanted)} moves, validation {refine['passes'][args.stage - 1]['val']}")
+    val = refine["passes"][args.stage - 1]["val"] if args.stage else refine["val_before"]
+    print(f"{args.out}: {len(wanted)} moves, validation {val}")
 
 
 if __name__ == "__main__":
