@@ -144,7 +144,7 @@ def refine_by_moves(
     kept, rejected, scored, screened, seen = [], [], 1, 0, {current.tobytes()}
     screens = {}  # screen values by actions: the current schedule's is asked for at every swap
 
-    def screened_value(candidate: np.ndarray) -> float:
+    def screened_value(candidate: np.ndarray) -> np.ndarray:
         if candidate.tobytes() not in screens:
             screens[candidate.tobytes()] = _vector(screen(candidate))
         return screens[candidate.tobytes()]
