@@ -13,7 +13,14 @@ import torch._dynamo
 from conftest import max_diff, run_loop
 from torch._dynamo.utils import counters
 
-from diffsparse.backbones import build_transformer, example_inputs
+from diffsparse.backbones import (
+    backbone_for,
+    backbone_named,
+    build_transformer,
+    example_inputs,
+    find_backbone,
+    predict,
+)
 from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.cache.hooks import UNIT_HOOK, token_cache_controller
 from diffsparse.levels import ACTIONS, fresh_tokens
@@ -195,3 +202,19 @@ def test_a_timestep_on_an_accelerator_is_never_read_and_the_steps_are_counted():
     controller.reset()  # a stock pipeline's reset at the end of its call: the next call starts again
     controller.begin_forward(model, inputs, timestep, None)
     assert controller.current.step == 0
+
+
+@pytest.mark.parametrize("backbone", ["dit", "pixart", "flux", "wan"])
+def test_a_compiled_model_is_called_as_the_model_it_wraps(backbone):
+    """The sampling loop finds a `torch.compile`d model's backbone through the module it wraps: FLUX's latents are
+    packed and Wan's frames kept as for the eager model (looked up by the wrapper's class, they were passed as a
+    DiT's, and the compiled FLUX failed at its first layer)."""
+    torch.manual_seed(0)
+    spec = backbone_named(backbone)
+    model, latents, conditions = spec.bench_case("tiny", 4, 2, 2)
+    latents = torch.cat([latents, latents]) if spec.guided else latents  # the conditions of guided ones are CFG pairs
+    compiled = torch.compile(model, backend="eager")
+    assert find_backbone(compiled) is backbone_for(model)
+    t = torch.tensor(500)
+    with torch.inference_mode():
+        assert torch.equal(predict(compiled, latents, t, conditions), predict(model, latents, t, conditions))

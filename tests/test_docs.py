@@ -92,6 +92,17 @@ def compose_train(config_name: str, overrides: list[str]):
         return compose(config_name=config_name, overrides=[o for o in overrides if not o.startswith("hydra.")])
 
 
+def on_this_machine(words: list[str]) -> list[str]:
+    """A recorded GPU run's arguments with `--device cuda...` read as `cpu` where this machine has no CUDA device:
+    every other flag is still checked."""
+    import torch
+
+    if "--device" not in words or torch.cuda.is_available():
+        return words
+    at = words.index("--device") + 1
+    return [*words[:at], "cpu" if words[at].startswith("cuda") else words[at], *words[at + 1 :]]
+
+
 def check_command(command: str) -> None:
     """Parse a recorded command as its program would, without running it; raise if it would not start."""
     from diffsparse.evaluate.bench_cli import parse_args as bench_args
@@ -101,7 +112,7 @@ def check_command(command: str) -> None:
     if words[:2] == ["-m", "diffsparse.evaluate"]:
         evaluate_args(words[2:])
     elif words[:2] == ["-m", "diffsparse.bench"]:
-        bench_args(words[2:])
+        bench_args(on_this_machine(words[2:]))
     elif words[0] == "-m":
         assert importlib.util.find_spec(words[1]) is not None, f"no module {words[1]}"
     elif words[0] in ("train.py", "infer.py"):

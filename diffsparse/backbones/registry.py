@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 
 SELF_ATTN = "self_attn"
 CROSS_ATTN = "cross_attn"
@@ -186,9 +187,10 @@ def supported_models() -> list[str]:
 
 
 def find_backbone(model: torch.nn.Module) -> BackboneSpec | None:
-    """The row for `model`'s class or its nearest registered parent class, or None."""
+    """The row for `model`'s class or its nearest registered parent class, or None; a `torch.compile`d model is
+    looked up by the model it wraps."""
     by_class = {c: spec for spec in BACKBONES.values() for c in spec.model_classes}
-    for cls in type(model).__mro__:
+    for cls in type(unwrap_module(model)).__mro__:
         if cls.__name__ in by_class:
             return by_class[cls.__name__]
     return None
