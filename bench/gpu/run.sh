@@ -5,7 +5,8 @@
 #
 #   OUT=/tmp/gpu bash bench/gpu/run.sh        # one JSON file per run and log.txt in $OUT
 #
-# First bench/gpu/exact.py checks exactness there. DEVICE=cpu DTYPE=float32 QUICK=1 runs the same commands, tiny, on a CPU (a check of the script itself).
+# First bench/gpu/exact.py checks exactness there and bench/gpu/device_time.py splits device busy time from wall
+# time. DEVICE=cpu DTYPE=float32 QUICK=1 runs the same commands, tiny, on a CPU (a check of the script itself).
 set -u
 OUT=${OUT:?set OUT to the folder for the results}
 DEVICE=${DEVICE:-cuda}
@@ -30,6 +31,8 @@ bench() {  # bench NAME SECONDS ARGS...: one bench run, its table on stdout, its
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
   timeout 90 python3 bench/gpu/exact.py --device "$DEVICE" --dtype "$DTYPE" ${QUICK:+--quick}
   echo "== exact.py: exit status $?"
+  timeout 120 python3 bench/gpu/device_time.py --device "$DEVICE" --dtype "$DTYPE" ${QUICK:+--quick}
+  echo "== device_time.py: exit status $?"
   bench dit-xl2-eager 90 --rounds 5 --reuse-kv "${quick[@]}"
   bench flux-1024-eager 90 --model flux --tokens $fluxtokens --rounds 5 --reuse-kv "${quick[@]}"
   bench dit-xl2-compiled 150 --rounds 3 --compile --schedules uniform-0.5,uniform-0.75 "${quick[@]}"
