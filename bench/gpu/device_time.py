@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
-import torch
+from exact import trajectory  # this folder's exactness check (run as a script, the folder is on the path)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.clock import synchronize
-from diffsparse.evaluate.bench import bench_model, bench_scheduler, sampling_options, to_device
-from diffsparse.models.sampling import sample
+from diffsparse.evaluate.bench import bench_model, sampling_options, to_device
 from diffsparse.schedule import Schedule
 
 CASES = {"dit": ("XL/2", 256, 2, 20), "flux": ("bench", 1024, 2, 20)}
@@ -68,10 +68,7 @@ def main() -> None:
         options = sampling_options(conditions, latents, cfg)
         units = cacheable_units(model)
 
-        def run(model=model, latents=latents, steps=steps, options=options):
-            with torch.inference_mode():
-                sample(model, bench_scheduler(model), noise=latents, num_steps=steps, **options)
-
+        run = partial(trajectory, model, latents, options, steps)
         rows = {"dense": profiled(run, args.device)}
         for sparsity in (0.5, 0.75):
             apply_token_cache(model, Schedule.uniform(units, steps, sparsity), cfg=cfg)

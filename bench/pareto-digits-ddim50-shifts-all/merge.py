@@ -28,12 +28,11 @@ def main() -> None:
     for key in ("model", "steps", "samples", "seed", "budgets", "schedules"):
         if first["config"][key] != second["config"][key]:
             raise SystemExit(f"The sweeps differ in {key}: {first['config'][key]} against {second['config'][key]}.")
-    have = {(r["method"], r["budget"]) for r in first["rows"]}
+    have = {(r["method"], r["budget"]): r for r in first["rows"]}
     for r in second["rows"]:
-        if (r["method"], r["budget"]) in have and r["method"] not in ("dense",):
-            mine = next(m for m in first["rows"] if (m["method"], m["budget"]) == (r["method"], r["budget"]))
-            if mine.get("psnr") != r.get("psnr"):
-                raise SystemExit(f"{r['method']} at {r['budget']}: the sweeps' samples differ (PSNR).")
+        mine = have.get((r["method"], r["budget"]))
+        if mine is not None and mine.get("psnr") != r.get("psnr"):
+            raise SystemExit(f"{r['method']} at {r['budget']}: the sweeps' samples differ (PSNR).")
     name = first["config"]["compare_to"]
     for sweep in (first, second):  # each row's speed against the compared row's in the same alternation
         own = {r["budget"]: r["speedup"] for r in sweep["rows"] if r["method"] == name}
