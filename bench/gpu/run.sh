@@ -5,8 +5,8 @@
 #
 #   OUT=/tmp/gpu bash bench/gpu/run.sh        # one JSON file per run and log.txt in $OUT
 #
-# First bench/gpu/exact.py checks exactness there and bench/gpu/device_time.py splits device busy time from wall
-# time. DEVICE=cpu DTYPE=float32 QUICK=1 runs the same commands, tiny, on a CPU (a check of the script itself).
+# First bench/gpu/exact.py checks exactness there, bench/gpu/device_time.py splits device busy time from wall
+# time, and bench/gpu/graphs.py replays whole trajectories captured in CUDA graphs (no launch cost, dense or cached). DEVICE=cpu DTYPE=float32 QUICK=1 runs the same commands, tiny, on a CPU (a check of the script itself).
 set -u
 OUT=${OUT:?set OUT to the folder for the results}
 DEVICE=${DEVICE:-cuda}
@@ -33,6 +33,8 @@ bench() {  # bench NAME SECONDS ARGS...: one bench run, its table on stdout, its
   echo "== exact.py: exit status $?"
   timeout 120 python3 bench/gpu/device_time.py --device "$DEVICE" --dtype "$DTYPE" ${QUICK:+--quick}
   echo "== device_time.py: exit status $?"
+  timeout 240 python3 bench/gpu/graphs.py --device "$DEVICE" --dtype "$DTYPE" ${QUICK:+--quick}
+  echo "== graphs.py: exit status $?"
   bench dit-xl2-eager 90 --rounds 5 --reuse-kv "${quick[@]}"
   bench flux-1024-eager 90 --model flux --tokens $fluxtokens --rounds 5 --reuse-kv "${quick[@]}"
   bench dit-xl2-compiled 150 --rounds 3 --compile --schedules uniform-0.5,uniform-0.75 "${quick[@]}"

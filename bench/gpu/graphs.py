@@ -1,0 +1,173 @@
+"""Dense and cached trajectories each captured whole in one CUDA graph and replayed: the speed-up the token cache
+gives once the host no longer sets the pace (eager launches and Python bookkeeping cost nothing at replay, for
+dense and cached alike). Replays alternate in one process (`timing.alternate`); each graph's output is checked
+against the eager `sample` of the same trajectory.
+
+    python bench/gpu/graphs.py --device cuda --dtype bfloat16
+    python bench/gpu/graphs.py --device cpu --dtype float32 --quick    # the loop alone, eager (a check on a CPU)
+
+The loop is `models.sampling.sample`'s, with each step's timestep put on the device before capture (a host-to-device
+copy cannot be captured); the schedulers' own steps read their coefficients on the host, so they capture as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+import torch
+
+from diffsparse.allocate.registry import named_schedule
+from diffsparse.backbones import forward_kwargs, predict, set_steps
+from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
+from diffsparse.cache.hooks import token_cache_controller
+from diffsparse.evaluate.bench import bench_model, bench_scheduler, sampling_options, to_device
+from diffsparse.evaluate.timing import alternate
+from diffsparse.models.sampling import _guided_conditions, cache_context, sample
+from diffsparse.schedule import Schedule
+
+CASES = {  # name: (backbone, size, tokens, batch, steps)
+    "dit-xl2": ("dit", "XL/2", 256, 2, 20),
+    "dit-xl2-batch16": ("dit", "XL/2", 256, 16, 20),
+    "flux-1024": ("flux", "bench", 1024, 2, 20),
+}
+SCHEDULES = ("uniform-0.5", "uniform-0.75", "toca-like")
+
+
+def loop(model, latents: torch.Tensor, options: dict, steps: int):
+    """`sample(model, bench_scheduler(model), noise=latents, num_steps=steps, **options)` written for capture."""
+    scheduler = bench_scheduler(model)
+    guided = options["guidance_scale"] != 1.0
+    kwargs = _guided_conditions(model, options["conditions"], options.get("null_class"),
+                                options.get("null_conditions"), guided, len(latents))  # fmt: skip
+    set_steps(model, scheduler, steps, latents)
+    on_device = [t.to(latents.device) for t in scheduler.timesteps[:steps]]  # before capture: copies do not capture
+
+    def run() -> torch.Tensor:
+        x = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        if hasattr(scheduler, "_step_index"):
+            scheduler._step_index = None
+        for i in range(steps):
+            t = scheduler.timesteps[i]
+            x_in = torch.cat([x, x]) if guided else x
+            if hasattr(scheduler, "scale_model_input"):
+                x_in = scheduler.scale_model_input(x_in, t)
+            with cache_context(model, step_index=i, num_inference_steps=steps, timestep=t):
+                out = predict(model, x_in, on_device[i], kwargs)
+            if guided:
+                cond, uncond = out.chunk(2)
+                out = uncond + options["guidance_scale"] * (cond - uncond)
+            x = scheduler.step(out, t, x).prev_sample
+        return x
+
+    return run
+
+
+def captured(run, reset) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`run()` captured in a CUDA graph after one eager warm-up on a side stream; `reset()` starts each (a fresh
+    trajectory for the token cache). Returns the graph and the tensor its replays write the output to."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        reset()
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    reset()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
+def reset_cache(model) -> None:
+    controller = token_cache_controller(model)
+    if controller is not None:
+        controller.reset()
+
+
+def case(name: str, backbone: str, size: str, tokens: int, batch: int, steps: int, args) -> int:
+    model, latents, conditions, cfg = bench_model(backbone, size, tokens, batch)
+    model, latents, conditions = to_device(model, latents, conditions, args.device, args.dtype)
+    options = sampling_options(conditions, latents, cfg)
+    units = cacheable_units(model)
+    probe = torch.cat([latents, latents]) if cfg else latents
+    inputs = forward_kwargs(model, probe, torch.tensor(500), conditions)  # as the bench counts MACs
+    dense_macs = Schedule.uniform(units, steps, 0.0).macs(model, **inputs)["dense"]
+    rows = {"dense": (None, False)}
+    for s in SCHEDULES:
+        rows[s] = (named_schedule(s, units, steps), False)
+    for s in SCHEDULES[:2]:
+        rows[f"{s}+kv"] = (named_schedule(s, units, steps), True)
+
+    graphs, outputs, reductions, failed = {}, {}, {}, 0
+    with torch.inference_mode():
+        for row, (schedule, kv) in rows.items():
+            if schedule is not None:
+                apply_token_cache(model, schedule, cfg=cfg, reuse_kv=kv)
+                reductions[row] = dense_macs / schedule.macs(model, reuse_kv=kv, **inputs)["cached"]
+            else:
+                reductions[row] = 1.0
+            eager = sample(model, bench_scheduler(model), noise=latents, num_steps=steps, **options)
+            run = loop(model, latents, options, steps)
+            try:
+                if args.device.startswith("cuda"):
+                    graph, out = captured(run, lambda: reset_cache(model))
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    result = out.clone()
+                    graphs[row] = (graph, out)
+                else:
+                    reset_cache(model)
+                    result = run()
+                diff = (result.float() - eager.float()).abs().max().item()
+                outputs[row] = result
+                print(f"{name} {row}: graph replay vs eager sample max |diff| {diff:.3g}", flush=True)
+                failed += args.device == "cpu" and diff != 0.0
+            except Exception:  # report and go on: one GPU session must bring back what it can
+                traceback.print_exc()
+                failed += 1
+            if schedule is not None:  # a captured graph keeps the cache's memory (its private pool), not the hooks
+                remove_token_cache(model)
+    if args.device.startswith("cuda") and "dense" in graphs:
+        runs = {row: _replay(graph) for row, (graph, _) in graphs.items()}
+        timings = alternate(runs, rounds=args.rounds, device=args.device)
+        print(f"{name}: {backbone}-{size}, {tokens} tokens, batch {batch}, {steps} steps, {args.dtype}, CUDA graphs")
+        print("| row | MAC reduction | speed-up (median, min-max) | efficiency | time (ms) |")
+        print("|---|---|---|---|---|")
+        for row in graphs:
+            sp, ms = timings.speedup(row), timings.median_seconds(row) * 1e3
+            print(f"| {row} | {reductions[row]:.2f}x | {sp.median:.2f}x ({sp.low:.2f}-{sp.high:.2f}) | "
+                  f"{sp.median / reductions[row]:.2f} | {ms:.1f} |", flush=True)  # fmt: skip
+    return failed
+
+
+def _replay(graph):
+    def run(clock):
+        with clock:
+            graph.replay()
+
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--quick", action="store_true", help="tiny models, 4 steps (a check of the script on a CPU)")
+    args = parser.parse_args()
+    failed = 0
+    for name in args.cases.split(","):
+        backbone, size, tokens, batch, steps = CASES[name]
+        if args.quick:
+            size, tokens, steps = "tiny", 16, 4
+        failed += case(name, backbone, size, tokens, batch, steps, args)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
