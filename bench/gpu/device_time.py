@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.clock import synchronize
-from diffsparse.evaluate.bench import bench_model, sampling_options, to_device
+from diffsparse.evaluate.bench import make_case
 from diffsparse.schedule import Schedule
 
 CASES = {"dit": ("XL/2", 256, 2, 20), "flux": ("bench", 1024, 2, 20)}
@@ -63,9 +63,8 @@ def main() -> None:
     for name, (size, tokens, batch, steps) in CASES.items():
         if args.quick:
             size, tokens, steps = "tiny", 16, 4
-        model, latents, conditions, cfg = bench_model(name, size, tokens, batch)
-        model, latents, conditions = to_device(model, latents, conditions, args.device, args.dtype)
-        options = sampling_options(conditions, latents, cfg)
+        case = make_case(name, size, tokens, batch, device=args.device, dtype=args.dtype)
+        model, latents, options, cfg = case.model, case.latents, case.options, case.cfg
         units = cacheable_units(model)
 
         run = partial(trajectory, model, latents, options, steps)

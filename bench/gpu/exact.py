@@ -13,7 +13,7 @@ import sys
 import torch
 
 from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
-from diffsparse.evaluate.bench import bench_model, bench_scheduler, sampling_options, to_device
+from diffsparse.evaluate.bench import bench_scheduler, make_case
 from diffsparse.models.sampling import sample
 from diffsparse.schedule import Schedule
 
@@ -35,9 +35,8 @@ def main() -> int:
     failed = 0
     for name, (size, tokens) in CASES.items():
         size, tokens = ("tiny", 16) if args.quick else (size, tokens)
-        model, latents, conditions, cfg = bench_model(name, size, tokens, batch=2)
-        model, latents, conditions = to_device(model, latents, conditions, args.device, args.dtype)
-        options = sampling_options(conditions, latents, cfg)
+        case = make_case(name, size, tokens, 2, device=args.device, dtype=args.dtype)
+        model, latents, options, cfg = case.model, case.latents, case.options, case.cfg
         dense = trajectory(model, latents, options, args.steps)
         # compiled units and the eager dense model run different kernels: rounding may differ there, by a few units
         # in the last place of the dtype, relative to the output's largest value

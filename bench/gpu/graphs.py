@@ -22,7 +22,7 @@ from diffsparse.allocate.registry import named_schedule
 from diffsparse.backbones import forward_kwargs, predict, set_steps
 from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_cache
 from diffsparse.cache.hooks import token_cache_controller
-from diffsparse.evaluate.bench import bench_model, bench_scheduler, sampling_options, to_device
+from diffsparse.evaluate.bench import bench_scheduler, make_case
 from diffsparse.evaluate.timing import alternate
 from diffsparse.models.sampling import _guided_conditions, cache_context, sample
 from diffsparse.schedule import Schedule
@@ -89,9 +89,8 @@ def reset_cache(model) -> None:
 
 
 def case(name: str, backbone: str, size: str, tokens: int, batch: int, steps: int, args) -> int:
-    model, latents, conditions, cfg = bench_model(backbone, size, tokens, batch)
-    model, latents, conditions = to_device(model, latents, conditions, args.device, args.dtype)
-    options = sampling_options(conditions, latents, cfg)
+    case = make_case(backbone, size, tokens, batch, device=args.device, dtype=args.dtype)
+    model, latents, conditions, cfg, options = case.model, case.latents, case.conditions, case.cfg, case.options
     units = cacheable_units(model)
     probe = torch.cat([latents, latents]) if cfg else latents
     inputs = forward_kwargs(model, probe, torch.tensor(500), conditions)  # as the bench counts MACs

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
@@ -99,6 +100,30 @@ def to_device(model, latents: torch.Tensor, conditions: dict, device: str, dtype
         model = model.to(dtype=kind)
     move = {k: v.to(device=device, dtype=kind if v.is_floating_point() else v.dtype) for k, v in conditions.items()}
     return model, latents.to(device=device, dtype=kind), move
+
+
+@dataclass
+class BenchCase:
+    """A benchmark row's model and inputs, on their device and in their dtype (`make_case`).
+
+    Attributes:
+        cfg: each call is a batch of CFG pairs.
+        options: `models.sampling.sample`'s keywords for these conditions (`sampling_options`).
+    """
+
+    model: torch.nn.Module
+    latents: torch.Tensor
+    conditions: dict
+    cfg: bool
+    options: dict
+
+
+def make_case(model_name: str, size: str | None, tokens: int, batch: int, frames: int = 2, device: str = "cpu",
+              dtype: str = "float32") -> BenchCase:  # fmt: skip
+    """`bench_model` moved by `to_device`, with its sampling options: what the bench and its GPU scripts time."""
+    model, latents, conditions, cfg = bench_model(model_name, size, tokens, batch, frames)
+    model, latents, conditions = to_device(model, latents, conditions, device, dtype)
+    return BenchCase(model, latents, conditions, cfg, sampling_options(conditions, latents, cfg))
 
 
 def compiled_graphs() -> int:
@@ -181,8 +206,8 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     size = size or backbone_named(model_name).bench_size
-    model, latents, conditions, cfg = bench_model(model_name, size, tokens, batch, frames)
-    model, latents, conditions = to_device(model, latents, conditions, device, dtype)
+    case = make_case(model_name, size, tokens, batch, frames, device, dtype)
+    model, latents, conditions, cfg = case.model, case.latents, case.conditions, case.cfg
     # Compiled dense runs on a copy: once dynamo has compiled the whole model, its units' own compiled forwards
     # never ran compiled on that same instance (torch 2.14).
     dense_model = torch.compile(copy.deepcopy(model)) if compile else model
@@ -201,7 +226,7 @@ def run(
     pruned = {name: pruned_row(model, inputs, float(name.removeprefix("pruned-"))) for name in pruned_names}
     macs |= {name: dense_macs / reduction for name, (_, reduction) in pruned.items()}
 
-    options = sampling_options(conditions, latents, cfg)
+    options = case.options
 
     def timed(name: str):
         def run(clock: Stopwatch) -> None:
