@@ -218,3 +218,41 @@ def test_a_compiled_model_is_called_as_the_model_it_wraps(backbone):
     t = torch.tensor(500)
     with torch.inference_mode():
         assert torch.equal(predict(compiled, latents, t, conditions), predict(model, latents, t, conditions))
+
+
+VIEWS = {"view", "_unsafe_view", "expand", "t", "transpose", "unsqueeze", "squeeze", "slice", "select", "as_strided",
+         "permute", "alias", "split", "chunk", "unbind", "detach", "_reshape_alias", "reshape", "flatten",
+         "unflatten", "item"}  # fmt: skip
+
+
+class _Operators(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators that do work (about one kernel launch each on a GPU); views are free."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_partial_unit_costs_at_most_seventeen_operators_beyond_its_compute():
+    """On a GPU the cached path runs at the host's pace (docs/results/speed.md#gpu): every operator a partial unit
+    adds (choosing tokens with the toca selector and CFG pairs, gathering them, writing them back, stamping their
+    step) is a launch. 17 today; this keeps the count from creeping back up."""
+    model = build_transformer("dit", "tiny")
+    inputs = example_inputs(model, batch=2)
+    inputs["timestep"] = torch.full((2,), 500)
+    earlier = {**inputs, "timestep": torch.full((2,), 600)}
+    units = cacheable_units(model)
+    with torch.inference_mode():
+        with _Operators() as dense:
+            model(**inputs)
+        apply_token_cache(model, Schedule.uniform(units, 2, 0.5), selector="toca", cfg=True)
+        model(**earlier)  # the full step
+        with _Operators() as partial:
+            model(**inputs)
+        remove_token_cache(model)
+    extra = (partial.count - dense.count) / len(units)
+    assert extra <= 17, extra

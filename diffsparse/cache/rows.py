@@ -11,8 +11,8 @@ import torch
 
 def flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Token indices `(B, k)` as row numbers of the `(B * N, D)` view: whole-row copies beat `gather`."""
-    offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * num_tokens
-    return (idx + offsets).flatten()
+    offsets = torch.arange(0, idx.shape[0] * num_tokens, num_tokens, device=idx.device)  # one operator, not two
+    return (idx + offsets.unsqueeze(1)).flatten()
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:

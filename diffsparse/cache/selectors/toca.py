@@ -29,9 +29,10 @@ class ToCaSelector(TokenSelector):
         super().__init__(config, defaults)
 
     def base_score(self, x: torch.Tensor, state, unit) -> torch.Tensor:
-        b, n, _ = x.shape
-        score = torch.zeros(b, n, device=x.device)
+        score = None  # float32; starting from the first term instead of zeros saves two operators per call
         for signal, weight in ((INFLUENCE, self.self_attn_weight), (ENTROPY, self.cross_attn_weight)):
             if weight != 0 and (signal != ENTROPY or unit.stream == IMAGE):  # entropy: an image token's
-                score = score + weight * state.signals[(unit.block, signal)]
-        return score
+                term = weight * state.signals[(unit.block, signal)]
+                term = term if term.dtype == torch.float32 else term.float()
+                score = term if score is None else score + term
+        return score if score is not None else torch.zeros(x.shape[:2], device=x.device)
