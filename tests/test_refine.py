@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from diffsparse.allocate.baselines import forecast_fora
-from diffsparse.learn.refine import first_conditions, refine_by_moves, refine_schedule, shifted, swap_moves
+from diffsparse.learn.moves import shifted, swap_moves
+from diffsparse.learn.refine import first_conditions, refine_by_moves, refine_schedule
 from diffsparse.schedule import Schedule
 
 UNITS = ["a", "b", "c"]

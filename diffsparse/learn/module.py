@@ -78,7 +78,7 @@ class ScheduleLearner(L.LightningModule):
         checkpoint_steps: recompute each denoising step in the backward pass (the same gradients, bit for bit):
             reference model, stage 1: peak memory 3.1 GB instead of 5.1, 5.68 min instead of 3.82.
         refine_passes, refine_size, refine_batch, refine_moves: after training, passes of `refine_moves`
-            (`refine.MOVES`) over the exported schedule (0: none) judged by rollouts on at most `refine_size`
+            (`moves.MOVES`) over the exported schedule (0: none) judged by rollouts on at most `refine_size`
             training conditions, `refine_batch` a rollout (run by the export); kept if it validates better.
         budget_unit: `macs` (the budget is a fraction of the dense MACs) or `time` (of the dense time, per action
             as measured on this device, dtype and `time_batch` CFG pairs, or loaded from `time_table`, a file that

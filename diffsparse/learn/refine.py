@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffsparse.learn.losses import JUDGE_FLOORS, JUDGE_PARTS
+from diffsparse.learn.moves import MOVES, shifted, swap_moves, swapped
 from diffsparse.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ def _plain(values: np.ndarray | None):
     return None if values is None else float(values[0]) if len(values) == 1 else values.tolist()
 
 
-MOVES = ("swap", "shift")
 SHIFT_FINALISTS = 4  # shifts scored on every training condition after screening on the first batch
 
 
@@ -74,28 +74,6 @@ def check_refine_settings(passes: int, size: int, batch: int, judge: str = "l2",
         )
     if not moves or any(move not in MOVES for move in moves):
         raise ValueError(f"learn.refine_moves={list(moves)}: choose one or more of {list(MOVES)}.")
-
-
-def swap_moves(actions: np.ndarray) -> list[int]:
-    """The steps t (1 <= t < T - 1) whose actions differ from step t + 1's: swapping them changes the schedule."""
-    return [t for t in range(1, len(actions) - 1) if not np.array_equal(actions[t], actions[t + 1])]
-
-
-def swapped(actions: np.ndarray, t: int) -> np.ndarray:
-    """`actions` with the actions of steps t and t + 1 traded."""
-    out = actions.copy()
-    out[[t, t + 1]] = out[[t + 1, t]]
-    return out
-
-
-def shifted(actions: np.ndarray, t: int) -> list[tuple[tuple, np.ndarray]]:
-    """The steps t.. of `actions` (T, U) shifted by one step, as (record, candidate): later (the last step's action
-    moves to t), recorded (t, "later"), and earlier (step t's moves to the end), (t, "earlier"); a candidate equal
-    to `actions` is left out."""
-    later = np.concatenate([actions[:t], actions[-1:], actions[t:-1]])
-    earlier = np.concatenate([actions[:t], actions[t + 1 :], actions[t : t + 1]])
-    return [(record, c) for record, c in (((t, "later"), later), ((t, "earlier"), earlier))
-            if not np.array_equal(c, actions)]  # fmt: skip
 
 
 def refine_by_moves(

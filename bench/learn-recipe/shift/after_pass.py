@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffsparse.learn.refine import shifted, swapped
+from diffsparse.learn.moves import shifted, swapped
 from diffsparse.schedule import Schedule
 
 

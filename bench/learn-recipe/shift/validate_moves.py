@@ -15,8 +15,8 @@ import torch
 
 from diffsparse.learn.data import ConditionDataModule
 from diffsparse.learn.module import ScheduleLearner
+from diffsparse.learn.moves import shifted, swapped
 from diffsparse.learn.recipe import RECIPE_DATA, RECIPE_LEARN
-from diffsparse.learn.refine import shifted, swapped
 from diffsparse.models.loading import run_settings
 from diffsparse.schedule import Schedule
 
