@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import max_diff, run_loop
+from diffusers import DDIMScheduler
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffsparse.backbones import (
     backbone_for,
@@ -25,6 +27,7 @@ from diffsparse.cache import apply_token_cache, cacheable_units, remove_token_ca
 from diffsparse.cache.hooks import UNIT_HOOK, token_cache_controller
 from diffsparse.levels import ACTIONS, fresh_tokens
 from diffsparse.model_hooks import find_hook
+from diffsparse.models.sampling import sample
 from diffsparse.schedule import Schedule
 
 STEPS = [900, 800, 700, 600, 500, 400, 300, 200]
@@ -220,12 +223,14 @@ def test_a_compiled_model_is_called_as_the_model_it_wraps(backbone):
         assert torch.equal(predict(compiled, latents, t, conditions), predict(model, latents, t, conditions))
 
 
-VIEWS = {"view", "_unsafe_view", "expand", "t", "transpose", "unsqueeze", "squeeze", "slice", "select", "as_strided",
-         "permute", "alias", "split", "chunk", "unbind", "detach", "_reshape_alias", "reshape", "flatten",
-         "unflatten", "item"}  # fmt: skip
+NOT_WORK = {  # views, and reading a host number
+    *("view", "_unsafe_view", "expand", "t", "transpose", "unsqueeze", "squeeze", "slice", "select", "as_strided"),
+    *("permute", "alias", "split", "chunk", "unbind", "detach", "_reshape_alias", "reshape", "flatten", "unflatten"),
+    "item",
+}
 
 
-class _Operators(torch.utils._python_dispatch.TorchDispatchMode):
+class _Operators(TorchDispatchMode):
     """Counts the operators that do work (about one kernel launch each on a GPU); views are free."""
 
     def __init__(self):
@@ -233,7 +238,7 @@ class _Operators(torch.utils._python_dispatch.TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket.__name__ not in VIEWS
+        self.count += func.overloadpacket.__name__ not in NOT_WORK
         return func(*args, **(kwargs or {}))
 
 
@@ -256,3 +261,32 @@ def test_a_partial_unit_costs_at_most_seventeen_operators_beyond_its_compute():
         remove_token_cache(model)
     extra = (partial.count - dense.count) / len(units)
     assert extra <= 17, extra
+
+
+class _HostCopies(TorchDispatchMode):
+    """Records the copies of host tensors onto another device (what a CUDA graph cannot capture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        moved = func.overloadpacket.__name__ in ("to", "_to_copy", "copy_", "lift_fresh_copy")
+        if moved and source is not None and source.device.type == "cpu" and out.device.type != "cpu":
+            self.copies.append((func.overloadpacket.__name__, tuple(source.shape)))
+        return out
+
+
+def test_a_cached_trajectory_copies_nothing_from_the_host_to_the_device():
+    """The sampling loop with the token cache, on a device that is not the host (meta: shapes only), copies no host
+    tensor onto it: the timestep is filled in on the device, not copied at every step (a copy a CUDA graph cannot
+    capture; `bench/gpu/graphs.py` captures `sample` whole). The schedulers' host numbers enter as scalars."""
+    model = build_transformer("dit", "tiny").to("meta")
+    apply_token_cache(model, Schedule.uniform(cacheable_units(model), 4, 0.5), selector="toca", cfg=True)
+    noise = torch.randn(1, model.config.in_channels, 8, 8, device="meta")
+    with torch.inference_mode(), _HostCopies() as seen:
+        out = sample(model, DDIMScheduler(), torch.tensor([1], device="meta"), noise, 4, guidance_scale=1.5)
+    assert out.shape == noise.shape
+    assert seen.copies == []

@@ -27,6 +27,7 @@ from diffsparse.backbones.registry import (
     BackboneSpec,
     BlockList,
     UnitSpec,
+    batch_timestep,
     register_backbone,
 )
 from diffsparse.backbones.tiny_parts import sized, tiny_clip, tiny_text_encoder
@@ -146,7 +147,7 @@ def forward_kwargs(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, con
     """Packed latents, the sigma (timestep / 1000) and the position ids of image and text tokens."""
     if model.config.guidance_embeds:
         raise NotImplementedError("Guidance-distilled FLUX (dev) needs a guidance input; use FLUX.1-schnell.")
-    timestep = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+    timestep = batch_timestep(t, x)
     text = conditions["encoder_hidden_states"]
     return dict(
         hidden_states=pack(x),

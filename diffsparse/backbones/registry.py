@@ -80,10 +80,20 @@ def image_latent_shape(pipe, height=None, width=None, frames=None) -> tuple[int,
     return (pipe.transformer.config.in_channels, (height or width) // scale, (width or height) // scale)
 
 
+def batch_timestep(t, x: torch.Tensor) -> torch.Tensor:
+    """Timestep `t` (a number, or a tensor of one or of x's batch) for every sample of `x`, on x's device. One value
+    on the host is filled in there, not copied: a host-to-device copy at every step is a transfer a CUDA graph cannot
+    capture."""
+    if isinstance(t, torch.Tensor) and (t.device == x.device or t.numel() != 1):
+        return t.to(x.device).expand(x.shape[0])
+    value = t.item() if isinstance(t, torch.Tensor) else t
+    dtype = t.dtype if isinstance(t, torch.Tensor) else torch.as_tensor(t).dtype
+    return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
+
+
 def plain_forward_kwargs(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: dict) -> dict:
     """Latents `x` as they are, the train timestep for every sample, and the conditions."""
-    timestep = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-    return dict(hidden_states=x, timestep=timestep, **conditions)
+    return dict(hidden_states=x, timestep=batch_timestep(t, x), **conditions)
 
 
 def leading_channels(model: torch.nn.Module, sample: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
