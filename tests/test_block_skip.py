@@ -1,5 +1,6 @@
 """A block whose units all reuse every token at a step is not run: its output is put together from theirs
-(`BlockList.reused`), bit for bit the block's own."""
+(`BlockList.reused`), bit for bit the block's own. At a step where its MLP recomputes some tokens, the MLP's norm
+and modulation run on those tokens only (`BlockList.fresh_mlp`), again bit for bit."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from conftest import run_loop
 from diffusers.models.attention import BasicTransformerBlock
 
 from diffsparse import Schedule, apply_token_cache, cacheable_units, remove_token_cache
-from diffsparse.backbones.basic_block import reused_basic_block
+from diffsparse.backbones.basic_block import fresh_mlp_basic_block, reused_basic_block
 from diffsparse.cache import TokenCacheConfig
 
 
@@ -59,6 +60,39 @@ def test_a_reused_block_runs_none_of_its_layers(model, inputs):
     assert calls == {0: 5, 1: 5}
 
 
+def _rows_normed_for_the_mlp(model, inputs, schedule, selector) -> list[int]:
+    """How many tokens the MLP's norm of block 0 saw at each step (PixArt's is `norm2`, DiT's `norm3`)."""
+    block = model.transformer_blocks[0]
+    norm = block.norm2 if block.norm_type == "ada_norm_single" else block.norm3
+    seen = []
+    handle = norm.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[1]))
+    apply_token_cache(model, schedule, selector=selector)
+    try:
+        run_loop(model, inputs)
+    finally:
+        remove_token_cache(model)
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("selector", ["toca", "random", "norm", "similarity"])
+def test_a_partial_mlp_norms_only_its_fresh_tokens_when_the_selector_reads_no_values(model, inputs, selector):
+    units = cacheable_units(model)
+    grid = np.zeros((5, len(units)))
+    grid[1:, units.index("transformer_blocks.0.ff")] = 0.5  # block 0's MLP recomputes half its tokens after step 0
+    schedule = Schedule(grid, units, {})
+    n = model.pos_embed(inputs["hidden_states"]).shape[1]
+    seen = _rows_normed_for_the_mlp(model, inputs, schedule, selector)
+    reads_values = selector in ("norm", "similarity")  # they score the MLP's own input: it is normed in full
+    assert seen == [n] * 5 if reads_values else seen == [n] + [n // 2] * 4
+    apply_token_cache(model, schedule, selector=selector, skip_blocks=False)  # the runner off: the stock block
+    stock = run_loop(model, inputs)
+    remove_token_cache(model)
+    apply_token_cache(model, schedule, selector=selector)
+    assert all(torch.equal(a, b) for a, b in zip(stock, run_loop(model, inputs), strict=True))
+    remove_token_cache(model)
+
+
 def test_blocks_it_does_not_cover_run_as_usual():
     torch.manual_seed(0)
     plain = BasicTransformerBlock(32, 2, 16, norm_type="layer_norm").eval()
@@ -71,6 +105,10 @@ def test_blocks_it_does_not_cover_run_as_usual():
     assert reused_basic_block(zero, x, {"attn1": outputs["attn1"]}, inputs) is None  # the MLP is not a unit
     gligen = {**inputs, "cross_attention_kwargs": {"gligen": {}}}
     assert reused_basic_block(zero, x, outputs, gligen) is None
+    for block, args in ((plain, {}), (zero, gligen)):
+        assert fresh_mlp_basic_block(block, x, args, mlp=None) is None
+    zero.set_chunk_feed_forward(2)  # chunked feed-forward: the block's own loop
+    assert fresh_mlp_basic_block(zero, x, inputs, mlp=None) is None
 
 
 def test_skip_blocks_must_be_a_bool():

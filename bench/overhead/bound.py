@@ -33,8 +33,24 @@ from diffsparse.evaluate.timing import alternate
 METHODS = ("toca", "duca", "uniform", "fora", "forecast_fora")
 
 
+def _add_time(owner, name: str, clock) -> None:
+    """Wrap `owner.name` so that each call adds its wall-clock seconds to `clock.seconds`."""
+    fn = getattr(owner, name)
+
+    def timed_fn(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock.seconds += time.perf_counter() - start
+
+    setattr(owner, name, timed_fn)
+
+
 class UnitClock:
-    """Wall-clock seconds spent inside the unit modules' forwards (hooks on each), summed."""
+    """Wall-clock seconds spent in the units, summed: their modules' forwards (hooks on each), and the MLP's
+    partial compute where the block's runner calls it directly (`TokenCacheUnitHook.fresh_rows`, its norm and
+    modulation of the fresh rows included)."""
 
     def __init__(self, modules):
         self.seconds = 0.0
@@ -42,6 +58,7 @@ class UnitClock:
         for m in modules:
             m.register_forward_pre_hook(self._pre)
             m.register_forward_hook(self._post)
+        _add_time(unit_hooks.TokenCacheUnitHook, "fresh_rows", self)
 
     def _pre(self, module, args):
         self._start[module] = time.perf_counter()
@@ -56,21 +73,9 @@ class BookkeepingClock:
 
     def __init__(self):
         self.seconds = 0.0
-        self._wrap(TokenSelector, "select")
+        _add_time(TokenSelector, "select", self)
         for name in ("flat_rows", "take_rows", "put_rows"):
-            self._wrap(unit_hooks, name)
-
-    def _wrap(self, owner, name):
-        fn = getattr(owner, name)
-
-        def timed_fn(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        setattr(owner, name, timed_fn)
+            _add_time(unit_hooks, name, self)
 
 
 def reductions(schedule) -> tuple[float, float]:

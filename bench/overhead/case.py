@@ -19,10 +19,11 @@ fitted = baselines.budget_schedules(ref.mac_table(), _timesteps.timesteps.tolist
 classes, noise = torch.arange(SAMPLES) % 10, initial_noise(SAMPLES, ref.sample_shape, 0)
 
 
-def run(schedule=None) -> torch.Tensor:
-    """One trajectory of the 20 samples: dense, or with `schedule` (selector toca) applied for its length."""
+def run(schedule=None, **options) -> torch.Tensor:
+    """One trajectory of the 20 samples: dense, or with `schedule` (selector toca; `options`: other
+    `apply_token_cache` keywords) applied for its length."""
     if schedule is not None:
-        apply_token_cache(model, schedule, selector="toca")
+        apply_token_cache(model, schedule, selector="toca", **options)
     try:
         with torch.no_grad():
             return sample(model, ref.scheduler("ddim"), classes, noise, STEPS, GUIDANCE)

@@ -1,10 +1,17 @@
-"""diffusers' `BasicTransformerBlock` (DiT, PixArt-alpha) at a step where every one of its units reuses all tokens.
+"""diffusers' `BasicTransformerBlock` (DiT, PixArt-alpha) at steps where the token cache need not run all of it.
 
-Its output is then the input plus each unit's reused output under the block's current gate: nothing else of the
-block depends on those outputs, so its norms and modulations (which run on every token, and on a small model cost
-as much as the reused units themselves) need not run. `reused_basic_block` puts that output together with the same
-operations in the same order as the block's own forward (diffusers' `attention.py`), so it is the block's output
-bit for bit; for a configuration it does not cover it returns None and the block runs as usual.
+- `reused_basic_block`: every one of its units reuses all tokens. Its output is then the input plus each unit's
+  reused output under the block's current gate: nothing else of the block depends on those outputs, so its norms
+  and modulations (which run on every token, and on a small model cost as much as the reused units themselves)
+  need not run.
+- `fresh_mlp_basic_block`: its MLP recomputes some tokens. The block runs as usual up to the MLP, whose norm and
+  modulation then run on the MLP's fresh tokens only (the MLP's input is needed nowhere else); the MLP unit chooses
+  those tokens from the residual stream instead of from its normed input, which changes nothing for a selector
+  that does not read token values (`TokenSelector.reads_tokens`).
+
+Both put the output together with the same operations in the same order as the block's own forward (diffusers'
+`attention.py`), so it is the block's output bit for bit; for a configuration they do not cover they return None
+and the block runs as usual.
 """
 
 from __future__ import annotations
@@ -12,6 +19,17 @@ from __future__ import annotations
 import torch
 
 _COVERED = ("ada_norm_zero", "ada_norm_single")  # DiT's adaLN-Zero and PixArt's adaLN-single
+
+
+def _covered(block, inputs: dict) -> bool:
+    """Whether these functions cover the block with these forward arguments: adaLN-Zero or adaLN-single, no
+    positional embedding inside the block, no GLIGEN."""
+    extra = inputs.get("cross_attention_kwargs") or {}
+    return (
+        getattr(block, "norm_type", None) in _COVERED
+        and getattr(block, "pos_embed", None) is None
+        and "gligen" not in extra
+    )
 
 
 def _gates(block, hidden_states: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -41,12 +59,9 @@ def reused_basic_block(block, hidden_states: torch.Tensor, outputs: dict, inputs
         The output, or None where the block does something else too (another norm type, a positional embedding,
         GLIGEN, a sub-layer that is not a unit).
     """
-    extra = inputs.get("cross_attention_kwargs") or {}
     has_cross = getattr(block, "attn2", None) is not None
     if (
-        getattr(block, "norm_type", None) not in _COVERED
-        or getattr(block, "pos_embed", None) is not None
-        or "gligen" in extra
+        not _covered(block, inputs)
         or (has_cross and "attn2" not in outputs)
         or "attn1" not in outputs
         or "ff" not in outputs
@@ -62,6 +77,62 @@ def reused_basic_block(block, hidden_states: torch.Tensor, outputs: dict, inputs
     if has_cross:
         hidden_states = outputs["attn2"] + hidden_states
     hidden_states = gate_mlp * outputs["ff"] + hidden_states
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.squeeze(1)
+    return hidden_states
+
+
+def fresh_mlp_basic_block(block, hidden_states: torch.Tensor, inputs: dict, mlp) -> torch.Tensor | None:
+    """The block's output at a step where its MLP recomputes some of its tokens.
+
+    Args:
+        block: a diffusers `BasicTransformerBlock`.
+        hidden_states: its input (B, N, D).
+        inputs: the block's other forward arguments by name (as the block hook binds them).
+        mlp: `mlp(stream, prepare)`, the MLP unit's output (B, N, D) at this step: it chooses its fresh tokens of
+            `stream` (the residual stream before the MLP) and computes them from `prepare(their rows)`.
+
+    Returns:
+        The output, or None where the block is not covered (as `reused_basic_block`, or chunked feed-forward).
+    """
+    if not _covered(block, inputs) or block._chunk_size is not None or block.only_cross_attention:
+        return None
+    cross_kwargs = dict(inputs.get("cross_attention_kwargs") or {})
+    timestep = inputs.get("timestep")
+    if block.norm_type == "ada_norm_zero":
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(
+            hidden_states, timestep, inputs.get("class_labels"), hidden_dtype=hidden_states.dtype
+        )
+    else:
+        chunks = (block.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks
+        norm_hidden_states = block.norm1(hidden_states) * (1 + scale_msa) + shift_msa
+    attn_output = block.attn1(
+        norm_hidden_states, encoder_hidden_states=None, attention_mask=inputs.get("attention_mask"), **cross_kwargs
+    )
+    if block.norm_type == "ada_norm_zero":
+        attn_output = gate_msa.unsqueeze(1) * attn_output
+    else:
+        attn_output = gate_msa * attn_output
+    hidden_states = attn_output + hidden_states
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.squeeze(1)
+    if block.attn2 is not None:
+        norm_hidden_states = hidden_states if block.norm_type == "ada_norm_single" else block.norm2(hidden_states)
+        attn_output = block.attn2(
+            norm_hidden_states,
+            encoder_hidden_states=inputs.get("encoder_hidden_states"),
+            attention_mask=inputs.get("encoder_attention_mask"),
+            **cross_kwargs,
+        )
+        hidden_states = attn_output + hidden_states
+    if block.norm_type == "ada_norm_zero":
+        ff_output = gate_mlp.unsqueeze(1) * mlp(
+            hidden_states, lambda rows: block.norm3(rows) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        )
+    else:
+        ff_output = gate_mlp * mlp(hidden_states, lambda rows: block.norm2(rows) * (1 + scale_mlp) + shift_mlp)
+    hidden_states = ff_output + hidden_states
     if hidden_states.ndim == 4:
         hidden_states = hidden_states.squeeze(1)
     return hidden_states

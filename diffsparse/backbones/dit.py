@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-from diffsparse.backbones.basic_block import reused_basic_block
+from diffsparse.backbones.basic_block import fresh_mlp_basic_block, reused_basic_block
 from diffsparse.backbones.registry import (
     MLP,
     SELF_ATTN,
@@ -71,7 +71,12 @@ DIT = register_backbone(
         name="dit",
         model_classes=("DiTTransformer2DModel",),
         block_lists=(
-            BlockList("transformer_blocks", (UnitSpec("attn1", SELF_ATTN), UnitSpec("ff", MLP)), reused_basic_block),
+            BlockList(
+                "transformer_blocks",
+                (UnitSpec("attn1", SELF_ATTN), UnitSpec("ff", MLP)),
+                reused_basic_block,
+                fresh_mlp_basic_block,
+            ),
         ),
         token_grid=patch_grid,
         build=build_dit,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 
-from diffsparse.backbones.basic_block import reused_basic_block
+from diffsparse.backbones.basic_block import fresh_mlp_basic_block, reused_basic_block
 from diffsparse.backbones.registry import (
     CROSS_ATTN,
     MLP,
@@ -114,6 +114,7 @@ PIXART = register_backbone(
                 "transformer_blocks",
                 (UnitSpec("attn1", SELF_ATTN), UnitSpec("attn2", CROSS_ATTN), UnitSpec("ff", MLP)),
                 reused_basic_block,
+                fresh_mlp_basic_block,
             ),
         ),
         token_grid=patch_grid,

@@ -55,11 +55,15 @@ class BlockList:
     `reused(block, hidden_states, outputs, inputs)`, where given: the block's output at a step where each of its
     units reuses all its tokens, from their outputs (by child name) and the block's forward arguments (by name),
     or None where it does not cover the block; the token cache then skips the rest of the block's work.
+    `fresh_mlp(block, hidden_states, inputs, mlp)`, where given: the block's output at a step where its MLP unit
+    (child `ff`) recomputes some tokens, with the MLP's norm and modulation run on those tokens only (`mlp`: that
+    unit's partial compute, `TokenCacheUnitHook.fresh_rows`), or None where it does not cover the block.
     """
 
     attr: str
     units: tuple[UnitSpec, ...]
     reused: Callable[..., torch.Tensor | None] | None = None
+    fresh_mlp: Callable[..., torch.Tensor | None] | None = None
 
 
 def patch_grid(model: torch.nn.Module, inputs: dict) -> tuple[int, ...]:

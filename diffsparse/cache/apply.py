@@ -116,18 +116,23 @@ def apply_token_cache(model: torch.nn.Module, config: TokenCacheConfig | Schedul
             check_plain(u.module, u.name)
     signature = inspect.signature(type(model).forward)
     compile_options = config.compile_options()
+    unit_hooks = {}
     for group in by_module.values():
         module = group[0].module
         hook = TokenCacheUnitHook(controller, group, inspect.signature(module.forward))
         add_hook(module, hook, UNIT_HOOK)
+        unit_hooks[group[0].index] = hook
         if compile_options is not None:
             hook.compute = torch.compile(hook.fn_ref.original_forward, **compile_options)
     if config.skip_blocks:
         for index, _, block, blocks in find_blocks(model):
-            if blocks.reused is not None:
-                named = {u.name.rsplit(".", 1)[-1]: u for u in units if u.block == index}
-                hook = TokenCacheBlockHook(controller, index, named, blocks.reused, inspect.signature(block.forward))
-                add_hook(block, hook, BLOCK_HOOK)
+            if blocks.reused is None and blocks.fresh_mlp is None:
+                continue
+            named = {u.name.rsplit(".", 1)[-1]: u for u in units if u.block == index}
+            # The MLP's fresh tokens are chosen on the residual stream: only for selectors that read no values.
+            mlp = unit_hooks[named["ff"].index] if "ff" in named and not controller.selector.reads_tokens else None
+            hook = TokenCacheBlockHook(controller, index, named, blocks, inspect.signature(block.forward), mlp)
+            add_hook(block, hook, BLOCK_HOOK)
     add_hook(model, TrajectoryHook(controller, signature), TRAJECTORY_HOOK)
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
     if not hasattr(model, _PIPELINE_RESET):

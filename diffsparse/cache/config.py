@@ -26,9 +26,11 @@ class TokenCacheConfig:
             (what it was learned with), else 1.
         forecast_dtype: dtype of the forecast's factors: `"float32"` (default), `"model"` (the model's dtype: half
             the memory in bf16), or a torch dtype.
-        skip_blocks: at a step where every unit of a block reuses all its tokens, put the block's output together
-            from theirs and skip the rest of its work (its norms and modulations) where the backbone row says how
-            (`BlockList.reused`: DiT and PixArt). The output is the same bit for bit; False runs every block.
+        skip_blocks: run less of a block where the backbone row says how (`BlockList`: DiT and PixArt): at a step
+            where every unit of the block reuses all its tokens, put its output together from theirs and skip the
+            rest of its work (its norms and modulations); at a step where its MLP recomputes some tokens, norm and
+            modulate the MLP's input on those tokens only (with a selector that reads no token values: `toca`,
+            `random`). The output is the same bit for bit; False runs every block as diffusers writes it.
         reuse_kv: on partial steps of self-attention units (DiT, PixArt), take the reused tokens' keys and values from
             when they were last computed instead of projecting them again (`diffsparse.cache.kv`): less work, at
             some fidelity cost. False (default): project every token's key and value.

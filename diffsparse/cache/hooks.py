@@ -104,27 +104,37 @@ def stale_output(ctl: TokenCacheController, u: UnitInfo, x: torch.Tensor, key: i
 
 
 class TokenCacheBlockHook(ModelHook):
-    """On a block whose backbone row can put its output together from its units' (`BlockList.reused`): at a step
-    where each of its units reuses all its tokens, that output, without running the block. Elsewhere, and in
+    """On a block whose backbone row says how to run less of it (`BlockList`): at a step where each of its units
+    reuses all its tokens, its output put together from theirs (`reused`), without running the block; at a step
+    where its MLP unit recomputes some tokens, the block with the MLP's norm and modulation on those tokens only
+    (`fresh_mlp`, given `mlp`: the MLP unit's hook, whose selector reads no token values). Elsewhere, and in
     training mode, the block runs as usual (its units' hooks do the rest)."""
 
-    def __init__(self, controller: TokenCacheController, block: int, units: dict, reused, signature):
+    def __init__(self, controller: TokenCacheController, block: int, units: dict, blocks, signature, mlp=None):
         super().__init__()
         self.controller = controller
         self.block = block
         self.units = units  # the unit's name in the block (`attn1`, `ff`) -> its UnitInfo
-        self.reused = reused
+        self.reused = blocks.reused
+        self.fresh_mlp = blocks.fresh_mlp if mlp is not None else None
+        self.mlp = mlp
         self.signature = signature
 
     def new_forward(self, module, *args, **kwargs):
         ctl = self.controller
         state = ctl.current
         original = self.fn_ref.original_forward
-        if state is None or ctl.paused or ctl.choice is not None or not ctl.block_reused(state.step, self.block):
+        if state is None or ctl.paused or ctl.choice is not None:
             return original(*args, **kwargs)
-        inputs = self.signature.bind(*args, **kwargs).arguments
-        x = inputs["hidden_states"]
-        out = self.reused(module, x, {name: stale_output(ctl, u, x) for name, u in self.units.items()}, inputs)
+        if self.reused is not None and ctl.block_reused(state.step, self.block):
+            inputs = self.signature.bind(*args, **kwargs).arguments
+            x = inputs["hidden_states"]
+            out = self.reused(module, x, {name: stale_output(ctl, u, x) for name, u in self.units.items()}, inputs)
+        elif self.fresh_mlp is not None and 0.0 < ctl.sparsity(state.step, self.mlp.unit.index) < 1.0:
+            inputs = self.signature.bind(*args, **kwargs).arguments
+            out = self.fresh_mlp(module, inputs["hidden_states"], inputs, self.mlp.fresh_rows)
+        else:
+            return original(*args, **kwargs)
         return original(*args, **kwargs) if out is None else out
 
 
@@ -197,6 +207,15 @@ class TokenCacheUnitHook(ModelHook):
         if ctl.forecasting(state.step, u.index):  # fresh tokens were computed at this step: their forecast is exact
             return forecast(state, u.index, state.step, ctl.forecast_order)
         return cache
+
+    def fresh_rows(self, stream: torch.Tensor, prepare) -> torch.Tensor:
+        """This MLP unit's output (B, N, D) at a partial step, for its block's runner (`BlockList.fresh_mlp`): the
+        fresh tokens chosen on `stream` (B, N, D), the block's residual stream (the selector reads no token
+        values), and computed from `prepare(their rows)`, the MLP's input on those rows only."""
+        u, ctl = self.unit, self.controller
+        chosen = self._choose(u, stream, ctl.sparsity(ctl.current.step, u.index))
+        fresh = prepare(take_rows(stream, chosen[1], chosen[0].shape[1]))
+        return self._store(u, stream, (self.compute or self.fn_ref.original_forward)(fresh), chosen)
 
     # --- runners --------------------------------------------------------------------------------------------------
     def _one(self, module, hidden_states, *args, **kwargs):

@@ -56,6 +56,9 @@ class TokenSelector:
             (`state.inputs`).
         side_effects: scoring advances the selector's state (a random stream), so it must be called exactly
             where inference calls it.
+        reads_tokens: the score reads the values of the unit's input tokens (True unless a selector says not);
+            one that does not may be given another tensor of the same shape (a block's residual stream instead
+            of the MLP's normed input: `BlockList.fresh_mlp`).
         signals: the attention signals (`INFLUENCE`, `ENTROPY`) with a non-zero weight.
     """
 
@@ -63,6 +66,7 @@ class TokenSelector:
     reads_attention: ClassVar[bool] = False
     needs_inputs: ClassVar[bool] = False
     side_effects: ClassVar[bool] = False
+    reads_tokens: ClassVar[bool] = True
 
     def __init__(self, config: SelectorConfig, defaults: dict):
         def pick(key, fallback):

@@ -11,6 +11,7 @@ from diffsparse.cache.selectors.base import SelectorConfig, TokenSelector, regis
 class RandomSelector(TokenSelector):
     name = "random"
     side_effects = True  # every score draws from the stream
+    reads_tokens = False  # only the input's shape
 
     def __init__(self, config: SelectorConfig, defaults: dict):
         super().__init__(config, defaults)

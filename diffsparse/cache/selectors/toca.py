@@ -18,6 +18,7 @@ from diffsparse.cache.selectors.base import ENTROPY, INFLUENCE, SelectorConfig, 
 class ToCaSelector(TokenSelector):
     name = "toca"
     reads_attention = True
+    reads_tokens = False  # attention signals, the reuse count and the spatial bonus: no token values
 
     def __init__(self, config: SelectorConfig, defaults: dict):
         weights = (config.self_attn_weight, config.cross_attn_weight)
