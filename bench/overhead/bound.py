@@ -2,13 +2,16 @@
 the units runs on every token (issue 17's 0.9 target).
 
     python bench/overhead/bound.py            # reference model, budget 0.5, 20 samples, 50 DDIM steps, 2 threads
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184 python bench/overhead/bound.py
+                                              # freed memory kept: dense and cached on equal terms (`machine_state`)
 
 A trajectory's time splits into its units' (the cached modules' forwards, the hooks' choosing and copying
 included; timed by forward hooks on those modules) and the rest: adaLN-Zero's timestep and class embedding and
 its modulation, the LayerNorms, the gated residual adds, patch embedding and output layers, the sampler. The rest
-has almost no MACs (`MacTable.other` plus the units' share of nothing), so MAC accounting cannot see it, but on a
-model of width 128 and 64 tokens it is a seventh of a dense step. A partial-token step still runs all of it: the
-keys and values of every token need every token normed and modulated.
+has almost no MACs (`MacTable.other`), so MAC accounting cannot see it, but on a
+model of width 128 and 64 tokens it is a seventh of a dense step. A partial-token step still runs most of it: the
+keys and values of every token need every token normed and modulated (only the MLP's norm and modulation run on
+its fresh tokens: `BlockList.fresh_mlp`).
 
 For each method, dense and the method alternate (`evaluate.timing.alternate`); the table gives the medians and
 the *bound*: the efficiency the method would reach if its units' time fell exactly by their own MAC reduction
@@ -18,12 +21,15 @@ while the rest took what it took in the measured run, `T_dense / (r * (U_dense /
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from case import fitted, model, ref, run
+from torch.utils.benchmark import Timer
 
 import diffsparse.cache.hooks as unit_hooks
 from diffsparse.cache import cacheable_units
@@ -78,6 +84,26 @@ class BookkeepingClock:
             _add_time(unit_hooks, name, self)
 
 
+def machine_state() -> float:
+    """How much more a row costs in a dense-sized MLP than in a partial-sized one, on a block's MLP weights (2560
+    rows, a dense step's, against 1000, a partial step's at 0.6), in this process. About 1.0 when large buffers
+    are reused; 1.6 and more seen when glibc's malloc maps and unmaps them at every call (page faults on each
+    new buffer; per process, so it changes from run to run). That slows dense more than the partial steps and
+    flatters every cached row: run with `MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184`
+    to keep freed memory and read the rows on equal terms. A symptom to check, not a guarantee: a run was seen
+    with dense a third slower than usual while this read 1.03 and 1.07 (docs/results/speed.md#bound)."""
+    mlp = model.transformer_blocks[0].ff.net
+    (up, down), cost = (mlp[0].proj, mlp[2]), {}
+    weights = {"w1": up.weight.detach(), "b1": up.bias.detach(), "w2": down.weight.detach(), "b2": down.bias.detach()}
+    for rows in (2560, 1000):
+        x = torch.randn(rows, up.in_features)
+        stmt = "F.linear(F.gelu(F.linear(x, w1, b1), approximate='tanh'), w2, b2)"
+        timer = Timer(stmt, globals={"F": F, "x": x, **weights}, num_threads=torch.get_num_threads())
+        timer.timeit(20)  # warm-up: the process's first calls at this size
+        cost[rows] = timer.blocked_autorange(min_run_time=1).median / rows
+    return cost[2560] / cost[1000]
+
+
 def reductions(schedule) -> tuple[float, float]:
     """(whole-model MAC reduction, the units' own MAC reduction) of `schedule` on the case's batch."""
     table = ref.mac_table()
@@ -111,7 +137,9 @@ def main() -> None:
         return go
 
     runs = {"dense": timed_run("dense", None)} | {m: timed_run(m, fitted[m]) for m in args.methods}
+    state_before = machine_state()
     timings = alternate(runs, rounds=args.rounds)
+    state_after = machine_state()
     for name in unit_seconds:  # drop the warm-up round's
         unit_seconds[name], book_seconds[name] = unit_seconds[name][1:], book_seconds[name][1:]
 
@@ -119,7 +147,9 @@ def main() -> None:
     u_dense = statistics.median(unit_seconds["dense"])
     lines = [
         f"`python bench/overhead/bound.py --rounds {args.rounds}` (reference model, budget 0.5, 20 samples, "
-        f"50 DDIM steps, {torch.get_num_threads()} threads; medians of {args.rounds} alternated rounds)",
+        f"50 DDIM steps, {torch.get_num_threads()} threads; medians of {args.rounds} alternated rounds; "
+        f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, "
+        f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')})",
         "",
         "| method | MAC reduction | units' MAC reduction | speed-up (min-max) | efficiency | units ms "
         "| of which choosing and moving tokens | rest ms | units' speed-up | bound |",
@@ -140,6 +170,12 @@ def main() -> None:
             f"| {m} | {r:.2f}x | {r_units:.2f}x | {s.median:.2f}x ({s.low:.2f}-{s.high:.2f}) | {s.median / r:.2f} "
             f"| {u * 1e3:.1f} | {books_m * 1e3:.1f} | {(t - u) * 1e3:.1f} | {u_dense / u:.2f}x | {bound:.2f} |"
         )
+    lines += [
+        "",
+        f"Allocator state (cost per row of a block's MLP at 2560 rows over 1000, this process; about 1.0 when "
+        "large buffers are reused): "
+        f"{state_before:.2f} before, {state_after:.2f} after.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.write_text(text)
