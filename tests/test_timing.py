@@ -3,7 +3,8 @@
 import pytest
 
 from diffsparse import clock as clock_module
-from diffsparse.evaluate.timing import Speedup, Stopwatch, alternate, speedup, timed
+from diffsparse.evaluate import timing
+from diffsparse.evaluate.timing import Speedup, Stopwatch, allocator_note, alternate, speedup, timed
 
 
 def test_runs_alternate_after_one_warm_up_round_and_keep_the_last_outputs():
@@ -52,3 +53,18 @@ def test_the_cpu_needs_no_synchronising():
     with Stopwatch("cpu") as watch:
         pass
     assert watch.seconds >= 0.0
+
+
+def test_cpu_speed_ups_say_how_host_memory_was_allocated(monkeypatch):
+    for key in (*timing.ALLOCATOR_SETTINGS, "LD_PRELOAD"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(timing.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    assert allocator_note() == "glibc malloc as it comes (dense time can vary between processes)"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "17179869184")
+    assert allocator_note("cpu") == "glibc malloc with MALLOC_TRIM_THRESHOLD_=17179869184"
+    assert allocator_note("cuda") == ""  # host memory is not what a GPU row waits on
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert allocator_note() == "host allocator jemalloc (LD_PRELOAD)"
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setattr(timing.platform, "libc_ver", lambda: ("", ""))  # musl, macOS, Windows: nothing to say
+    assert allocator_note() == ""

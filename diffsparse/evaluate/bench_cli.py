@@ -24,6 +24,7 @@ from diffsparse.evaluate.sweep import (
     run_sweep,
     sweep_table,
 )
+from diffsparse.evaluate.timing import allocator_note
 from diffsparse.files import atomic_path
 
 
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"selector {rows[1]['selector'] if len(rows) > 1 else '-'}, {rows[0]['threads']} threads, "
         f"{args.device}, {args.dtype}{', compiled' if args.compile else ''}, {args.rounds} rounds  [{cmd.strip()}]"
     )
+    if allocator_note(args.device):
+        print(allocator_note(args.device))
     print(format_table(rows))
     if args.json:
         with atomic_path(args.json) as tmp:

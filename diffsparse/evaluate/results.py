@@ -14,6 +14,7 @@ from torchvision.utils import make_grid
 
 from diffsparse.evaluate.builders import skipped_notes
 from diffsparse.evaluate.metrics import Estimate
+from diffsparse.evaluate.timing import allocator_note
 from diffsparse.files import atomic_path
 from diffsparse.grids import labelled_grid
 
@@ -95,6 +96,11 @@ def _write_atomic(path: Path, write) -> None:
         write(f)
 
 
+def _allocator() -> str:
+    note = allocator_note()  # the evaluation times on the CPU
+    return f", {note}" if note else ""
+
+
 def markdown_table(rows: list[dict], cfg, command: str, conditions: str = "") -> str:
     """The results as a markdown table; intervals are 95 % bootstrap intervals over the samples."""
     metrics = [c for c in COLUMNS if any(c in r for r in rows)]
@@ -120,7 +126,7 @@ def markdown_table(rows: list[dict], cfg, command: str, conditions: str = "") ->
         f"guidance {cfg.guidance}, budget {cfg.budget:.0%} of dense {BUDGET_UNITS[cfg.budget_unit]}, "
         f"selector {cfg.selector}, seed {cfg.seed}; "
         f"speed-up: median of {cfg.rounds} dense/method alternations on {min(cfg.timing_samples, cfg.samples)} "
-        f"samples, {torch.get_num_threads()} threads. Brackets: 95 % bootstrap intervals over samples"
+        f"samples, {torch.get_num_threads()} threads{_allocator()}. Brackets: 95 % bootstrap intervals over samples"
         + (f"; {DELTA_NOTE.format(cfg.compare_to)}" if compared else ".")
         + (" Weights MB: parameters kept in memory (routed: the model plus the plan's stored pruned weights; "
            "stitched: one pruned copy per stage). Prep. min: calibration + pruning (+ search) time of the plan."

@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -95,6 +97,28 @@ def alternate(
             if progress is not None:
                 progress()
     return Timings(seconds, outputs)
+
+
+ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def allocator_note(device: torch.device | str | None = None) -> str:
+    """How host memory was allocated in this process, for a table of CPU speed-ups: with glibc's malloc as it
+    comes, a process may map and unmap its large buffers at every call, which slows dense more than the cached
+    rows and flatters them (docs/results/speed.md#bound). '' on an accelerator, or where glibc is not the C
+    library."""
+    if device is not None and torch.device(device).type != "cpu":
+        return ""
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if name in preload:
+            return f"host allocator {name} (LD_PRELOAD)"
+    if platform.libc_ver()[0] != "glibc":
+        return ""
+    set_ = [f"{k}={os.environ[k]}" for k in ALLOCATOR_SETTINGS if k in os.environ]
+    if set_:
+        return "glibc malloc with " + ", ".join(set_)
+    return "glibc malloc as it comes (dense time can vary between processes)"
 
 
 def speedup(
