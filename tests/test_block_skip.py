@@ -93,6 +93,32 @@ def test_a_partial_mlp_norms_only_its_fresh_tokens_when_the_selector_reads_no_va
     remove_token_cache(model)
 
 
+@pytest.mark.parametrize("norm_type", ["ada_norm_zero", "ada_norm_single"])
+def test_the_fresh_mlp_block_is_the_stock_block_when_the_mlp_takes_every_row(norm_type):
+    """With an MLP that prepares and computes every row, the runner must give the block's own output bit for bit:
+    with cross-attention, class labels or an adaLN-single timestep, and a key mask that hides some text tokens."""
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(
+        32,
+        2,
+        16,
+        cross_attention_dim=24,
+        norm_type=norm_type,
+        num_embeds_ada_norm=10 if norm_type == "ada_norm_zero" else None,
+    ).eval()
+    x, text = torch.randn(2, 6, 32), torch.randn(2, 5, 24)
+    mask = torch.tensor([[0.0, 0, 0, -1e4, -1e4], [0, 0, 0, 0, -1e4]])[:, None]  # additive, as diffusers passes it
+    inputs = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
+    if norm_type == "ada_norm_zero":
+        inputs |= {"timestep": torch.tensor([5, 5]), "class_labels": torch.tensor([1, 2])}
+    else:
+        inputs |= {"timestep": torch.randn(2, 6 * 32)}
+    with torch.no_grad():
+        stock = block(x, **inputs)
+        fresh = fresh_mlp_basic_block(block, x, inputs, mlp=lambda stream, prepare: block.ff(prepare(stream)))
+    assert torch.equal(fresh, stock)
+
+
 def test_blocks_it_does_not_cover_run_as_usual():
     torch.manual_seed(0)
     plain = BasicTransformerBlock(32, 2, 16, norm_type="layer_norm").eval()
@@ -109,6 +135,9 @@ def test_blocks_it_does_not_cover_run_as_usual():
         assert fresh_mlp_basic_block(block, x, args, mlp=None) is None
     zero.set_chunk_feed_forward(2)  # chunked feed-forward: the block's own loop
     assert fresh_mlp_basic_block(zero, x, inputs, mlp=None) is None
+    cross_only = BasicTransformerBlock(32, 2, 16, cross_attention_dim=32, only_cross_attention=True,
+                                       norm_type="ada_norm_zero", num_embeds_ada_norm=10).eval()  # fmt: skip
+    assert fresh_mlp_basic_block(cross_only, x, inputs, mlp=None) is None
 
 
 def test_skip_blocks_must_be_a_bool():

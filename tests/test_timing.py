@@ -1,5 +1,7 @@
 """The one timing helper: warm-up of every run, strict alternation, set-up outside the clock, median and min-max."""
 
+import os
+
 import pytest
 
 from diffsparse import clock as clock_module
@@ -56,15 +58,28 @@ def test_the_cpu_needs_no_synchronising():
 
 
 def test_cpu_speed_ups_say_how_host_memory_was_allocated(monkeypatch):
-    for key in (*timing.ALLOCATOR_SETTINGS, "LD_PRELOAD"):
+    for key in [k for k in os.environ if k.startswith("MALLOC_")] + ["GLIBC_TUNABLES"]:
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(timing, "_loaded_allocator", lambda: None)
     monkeypatch.setattr(timing.platform, "libc_ver", lambda: ("glibc", "2.36"))
     assert allocator_note() == "glibc malloc as it comes (dense time can vary between processes)"
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "17179869184")
     assert allocator_note("cpu") == "glibc malloc with MALLOC_TRIM_THRESHOLD_=17179869184"
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=512:glibc.malloc.mmap_threshold=1073741824")
+    assert allocator_note() == "glibc malloc with glibc.malloc.mmap_threshold=1073741824"
     assert allocator_note("cuda") == ""  # host memory is not what a GPU row waits on
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    assert allocator_note() == "host allocator jemalloc (LD_PRELOAD)"
-    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setattr(timing, "_loaded_allocator", lambda: "jemalloc")
+    assert allocator_note() == "host allocator jemalloc"
+    monkeypatch.setattr(timing, "_loaded_allocator", lambda: None)
     monkeypatch.setattr(timing.platform, "libc_ver", lambda: ("", ""))  # musl, macOS, Windows: nothing to say
     assert allocator_note() == ""
+
+
+def test_the_allocator_is_read_from_what_the_process_mapped(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f0000000000-7f0000001000 r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert timing._loaded_allocator(str(maps)) is None
+    maps.write_text(maps.read_text() + "7f0000002000-7f0000003000 r-xp 00000000 08:01 43 /usr/lib/libtcmalloc.so.4\n")
+    assert timing._loaded_allocator(str(maps)) == "tcmalloc"
+    assert timing._loaded_allocator(str(tmp_path / "missing")) is None  # no /proc (macOS): nothing known

@@ -211,7 +211,8 @@ class TokenCacheUnitHook(ModelHook):
     def fresh_rows(self, stream: torch.Tensor, prepare) -> torch.Tensor:
         """This MLP unit's output (B, N, D) at a partial step, for its block's runner (`BlockList.fresh_mlp`): the
         fresh tokens chosen on `stream` (B, N, D), the block's residual stream (the selector reads no token
-        values), and computed from `prepare(their rows)`, the MLP's input on those rows only."""
+        values), and computed from `prepare(their rows)`, the MLP's input on those rows only. It calls the MLP's
+        forward itself, so hooks registered on the MLP module (not on its layers) do not see these steps."""
         u, ctl = self.unit, self.controller
         chosen = self._choose(u, stream, ctl.sparsity(ctl.current.step, u.index))
         fresh = prepare(take_rows(stream, chosen[1], chosen[0].shape[1]))

@@ -183,13 +183,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"selector {rows[1]['selector'] if len(rows) > 1 else '-'}, {rows[0]['threads']} threads, "
         f"{args.device}, {args.dtype}{', compiled' if args.compile else ''}, {args.rounds} rounds  [{cmd.strip()}]"
     )
-    if allocator_note(args.device):
-        print(allocator_note(args.device))
+    _print_allocator(args.device)
     print(format_table(rows))
     if args.json:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def _print_allocator(device: str) -> None:
+    note = allocator_note(device)
+    if note:
+        print(note)
 
 
 def sweep_main(args: argparse.Namespace, names: list[str], cmd: str) -> list[dict]:
@@ -200,6 +205,7 @@ def sweep_main(args: argparse.Namespace, names: list[str], cmd: str) -> list[dic
                      reuse_kv=args.reuse_kv)  # fmt: skip
     print(f"\n{rows[0]['model']}, batch {args.batch}, {rows[0]['threads']} threads, {args.device}, {args.dtype}"
           f"{', compiled' if args.compile else ''}, {args.rounds} rounds  [{cmd}]")  # fmt: skip
+    _print_allocator(args.device)
     print(sweep_table(rows))
     below = [r for r in rows if r["method"] != "dense" and r["efficiency"] < FLOOR]
     print(f"{len(below)} of {sum(r['method'] != 'dense' for r in rows)} cells below efficiency {FLOOR}.")

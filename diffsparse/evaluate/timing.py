@@ -99,25 +99,36 @@ def alternate(
     return Timings(seconds, outputs)
 
 
-ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def _loaded_allocator(maps: str = "/proc/self/maps") -> str | None:
+    """The replacement allocator mapped into this process (its memory map, `maps`), if any: what is loaded, not
+    what `LD_PRELOAD` asked for."""
+    try:
+        with open(maps) as f:
+            maps = f.read()
+    except OSError:
+        return None
+    return next((name for name in PRELOADED_ALLOCATORS if f"lib{name}" in maps), None)
 
 
 def allocator_note(device: torch.device | str | None = None) -> str:
     """How host memory was allocated in this process, for a table of CPU speed-ups: with glibc's malloc as it
     comes, a process may map and unmap its large buffers at every call, which slows dense more than the cached
     rows and flatters them (docs/results/speed.md#bound). '' on an accelerator, or where glibc is not the C
-    library."""
+    library. Settings: any `MALLOC_*_` variable and `GLIBC_TUNABLES`' `glibc.malloc.*` entries."""
     if device is not None and torch.device(device).type != "cpu":
         return ""
-    preload = os.environ.get("LD_PRELOAD", "")
-    for name in ("jemalloc", "tcmalloc", "mimalloc"):
-        if name in preload:
-            return f"host allocator {name} (LD_PRELOAD)"
+    loaded = _loaded_allocator()
+    if loaded is not None:
+        return f"host allocator {loaded}"
     if platform.libc_ver()[0] != "glibc":
         return ""
-    set_ = [f"{k}={os.environ[k]}" for k in ALLOCATOR_SETTINGS if k in os.environ]
-    if set_:
-        return "glibc malloc with " + ", ".join(set_)
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") and k.endswith("_")]
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t.startswith("glibc.malloc.")]
+    if settings or tunables:
+        return "glibc malloc with " + ", ".join(settings + tunables)
     return "glibc malloc as it comes (dense time can vary between processes)"
 
 
