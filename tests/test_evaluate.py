@@ -13,6 +13,7 @@ import pytest
 import diffsparse.evaluate.harness as evaluate_module
 from diffsparse.evaluate.command import main
 from diffsparse.evaluate.harness import ALL_METHODS, EvalConfig, UsageError, evaluate, parse_args
+from diffsparse.evaluate.timing import allocator_note
 
 QUALITY = ("fd", "fd_low", "fd_high", "accuracy", "l2", "psnr", "ssim", "gmacs_per_image")
 
@@ -49,8 +50,11 @@ def test_quick_run_writes_table_grids_and_overview(two_runs):
     dense = rows[0]
     assert float(dense["mac_reduction"]) == 1.0 and dense["psnr"] == ""
     assert int(rows[1]["steps"]) < int(dense["steps"])
-    config = json.loads((out / "results.json").read_text())["config"]
-    assert config["steps"] == 5 and config["samples"] == 20
+    record = json.loads((out / "results.json").read_text())
+    assert record["config"]["steps"] == 5 and record["config"]["samples"] == 20
+    # How the timed process allocated host memory: in the JSON and in the table's footnote (on glibc).
+    assert record["host_allocator"] == allocator_note()
+    assert allocator_note() in (out / "results.md").read_text()
 
 
 def test_same_seed_gives_identical_quality_columns(two_runs):

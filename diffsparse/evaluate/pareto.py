@@ -41,6 +41,7 @@ from diffsparse.evaluate.results import (
     COLUMNS,
     DELTA_NOTE,
     OFF_BUDGET,
+    allocator_clause,
     column_names,
     estimate_cell,
     flat_rows,
@@ -141,7 +142,8 @@ def markdown(rows: list[dict], metrics: list[str], cfg: EvalConfig, command: str
         f"{cfg.samples} samples ({conditions}), {cfg.sampler} {cfg.steps} steps, guidance {cfg.guidance}, "
         f"selector {cfg.selector}, seed {cfg.seed}. Dense: sampled and timed once, shared by every budget. Speed-up: "
         f"median over {cfg.rounds} rounds of one alternation of dense with every row of every budget, on "
-        f"{min(cfg.timing_samples, cfg.samples)} samples, {torch.get_num_threads()} threads. Brackets: 95 % "
+        f"{min(cfg.timing_samples, cfg.samples)} samples, {torch.get_num_threads()} threads{allocator_clause()}. "
+        "Brackets: 95 % "
         "bootstrap intervals over samples"
         + (f"; {DELTA_NOTE.format(cfg.compare_to)}" if {"dfd", "dl2", "dpsnr"} & set(metrics) else ".")
         + (f" {OFF_BUDGET}: the row's MAC saving is more than {cfg.budget_tolerance:.0%} of dense MACs off its "

@@ -80,7 +80,8 @@ def write_results(
 def write_tables(out: Path, stem: str, flat: list[dict], cfg, table: str) -> None:
     """`stem`.csv, `stem`.json (with the config) and `stem`.md in `out`, each written whole or not at all."""
     _write_atomic(out / f"{stem}.csv", lambda f: _csv(f, flat))
-    _write_atomic(out / f"{stem}.json", lambda f: json.dump({"config": asdict(cfg), "rows": flat}, f, indent=2))
+    record = {"config": asdict(cfg), "host_allocator": allocator_note(), "rows": flat}
+    _write_atomic(out / f"{stem}.json", lambda f: json.dump(record, f, indent=2))
     _write_atomic(out / f"{stem}.md", lambda f: f.write(table))
 
 
@@ -96,8 +97,10 @@ def _write_atomic(path: Path, write) -> None:
         write(f)
 
 
-def _allocator() -> str:
-    note = allocator_note()  # the evaluation times on the CPU
+def allocator_clause() -> str:
+    """`, <how host memory was allocated>` for a footnote after the thread count ('' where there is nothing to
+    say); the evaluation times on the CPU."""
+    note = allocator_note()
     return f", {note}" if note else ""
 
 
@@ -126,7 +129,8 @@ def markdown_table(rows: list[dict], cfg, command: str, conditions: str = "") ->
         f"guidance {cfg.guidance}, budget {cfg.budget:.0%} of dense {BUDGET_UNITS[cfg.budget_unit]}, "
         f"selector {cfg.selector}, seed {cfg.seed}; "
         f"speed-up: median of {cfg.rounds} dense/method alternations on {min(cfg.timing_samples, cfg.samples)} "
-        f"samples, {torch.get_num_threads()} threads{_allocator()}. Brackets: 95 % bootstrap intervals over samples"
+        f"samples, {torch.get_num_threads()} threads{allocator_clause()}. "
+        "Brackets: 95 % bootstrap intervals over samples"
         + (f"; {DELTA_NOTE.format(cfg.compare_to)}" if compared else ".")
         + (" Weights MB: parameters kept in memory (routed: the model plus the plan's stored pruned weights; "
            "stitched: one pruned copy per stage). Prep. min: calibration + pruning (+ search) time of the plan."
