@@ -32,18 +32,17 @@ def _covered(block, inputs: dict) -> bool:
     )
 
 
-def _gates(block, hidden_states: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The block's attention and MLP gates at this step, as its forward shapes them, or None if not covered."""
+def _modulation(block, hidden_states: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, ...] | None:
+    """The block's six adaLN modulations at this step (shift, scale and gate of the attention, then of the MLP),
+    each (B, 1, D) as its forward broadcasts them, or None if not covered (adaLN-Zero without its own embedding)."""
     timestep = inputs.get("timestep")
     if block.norm_type == "ada_norm_zero":
         norm = block.norm1
         if norm.emb is None:
             return None
         emb = norm.emb(timestep, inputs.get("class_labels"), hidden_dtype=hidden_states.dtype)
-        chunks = norm.linear(norm.silu(emb)).chunk(6, dim=1)
-        return chunks[2].unsqueeze(1), chunks[5].unsqueeze(1)
-    chunks = (block.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).chunk(6, dim=1)
-    return chunks[2], chunks[5]
+        return tuple(chunk.unsqueeze(1) for chunk in norm.linear(norm.silu(emb)).chunk(6, dim=1))
+    return (block.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).chunk(6, dim=1)
 
 
 def reused_basic_block(block, hidden_states: torch.Tensor, outputs: dict, inputs: dict) -> torch.Tensor | None:
@@ -67,10 +66,10 @@ def reused_basic_block(block, hidden_states: torch.Tensor, outputs: dict, inputs
         or "ff" not in outputs
     ):
         return None
-    gates = _gates(block, hidden_states, inputs)
-    if gates is None:
+    modulation = _modulation(block, hidden_states, inputs)
+    if modulation is None:
         return None
-    gate_msa, gate_mlp = gates
+    gate_msa, gate_mlp = modulation[2], modulation[5]
     hidden_states = gate_msa * outputs["attn1"] + hidden_states
     if hidden_states.ndim == 4:
         hidden_states = hidden_states.squeeze(1)
@@ -97,41 +96,32 @@ def fresh_mlp_basic_block(block, hidden_states: torch.Tensor, inputs: dict, mlp)
     """
     if not _covered(block, inputs) or block._chunk_size is not None or block.only_cross_attention:
         return None
-    cross_kwargs = dict(inputs.get("cross_attention_kwargs") or {})
-    timestep = inputs.get("timestep")
-    if block.norm_type == "ada_norm_zero":
-        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(
-            hidden_states, timestep, inputs.get("class_labels"), hidden_dtype=hidden_states.dtype
+    zero = block.norm_type == "ada_norm_zero"  # adaLN-Zero: norm1 modulates itself; adaLN-single: MLP norm is norm2
+    if zero:  # the block's own call of norm1 (hooks on it see the block run), its modulations shaped (B, 1, D)
+        norm_hidden_states, *mlp_and_gate = block.norm1(
+            hidden_states, inputs.get("timestep"), inputs.get("class_labels"), hidden_dtype=hidden_states.dtype
         )
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = (m.unsqueeze(1) for m in mlp_and_gate)
     else:
-        chunks = (block.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).chunk(6, dim=1)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(block, hidden_states, inputs)
         norm_hidden_states = block.norm1(hidden_states) * (1 + scale_msa) + shift_msa
+    cross_kwargs = dict(inputs.get("cross_attention_kwargs") or {})
     attn_output = block.attn1(
         norm_hidden_states, encoder_hidden_states=None, attention_mask=inputs.get("attention_mask"), **cross_kwargs
     )
-    if block.norm_type == "ada_norm_zero":
-        attn_output = gate_msa.unsqueeze(1) * attn_output
-    else:
-        attn_output = gate_msa * attn_output
-    hidden_states = attn_output + hidden_states
+    hidden_states = gate_msa * attn_output + hidden_states
     if hidden_states.ndim == 4:
         hidden_states = hidden_states.squeeze(1)
     if block.attn2 is not None:
-        norm_hidden_states = hidden_states if block.norm_type == "ada_norm_single" else block.norm2(hidden_states)
         attn_output = block.attn2(
-            norm_hidden_states,
+            block.norm2(hidden_states) if zero else hidden_states,  # PixArt: no norm before cross-attention
             encoder_hidden_states=inputs.get("encoder_hidden_states"),
             attention_mask=inputs.get("encoder_attention_mask"),
             **cross_kwargs,
         )
         hidden_states = attn_output + hidden_states
-    if block.norm_type == "ada_norm_zero":
-        ff_output = gate_mlp.unsqueeze(1) * mlp(
-            hidden_states, lambda rows: block.norm3(rows) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        )
-    else:
-        ff_output = gate_mlp * mlp(hidden_states, lambda rows: block.norm2(rows) * (1 + scale_mlp) + shift_mlp)
+    mlp_norm = block.norm3 if zero else block.norm2
+    ff_output = gate_mlp * mlp(hidden_states, lambda rows: mlp_norm(rows) * (1 + scale_mlp) + shift_mlp)
     hidden_states = ff_output + hidden_states
     if hidden_states.ndim == 4:
         hidden_states = hidden_states.squeeze(1)

@@ -125,14 +125,13 @@ def apply_token_cache(model: torch.nn.Module, config: TokenCacheConfig | Schedul
         if compile_options is not None:
             hook.compute = torch.compile(hook.fn_ref.original_forward, **compile_options)
     if config.skip_blocks:
+        # The MLP's fresh tokens are chosen on the residual stream: only for selectors that read no values (nor keep
+        # the units' inputs).
+        plain = not selector.reads_tokens and not selector.needs_inputs
         for index, _, block, blocks in find_blocks(model):
             if blocks.reused is None and blocks.fresh_mlp is None:
                 continue
             named = {u.name.rsplit(".", 1)[-1]: u for u in units if u.block == index}
-            # The MLP's fresh tokens are chosen on the residual stream: only for selectors that read no values
-            # (nor keep the units' inputs).
-            selector = controller.selector
-            plain = not selector.reads_tokens and not selector.needs_inputs
             mlp = unit_hooks[named["ff"].index] if "ff" in named and plain else None
             hook = TokenCacheBlockHook(controller, index, named, blocks, inspect.signature(block.forward), mlp)
             add_hook(block, hook, BLOCK_HOOK)
